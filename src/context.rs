@@ -1,0 +1,244 @@
+//! The GPU context: a device and queue (chosen from the environment or given by the
+//! caller) and the kernels' pipelines, compiled once.
+
+use std::sync::Arc;
+
+use crate::kernels::Kernels;
+use crate::{Error, Result};
+
+/// A `wgpu` device and queue with this crate's pipelines built on it.
+///
+/// Cheap to clone (shared). Build it with [`GpuContext::from_env`] to let the
+/// environment choose the adapter, or with [`GpuContext::from_device`] to run on a
+/// device your application already has.
+#[derive(Clone)]
+pub struct GpuContext {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    kernels: Kernels,
+}
+
+/// Optional device features the crate knows how to use or report.
+pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::SHADER_F16);
+
+impl GpuContext {
+    /// Opens the adapter the environment asks for and creates a device on it.
+    ///
+    /// `WGPU_BACKEND` (`vulkan`, `metal`, `dx12`, `gl`) limits the backends,
+    /// `WGPU_ADAPTER_NAME` picks an adapter whose name contains the given text, and
+    /// `WGPU_POWER_PREF` (`low`/`high`) the default choice (a discrete GPU unless told
+    /// otherwise). Blocks until the device is ready; see [`Self::from_env_async`].
+    pub fn from_env() -> Result<Self> {
+        pollster::block_on(Self::from_env_async())
+    }
+
+    /// Async form of [`Self::from_env`].
+    pub async fn from_env_async() -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = select_adapter(&instance).await?;
+        let features = adapter.features() & OPTIONAL_FEATURES;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("bn.device"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await?;
+        Self::from_device(device, queue, adapter.get_info())
+    }
+
+    /// Builds the pipelines on a device the caller already has. `info` is what the
+    /// context reports as its adapter (`adapter.get_info()`).
+    ///
+    /// The device needs storage buffers and compute shaders with 256 invocations per
+    /// workgroup; anything less is reported as [`Error::DeviceLimit`].
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+    ) -> Result<Self> {
+        let kernels = Kernels::new(&device)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                device,
+                queue,
+                info,
+                kernels,
+            }),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.inner.queue
+    }
+
+    /// The adapter this context runs on.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.inner.info
+    }
+
+    /// The optional features enabled on the device (of [`OPTIONAL_FEATURES`]).
+    pub fn optional_features(&self) -> wgpu::Features {
+        self.inner.device.features() & OPTIONAL_FEATURES
+    }
+
+    /// Whether GPU time can be measured with timestamp queries.
+    pub fn has_timestamps(&self) -> bool {
+        self.optional_features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// One line naming the adapter, its type, driver and backend.
+    pub fn describe(&self) -> String {
+        let i = &self.inner.info;
+        format!(
+            "{} ({:?}, {:?} backend, driver {} {}; optional features: {:?})",
+            i.name,
+            i.device_type,
+            i.backend,
+            i.driver,
+            i.driver_info,
+            self.optional_features()
+        )
+    }
+
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.inner.kernels
+    }
+
+    /// Largest buffer size one storage binding may have on this device.
+    pub fn max_binding_size(&self) -> u64 {
+        self.inner.device.limits().max_storage_buffer_binding_size
+    }
+
+    /// Submits the encoder and waits for the GPU to finish it.
+    pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        let index = self.inner.queue.submit([encoder.finish()]);
+        self.inner
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Copies `bytes` bytes of `buffer` (which needs `COPY_SRC`) to the host.
+    pub fn read_buffer<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let device = &self.inner.device;
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bn.readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("bn.readback"),
+        });
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+        self.submit_and_wait(encoder)?;
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = sender.send(r);
+        });
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        pollster::block_on(receiver.receive())
+            .ok_or_else(|| Error::Readback("map callback dropped".into()))?
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Creates a storage buffer holding `data` (usable as input, output and copy
+    /// source/destination).
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        let contents: &[u8] = bytemuck::cast_slice(data);
+        // wgpu rejects zero-sized mapped buffers; keep one word.
+        let pad = [0u8; 4];
+        self.inner
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: if contents.is_empty() { &pad } else { contents },
+                usage: storage_usages(),
+            })
+    }
+
+    /// Creates a zeroed storage buffer of `bytes` bytes (at least 4).
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: storage_usages(),
+            mapped_at_creation: false,
+        })
+    }
+}
+
+/// Usages of the buffers the crate creates: bindable, and copyable both ways.
+pub fn storage_usages() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
+}
+
+/// Honours `WGPU_ADAPTER_NAME` (a case-insensitive substring of the adapter name),
+/// else asks for the default adapter with `WGPU_POWER_PREF` (high performance unless
+/// set). Unlike `wgpu::util::initialize_adapter_from_env`, a name that matches
+/// nothing is an error rather than a panic.
+async fn select_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
+    if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
+        let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        let needle = wanted.to_lowercase();
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&needle))
+            .ok_or(Error::AdapterNotFound {
+                wanted,
+                available: names,
+            });
+    }
+    let power_preference =
+        wgpu::PowerPreference::from_env().unwrap_or(wgpu::PowerPreference::HighPerformance);
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference,
+            compatible_surface: None,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::NoAdapter {
+            detail: e.to_string(),
+        })
+}

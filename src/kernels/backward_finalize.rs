@@ -1,0 +1,46 @@
+//! Host side of `shaders/backward_finalize.wgsl`.
+
+use super::{Access, Kernel};
+
+/// Mirrors `BackwardFinalizeParams` in backward_finalize.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct BackwardFinalizeParams {
+    pub channels: u32,
+    pub splits: u32,
+    pub padded: u32,
+    pub flags: u32,
+    pub count: f32,
+    pub _pad: [u32; 3],
+}
+
+/// `BackwardFinalizeParams::flags` bits.
+pub(crate) const AFFINE: u32 = 1;
+pub(crate) const WANT_DGAMMA: u32 = 2;
+pub(crate) const WANT_DBETA: u32 = 4;
+pub(crate) const BATCH_STATS: u32 = 8;
+pub(crate) const ACCUMULATE: u32 = 16;
+
+/// The single entry point.
+pub(crate) struct BackwardFinalizeKernels {
+    pub main: Kernel,
+}
+
+/// params, partials, saved, affine, coef, dgamma, dbeta.
+const BINDINGS: &[Access] = &[
+    Access::Uniform,
+    Access::Read,
+    Access::Read,
+    Access::Read,
+    Access::ReadWrite,
+    Access::ReadWrite,
+    Access::ReadWrite,
+];
+
+impl BackwardFinalizeKernels {
+    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+        Self {
+            main: Kernel::new(device, module, "bn.backward_finalize", "main", BINDINGS),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Host side of `shaders/finalize.wgsl`.
+
+use super::{Access, Kernel};
+
+/// Mirrors `FinalizeParams` in finalize.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct FinalizeParams {
+    pub channels: u32,
+    pub splits: u32,
+    pub padded: u32,
+    pub flags: u32,
+    pub eps: f32,
+    pub momentum: f32,
+    pub count: f32,
+    pub unbias: f32,
+    pub count_index: u32,
+    pub _pad: [u32; 3],
+}
+
+/// `FinalizeParams::flags` bits.
+pub(crate) const AFFINE: u32 = 1;
+pub(crate) const UPDATE_RUNNING: u32 = 2;
+pub(crate) const CUMULATIVE: u32 = 4;
+pub(crate) const UNBIASED: u32 = 8;
+
+/// The `train` and `eval` entry points.
+pub(crate) struct FinalizeKernels {
+    pub train: Kernel,
+    pub eval: Kernel,
+}
+
+/// params, partials, saved, coef, affine, running.
+const BINDINGS: &[Access] = &[
+    Access::Uniform,
+    Access::Read,
+    Access::ReadWrite,
+    Access::ReadWrite,
+    Access::Read,
+    Access::ReadWrite,
+];
+
+impl FinalizeKernels {
+    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+        Self {
+            train: Kernel::new(device, module, "bn.finalize.train", "train", BINDINGS),
+            eval: Kernel::new(device, module, "bn.finalize.eval", "eval", BINDINGS),
+        }
+    }
+}

@@ -1,0 +1,892 @@
+//! The batch-norm layer: its state on the GPU and the calls that record its kernels.
+
+use crate::context::GpuContext;
+use crate::kernels::{
+    apply, backward_dx, backward_finalize, backward_reduce, binding, finalize, stats, whole,
+    WORKGROUP_SIZE,
+};
+use crate::{
+    BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
+    SavedStatsHost, Shape,
+};
+
+/// Per-channel vectors are stored in segments of C rounded up to 4, so that
+/// channels-last kernels can read four channels as one vec4.
+fn padded(channels: usize) -> usize {
+    channels.next_multiple_of(4)
+}
+
+/// Batch statistics of one forward pass, kept on the GPU for its backward
+/// (PyTorch's `save_mean`/`save_invstd`).
+///
+/// The buffer holds four segments of [`SavedStats::stride`] f32 each:
+/// `[mean | invstd | hi | lo]`: `mean` is the f32 nearest the batch mean (PyTorch's
+/// `save_mean`), and `hi + lo` is the mean to about twice f32's precision (`hi` a
+/// value of the batch, `lo` the mean of `x - hi`), which the backward uses. Create
+/// one per forward whose backward you will run.
+pub struct SavedStats {
+    buffer: wgpu::Buffer,
+    channels: usize,
+}
+
+impl SavedStats {
+    /// Zeroed statistics for `channels` channels.
+    pub fn new(ctx: &GpuContext, channels: usize) -> Self {
+        Self {
+            buffer: ctx.storage_buffer("bn.saved", 4 * padded(channels) as u64 * 4),
+            channels,
+        }
+    }
+
+    /// Uploads host statistics (e.g. PyTorch's `save_mean`/`save_invstd`, with zeros
+    /// for `mean_lo`).
+    pub fn from_host(ctx: &GpuContext, saved: &SavedStatsHost) -> Result<Self> {
+        let c = saved.mean.len();
+        for (name, v) in [("invstd", &saved.invstd), ("mean_lo", &saved.mean_lo)] {
+            if v.len() != c {
+                return Err(Error::LengthMismatch {
+                    name,
+                    expected: c,
+                    got: v.len(),
+                });
+            }
+        }
+        let p = padded(c);
+        let mut data = vec![0f32; 4 * p];
+        data[..c].copy_from_slice(&saved.mean);
+        data[p..p + c].copy_from_slice(&saved.invstd);
+        data[2 * p..2 * p + c].copy_from_slice(&saved.mean);
+        data[3 * p..3 * p + c].copy_from_slice(&saved.mean_lo);
+        Ok(Self {
+            buffer: ctx.upload("bn.saved", &data),
+            channels: c,
+        })
+    }
+
+    /// The GPU buffer (`[mean | invstd | hi | lo]`, segments [`Self::stride`] apart).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Channel count.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Distance in f32 between the buffer's segments (channels rounded up to 4).
+    pub fn stride(&self) -> usize {
+        padded(self.channels)
+    }
+
+    /// Reads the statistics back to the host (submits and waits).
+    pub fn to_host(&self, ctx: &GpuContext) -> Result<SavedStatsHost> {
+        let p = self.stride();
+        let c = self.channels;
+        let all: Vec<f32> = ctx.read_buffer(&self.buffer, 4 * p)?;
+        let mean = all[..c].to_vec();
+        let mean_lo = (0..c)
+            .map(|i| ((all[2 * p + i] as f64 + all[3 * p + i] as f64) - mean[i] as f64) as f32)
+            .collect();
+        Ok(SavedStatsHost {
+            mean,
+            invstd: all[p..p + c].to_vec(),
+            mean_lo,
+        })
+    }
+}
+
+/// Output buffers of a recorded backward pass; `None` skips that gradient and the
+/// work only it needs.
+#[derive(Clone, Copy, Default)]
+pub struct GradBuffers<'a> {
+    /// Receives `dx` (same shape and layout as `x`).
+    pub dx: Option<&'a wgpu::Buffer>,
+    /// Receives `dgamma` (C f32).
+    pub dgamma: Option<&'a wgpu::Buffer>,
+    /// Receives `dbeta` (C f32).
+    pub dbeta: Option<&'a wgpu::Buffer>,
+    /// Add `dgamma`/`dbeta` to the buffers' contents (as PyTorch accumulates into
+    /// `.grad`) instead of overwriting them (the default, like the functional
+    /// backward). `dx` is always overwritten.
+    pub accumulate: bool,
+}
+
+/// A batch-normalization layer on the GPU: PyTorch's `BatchNorm{1,2,3}d` with its
+/// options, for every layout of [`Shape`].
+///
+/// The learnable parameters and running statistics live in GPU buffers owned by
+/// the layer ([`Self::affine_buffer`], [`Self::running_buffer`]); read and write
+/// them with [`Self::state`] / [`Self::set_state`].
+///
+/// Two ways to call it:
+/// - record into your own command encoder (`forward_train`, `forward_eval`,
+///   `backward`) or compute pass (`*_in_pass`) on your buffers: nothing is
+///   submitted or read back;
+/// - host slices in, host vectors out (`*_host`): uploads, submits, waits, reads back.
+///
+/// ```no_run
+/// use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Shape};
+/// let ctx = GpuContext::from_env()?;
+/// let mut bn = BatchNorm::new(&ctx, BatchNormConfig::new(3))?;
+/// let shape = Shape::channels_first(&[2, 3, 4, 4])?;
+/// let x: Vec<f32> = (0..shape.numel()).map(|i| (i % 7) as f32).collect();
+/// let out = bn.forward_train_host(&shape, &x)?;
+/// assert_eq!(out.y.len(), x.len());
+/// # Ok::<(), wgpu_batchnorm::Error>(())
+/// ```
+pub struct BatchNorm {
+    ctx: GpuContext,
+    config: BatchNormConfig,
+    affine: wgpu::Buffer,
+    running: wgpu::Buffer,
+    coef: wgpu::Buffer,
+    scratch_saved: SavedStats,
+    scratch_grads: [wgpu::Buffer; 2],
+    partials: wgpu::Buffer,
+}
+
+impl BatchNorm {
+    /// A layer with PyTorch's initial state (`gamma = 1`, `beta = 0`,
+    /// `running_mean = 0`, `running_var = 1`).
+    pub fn new(ctx: &GpuContext, config: BatchNormConfig) -> Result<Self> {
+        let state = BatchNormState::new(&config);
+        Self::with_state(ctx, config, &state)
+    }
+
+    /// A layer starting from `state` (e.g. a checkpoint).
+    pub fn with_state(
+        ctx: &GpuContext,
+        config: BatchNormConfig,
+        state: &BatchNormState,
+    ) -> Result<Self> {
+        config.validate()?;
+        state.validate(&config)?;
+        let c = config.num_features;
+        let p = padded(c) as u64;
+        let layer = Self {
+            affine: ctx.storage_buffer("bn.affine", 2 * p * 4),
+            running: ctx.storage_buffer("bn.running", (2 * p + 1) * 4),
+            coef: ctx.storage_buffer("bn.coef", 4 * p * 4),
+            scratch_saved: SavedStats::new(ctx, c),
+            scratch_grads: [
+                ctx.storage_buffer("bn.scratch_dgamma", p * 4),
+                ctx.storage_buffer("bn.scratch_dbeta", p * 4),
+            ],
+            partials: ctx.storage_buffer("bn.partials", 16 * p),
+            ctx: ctx.clone(),
+            config,
+        };
+        layer.write_state(state);
+        Ok(layer)
+    }
+
+    /// The layer's options.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    /// The context the layer runs on.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// `[gamma | beta]`, two segments of [`Self::stride`] f32 (unused without `affine`).
+    pub fn affine_buffer(&self) -> &wgpu::Buffer {
+        &self.affine
+    }
+
+    /// `[running_mean | running_var | num_batches_tracked]`: two segments of
+    /// [`Self::stride`] f32, then the counter as one u32 (wraps after 2^32 batches).
+    pub fn running_buffer(&self) -> &wgpu::Buffer {
+        &self.running
+    }
+
+    /// Distance in f32 between the segments of the layer's buffers (C rounded up to 4).
+    pub fn stride(&self) -> usize {
+        padded(self.config.num_features)
+    }
+
+    /// Reads parameters and running statistics back (submits and waits).
+    pub fn state(&self) -> Result<BatchNormState> {
+        let (c, p) = (self.config.num_features, self.stride());
+        let affine: Vec<f32> = self.ctx.read_buffer(&self.affine, 2 * p)?;
+        let running: Vec<u32> = self.ctx.read_buffer(&self.running, 2 * p + 1)?;
+        let f = |v: &[u32]| v.iter().map(|&b| f32::from_bits(b)).collect::<Vec<f32>>();
+        let mut state = BatchNormState {
+            gamma: affine[..c].to_vec(),
+            beta: affine[p..p + c].to_vec(),
+            running_mean: f(&running[..c]),
+            running_var: f(&running[p..p + c]),
+            num_batches_tracked: running[2 * p] as u64,
+        };
+        if !self.config.affine {
+            state.gamma.clear();
+            state.beta.clear();
+        }
+        if !self.config.track_running_stats {
+            state.running_mean.clear();
+            state.running_var.clear();
+            state.num_batches_tracked = 0;
+        }
+        Ok(state)
+    }
+
+    /// Overwrites parameters and running statistics (through the queue: it takes
+    /// effect before the next submission's commands).
+    pub fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
+        state.validate(&self.config)?;
+        self.write_state(state);
+        Ok(())
+    }
+
+    fn write_state(&self, state: &BatchNormState) {
+        let (c, p) = (self.config.num_features, self.stride());
+        let mut affine = vec![0f32; 2 * p];
+        if self.config.affine {
+            affine[..c].copy_from_slice(&state.gamma);
+            affine[p..p + c].copy_from_slice(&state.beta);
+        }
+        let mut running = vec![0u32; 2 * p + 1];
+        if self.config.track_running_stats {
+            for i in 0..c {
+                running[i] = state.running_mean[i].to_bits();
+                running[p + i] = state.running_var[i].to_bits();
+            }
+            running[2 * p] = state.num_batches_tracked as u32;
+        }
+        let q = self.ctx.queue();
+        q.write_buffer(&self.affine, 0, bytemuck::cast_slice(&affine));
+        q.write_buffer(&self.running, 0, bytemuck::cast_slice(&running));
+    }
+
+    // ----- validation -------------------------------------------------------------
+
+    fn check_shape(&self, shape: &Shape, batch_stats: bool) -> Result<()> {
+        if shape.c() != self.config.num_features {
+            return Err(Error::ChannelMismatch {
+                expected: self.config.num_features,
+                got: shape.c(),
+            });
+        }
+        if batch_stats && shape.per_channel() <= 1 {
+            return Err(Error::SingleValuePerChannel {
+                dims: shape.dims().to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_buffer(&self, name: &'static str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
+        let limit = self.ctx.max_binding_size();
+        if bytes > limit {
+            return Err(Error::TooLargeForDevice { name, bytes, limit });
+        }
+        if buffer.size() < bytes {
+            return Err(Error::BufferTooSmall {
+                name,
+                needed: bytes,
+                got: buffer.size(),
+            });
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::BufferUsage {
+                name,
+                needed: wgpu::BufferUsages::STORAGE,
+                got: buffer.usage(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_saved(&self, saved: &SavedStats) -> Result<()> {
+        if saved.channels != self.config.num_features {
+            return Err(Error::ChannelMismatch {
+                expected: self.config.num_features,
+                got: saved.channels,
+            });
+        }
+        Ok(())
+    }
+
+    /// Fails if a buffer that is written appears twice.
+    fn check_aliasing(buffers: &[(&'static str, Option<&wgpu::Buffer>, bool)]) -> Result<()> {
+        for (i, (a, ba, wa)) in buffers.iter().enumerate() {
+            for (b, bb, wb) in &buffers[i + 1..] {
+                if let (Some(ba), Some(bb)) = (ba, bb) {
+                    if (*wa || *wb) && ba == bb {
+                        return Err(Error::AliasedBuffers { a, b });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_forward(
+        &self,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        batch_stats: bool,
+    ) -> Result<()> {
+        self.check_shape(shape, batch_stats)?;
+        self.check_buffer("x", x, shape.bytes())?;
+        self.check_buffer("y", y, shape.bytes())?;
+        Self::check_aliasing(&[("x", Some(x), false), ("y", Some(y), true)])
+    }
+
+    // ----- forward ----------------------------------------------------------------
+
+    /// Records a training-mode forward into `encoder`: batch statistics, `y`, the
+    /// saved statistics into `saved`, and (with `track_running_stats`) the running
+    /// statistics and `num_batches_tracked`. `x` and `y` are f32 tensors of `shape`
+    /// in STORAGE buffers (distinct).
+    pub fn forward_train(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        saved: &SavedStats,
+    ) -> Result<()> {
+        self.check_forward(shape, x, y, true)?;
+        self.check_saved(saved)?;
+        let mut pass = begin(encoder, "bn.forward_train");
+        self.record_forward_train(&mut pass, shape, x, y, saved);
+        Ok(())
+    }
+
+    /// [`Self::forward_train`] recorded into a compute pass the caller has begun
+    /// (e.g. one with timestamp writes).
+    pub fn forward_train_in_pass(
+        &mut self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        saved: &SavedStats,
+    ) -> Result<()> {
+        self.check_forward(shape, x, y, true)?;
+        self.check_saved(saved)?;
+        self.record_forward_train(pass, shape, x, y, saved);
+        Ok(())
+    }
+
+    /// Records an eval-mode forward: with `track_running_stats` it normalizes with
+    /// the running statistics (and `saved` is ignored); without, it uses batch
+    /// statistics, written to `saved` when given, and updates nothing.
+    pub fn forward_eval(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
+    ) -> Result<()> {
+        self.check_eval(shape, x, y, saved)?;
+        let mut pass = begin(encoder, "bn.forward_eval");
+        self.record_forward_eval(&mut pass, shape, x, y, saved);
+        Ok(())
+    }
+
+    /// [`Self::forward_eval`] recorded into a compute pass the caller has begun.
+    pub fn forward_eval_in_pass(
+        &mut self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
+    ) -> Result<()> {
+        self.check_eval(shape, x, y, saved)?;
+        self.record_forward_eval(pass, shape, x, y, saved);
+        Ok(())
+    }
+
+    fn check_eval(
+        &self,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
+    ) -> Result<()> {
+        self.check_forward(shape, x, y, !self.config.track_running_stats)?;
+        saved.map_or(Ok(()), |s| self.check_saved(s))
+    }
+
+    fn record_forward_train(
+        &mut self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        saved: &SavedStats,
+    ) {
+        let update = self.config.track_running_stats;
+        self.record_batch_stats(pass, shape, x, &saved.buffer, update);
+        self.record_apply(pass, shape, x, y);
+    }
+
+    fn record_forward_eval(
+        &mut self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
+    ) {
+        if self.config.track_running_stats {
+            self.record_fold_running(pass);
+        } else {
+            let target = saved.unwrap_or(&self.scratch_saved).buffer.clone();
+            self.record_batch_stats(pass, shape, x, &target, false);
+        }
+        self.record_apply(pass, shape, x, y);
+    }
+
+    fn finalize_params(&self, splits: u32, m: usize, flags: u32) -> finalize::FinalizeParams {
+        let cfg = &self.config;
+        let mut flags = flags;
+        if cfg.affine {
+            flags |= finalize::AFFINE;
+        }
+        if cfg.momentum.is_none() {
+            flags |= finalize::CUMULATIVE;
+        }
+        if cfg.unbiased_running_var() {
+            flags |= finalize::UNBIASED;
+        }
+        let momentum = match (cfg.momentum, cfg.convention) {
+            (None, _) => 0.0,
+            (Some(v), Convention::PyTorch) => v,
+            (Some(v), Convention::Keras) => (1.0 - v as f64) as f32,
+        };
+        let m = m as f64;
+        finalize::FinalizeParams {
+            channels: cfg.num_features as u32,
+            splits,
+            padded: self.stride() as u32,
+            flags,
+            eps: cfg.eps,
+            momentum,
+            count: m as f32,
+            unbias: if m > 1.0 { (m / (m - 1.0)) as f32 } else { 1.0 },
+            count_index: 2 * self.stride() as u32,
+            _pad: [0; 3],
+        }
+    }
+
+    fn channel_workgroups(&self) -> u32 {
+        (self.config.num_features as u32).div_ceil(WORKGROUP_SIZE)
+    }
+
+    /// Makes sure the partials buffer holds `count` vec4 and returns it.
+    fn partials(&mut self, count: u64) -> wgpu::Buffer {
+        let bytes = count.max(1) * 16;
+        if self.partials.size() < bytes {
+            self.partials = self.ctx.storage_buffer("bn.partials", bytes);
+        }
+        self.partials.clone()
+    }
+
+    fn record_batch_stats(
+        &mut self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        saved: &wgpu::Buffer,
+        update_running: bool,
+    ) {
+        let mut plan = stats::plan(shape);
+        plan.params.flags = u32::from(update_running);
+        plan.params.count_index = 2 * self.stride() as u32;
+        plan.params.padded = self.stride() as u32;
+        let partials = self.partials(plan.partial_count());
+        let kernels = self.ctx.kernels();
+        let device = self.ctx.device();
+        let params = kernels.uniform(device, &plan.params);
+        kernels.stats.get(plan.variant).dispatch(
+            device,
+            pass,
+            &[
+                whole(&params),
+                binding(x, shape.bytes()),
+                whole(&partials),
+                whole(&self.running),
+            ],
+            plan.workgroups,
+        );
+        let flags = if update_running {
+            finalize::UPDATE_RUNNING
+        } else {
+            0
+        };
+        let fp = self.finalize_params(plan.params.splits, shape.per_channel(), flags);
+        let fparams = kernels.uniform(device, &fp);
+        kernels.finalize.train.dispatch(
+            device,
+            pass,
+            &[
+                whole(&fparams),
+                whole(&partials),
+                whole(saved),
+                whole(&self.coef),
+                whole(&self.affine),
+                whole(&self.running),
+            ],
+            self.channel_workgroups(),
+        );
+    }
+
+    /// Running statistics into the coefficients and the scratch saved statistics.
+    fn record_fold_running(&mut self, pass: &mut wgpu::ComputePass<'_>) {
+        let kernels = self.ctx.kernels();
+        let device = self.ctx.device();
+        let fparams = kernels.uniform(device, &self.finalize_params(0, 2, 0));
+        kernels.finalize.eval.dispatch(
+            device,
+            pass,
+            &[
+                whole(&fparams),
+                whole(&self.partials),
+                whole(&self.scratch_saved.buffer),
+                whole(&self.coef),
+                whole(&self.affine),
+                whole(&self.running),
+            ],
+            self.channel_workgroups(),
+        );
+    }
+
+    fn record_apply(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) {
+        let plan = apply::plan(shape, self.stride() as u32);
+        let kernels = self.ctx.kernels();
+        let device = self.ctx.device();
+        let params = kernels.uniform(device, &plan.params);
+        kernels.apply.get(plan.variant).dispatch(
+            device,
+            pass,
+            &[
+                whole(&params),
+                binding(x, shape.bytes()),
+                binding(y, shape.bytes()),
+                whole(&self.coef),
+            ],
+            plan.workgroups,
+        );
+    }
+
+    // ----- backward ---------------------------------------------------------------
+
+    /// Records the backward pass into `encoder`.
+    ///
+    /// `saved`: the statistics of the training forward (batch statistics: `dx` has
+    /// the full training form), or `None` for the running statistics of an eval
+    /// forward (constants). The outputs not given in `grads` are not computed.
+    pub fn backward(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
+        grads: GradBuffers<'_>,
+    ) -> Result<()> {
+        self.check_backward(shape, x, dy, saved, &grads)?;
+        let mut pass = begin(encoder, "bn.backward");
+        self.record_backward(&mut pass, shape, x, dy, saved, &grads);
+        Ok(())
+    }
+
+    /// [`Self::backward`] recorded into a compute pass the caller has begun.
+    pub fn backward_in_pass(
+        &mut self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
+        grads: GradBuffers<'_>,
+    ) -> Result<()> {
+        self.check_backward(shape, x, dy, saved, &grads)?;
+        self.record_backward(pass, shape, x, dy, saved, &grads);
+        Ok(())
+    }
+
+    fn check_backward(
+        &self,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
+        grads: &GradBuffers<'_>,
+    ) -> Result<()> {
+        self.check_shape(shape, saved.is_some())?;
+        match saved {
+            Some(s) => self.check_saved(s)?,
+            None if !self.config.track_running_stats => {
+                return Err(Error::MissingSavedStats(
+                    "backward without saved statistics uses the running statistics, \
+                     but the layer has track_running_stats = false: pass the SavedStats \
+                     of the forward",
+                ))
+            }
+            None => {}
+        }
+        if !self.config.affine && (grads.dgamma.is_some() || grads.dbeta.is_some()) {
+            return Err(Error::MissingState(
+                "dgamma/dbeta asked for, but the layer has affine = false",
+            ));
+        }
+        let bytes = shape.bytes();
+        self.check_buffer("x", x, bytes)?;
+        self.check_buffer("dy", dy, bytes)?;
+        let c_bytes = self.config.num_features as u64 * 4;
+        if let Some(b) = grads.dx {
+            self.check_buffer("dx", b, bytes)?;
+        }
+        if let Some(b) = grads.dgamma {
+            self.check_buffer("dgamma", b, c_bytes)?;
+        }
+        if let Some(b) = grads.dbeta {
+            self.check_buffer("dbeta", b, c_bytes)?;
+        }
+        Self::check_aliasing(&[
+            ("x", Some(x), false),
+            ("dy", Some(dy), false),
+            ("dx", grads.dx, true),
+            ("dgamma", grads.dgamma, true),
+            ("dbeta", grads.dbeta, true),
+        ])
+    }
+
+    fn record_backward(
+        &mut self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
+        grads: &GradBuffers<'_>,
+    ) {
+        let batch = saved.is_some();
+        if !batch {
+            self.record_fold_running(pass);
+        }
+        let stats_buffer = saved.unwrap_or(&self.scratch_saved).buffer.clone();
+        let (want_dgamma, want_dbeta) = (grads.dgamma.is_some(), grads.dbeta.is_some());
+        let need_sums = batch && grads.dx.is_some() || want_dgamma || want_dbeta;
+        if !need_sums && grads.dx.is_none() {
+            return;
+        }
+        let stride = self.stride() as u32;
+        let mut plan = stats::plan(shape);
+        plan.params.flags = if batch || want_dgamma {
+            backward_reduce::WITH_X
+        } else {
+            0
+        };
+        plan.params.padded = stride;
+        let partials = self.partials(plan.partial_count());
+        let kernels = self.ctx.kernels();
+        let device = self.ctx.device();
+        if need_sums {
+            let params = kernels.uniform(device, &plan.params);
+            kernels.backward_reduce.get(plan.variant).dispatch(
+                device,
+                pass,
+                &[
+                    whole(&params),
+                    binding(x, shape.bytes()),
+                    binding(dy, shape.bytes()),
+                    whole(&stats_buffer),
+                    whole(&partials),
+                ],
+                plan.workgroups,
+            );
+        }
+        let mut flags = 0;
+        for (on, bit) in [
+            (self.config.affine, backward_finalize::AFFINE),
+            (want_dgamma, backward_finalize::WANT_DGAMMA),
+            (want_dbeta, backward_finalize::WANT_DBETA),
+            (batch, backward_finalize::BATCH_STATS),
+            (grads.accumulate, backward_finalize::ACCUMULATE),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+        let fp = backward_finalize::BackwardFinalizeParams {
+            channels: self.config.num_features as u32,
+            splits: if need_sums { plan.params.splits } else { 0 },
+            padded: stride,
+            flags,
+            count: shape.per_channel() as f32,
+            _pad: [0; 3],
+        };
+        let fparams = kernels.uniform(device, &fp);
+        let c_bytes = self.config.num_features as u64 * 4;
+        let dgamma = grads.dgamma.unwrap_or(&self.scratch_grads[0]);
+        let dbeta = grads.dbeta.unwrap_or(&self.scratch_grads[1]);
+        kernels.backward_finalize.main.dispatch(
+            device,
+            pass,
+            &[
+                whole(&fparams),
+                whole(&partials),
+                whole(&stats_buffer),
+                whole(&self.affine),
+                whole(&self.coef),
+                binding(dgamma, c_bytes),
+                binding(dbeta, c_bytes),
+            ],
+            self.channel_workgroups(),
+        );
+        if let Some(dx) = grads.dx {
+            let mut ep = apply::plan(shape, stride);
+            ep.params.flags = if batch { backward_dx::WITH_X } else { 0 };
+            let params = kernels.uniform(device, &ep.params);
+            kernels.backward_dx.get(ep.variant).dispatch(
+                device,
+                pass,
+                &[
+                    whole(&params),
+                    binding(x, shape.bytes()),
+                    binding(dy, shape.bytes()),
+                    binding(dx, shape.bytes()),
+                    whole(&self.coef),
+                ],
+                ep.workgroups,
+            );
+        }
+    }
+
+    // ----- host convenience ---------------------------------------------------------
+
+    fn check_len(name: &'static str, shape: &Shape, v: &[f32]) -> Result<()> {
+        if v.len() != shape.numel() {
+            return Err(Error::LengthMismatch {
+                name,
+                expected: shape.numel(),
+                got: v.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Training forward on host data: uploads `x`, runs, reads back `y` and the
+    /// saved statistics. Running statistics are updated on the GPU.
+    pub fn forward_train_host(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
+        Self::check_len("x", shape, x)?;
+        self.check_shape(shape, true)?;
+        let ctx = self.ctx.clone();
+        let (xb, yb) = (
+            ctx.upload("bn.x", x),
+            ctx.storage_buffer("bn.y", shape.bytes()),
+        );
+        let saved = SavedStats::new(&ctx, self.config.num_features);
+        run(&ctx, "forward_train", |enc| {
+            self.forward_train(enc, shape, &xb, &yb, &saved)
+        })?;
+        Ok(ForwardOutput {
+            y: ctx.read_buffer(&yb, shape.numel())?,
+            saved: Some(saved.to_host(&ctx)?),
+        })
+    }
+
+    /// Eval forward on host data. `saved` in the output holds the batch statistics
+    /// when the layer has no running statistics, else `None`.
+    pub fn forward_eval_host(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
+        Self::check_len("x", shape, x)?;
+        let batch = !self.config.track_running_stats;
+        self.check_shape(shape, batch)?;
+        let ctx = self.ctx.clone();
+        let (xb, yb) = (
+            ctx.upload("bn.x", x),
+            ctx.storage_buffer("bn.y", shape.bytes()),
+        );
+        let saved = batch.then(|| SavedStats::new(&ctx, self.config.num_features));
+        run(&ctx, "forward_eval", |enc| {
+            self.forward_eval(enc, shape, &xb, &yb, saved.as_ref())
+        })?;
+        Ok(ForwardOutput {
+            y: ctx.read_buffer(&yb, shape.numel())?,
+            saved: saved.map(|s| s.to_host(&ctx)).transpose()?,
+        })
+    }
+
+    /// Backward on host data. `saved`: the statistics from the forward's output
+    /// (batch statistics), or `None` for the running statistics. Gradients not in
+    /// `mask` (and `dgamma`/`dbeta` without `affine`) come back as `None`.
+    pub fn backward_host(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        dy: &[f32],
+        saved: Option<&SavedStatsHost>,
+        mask: GradMask,
+    ) -> Result<Gradients> {
+        Self::check_len("x", shape, x)?;
+        Self::check_len("dy", shape, dy)?;
+        let ctx = self.ctx.clone();
+        let saved = saved.map(|s| SavedStats::from_host(&ctx, s)).transpose()?;
+        let affine = self.config.affine;
+        let c = self.config.num_features;
+        let alloc = |on: bool, label, bytes| on.then(|| ctx.storage_buffer(label, bytes));
+        let dx = alloc(mask.dx, "bn.dx", shape.bytes());
+        let dgamma = alloc(mask.dgamma && affine, "bn.dgamma", c as u64 * 4);
+        let dbeta = alloc(mask.dbeta && affine, "bn.dbeta", c as u64 * 4);
+        let (xb, dyb) = (ctx.upload("bn.x", x), ctx.upload("bn.dy", dy));
+        let grads = GradBuffers {
+            dx: dx.as_ref(),
+            dgamma: dgamma.as_ref(),
+            dbeta: dbeta.as_ref(),
+            accumulate: false,
+        };
+        run(&ctx, "backward", |enc| {
+            self.backward(enc, shape, &xb, &dyb, saved.as_ref(), grads)
+        })?;
+        let read = |b: Option<wgpu::Buffer>, len| b.map(|b| ctx.read_buffer(&b, len)).transpose();
+        Ok(Gradients {
+            dx: read(dx, shape.numel())?,
+            dgamma: read(dgamma, c)?,
+            dbeta: read(dbeta, c)?,
+        })
+    }
+}
+
+/// Records with `record`, submits, waits, and reports any wgpu validation error
+/// as [`Error::Gpu`] rather than letting it reach the device's error handler.
+fn run(
+    ctx: &GpuContext,
+    context: &'static str,
+    record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+) -> Result<()> {
+    let device = ctx.device();
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some(context),
+    });
+    let submitted = record(&mut encoder).and_then(|()| ctx.submit_and_wait(encoder));
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Gpu {
+            context,
+            message: e.to_string(),
+        });
+    }
+    submitted
+}
+
+fn begin<'e>(encoder: &'e mut wgpu::CommandEncoder, label: &str) -> wgpu::ComputePass<'e> {
+    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(label),
+        timestamp_writes: None,
+    })
+}

@@ -1,0 +1,41 @@
+//! Host-side results of the convenience (slices in, vectors out) calls, shared by
+//! the GPU layer and the fast CPU path.
+
+/// Batch statistics saved by a forward pass for its backward (PyTorch's
+/// `save_mean`, `save_invstd`), on the host.
+///
+/// `mean` is the f32 nearest the batch mean; `mean_lo` is what is left over
+/// (`mean + mean_lo` carries about twice f32's precision), so that inputs with a
+/// large mean and a tiny spread still normalize and differentiate exactly. Code that
+/// only has PyTorch's `save_mean` can pass zeros for `mean_lo`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedStatsHost {
+    /// Batch mean per channel.
+    pub mean: Vec<f32>,
+    /// `1 / sqrt(var + eps)` per channel (0 where `var + eps == 0`).
+    pub invstd: Vec<f32>,
+    /// Low part of the batch mean.
+    pub mean_lo: Vec<f32>,
+}
+
+/// Output of a forward pass on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardOutput {
+    /// The normalized tensor, same shape and layout as `x`.
+    pub y: Vec<f32>,
+    /// Batch statistics, when the pass used them (training, or eval without running
+    /// statistics); `None` when it used the running statistics.
+    pub saved: Option<SavedStatsHost>,
+}
+
+/// Gradients of a backward pass on the host; an entry is `None` when it was not
+/// asked for (or, for `dgamma`/`dbeta`, when the layer is not affine).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Gradients {
+    /// Gradient with respect to the input.
+    pub dx: Option<Vec<f32>>,
+    /// Gradient with respect to `gamma`.
+    pub dgamma: Option<Vec<f32>>,
+    /// Gradient with respect to `beta`.
+    pub dbeta: Option<Vec<f32>>,
+}
