@@ -117,6 +117,59 @@ impl GpuContext {
         )
     }
 
+    /// Records a plain vec4 copy of the first `bytes` bytes of `src` into `dst`, the
+    /// bandwidth yardstick of the benchmarks (same walk as the normalize pass).
+    /// `bytes` must be a non-zero multiple of 16; the buffers need `STORAGE`.
+    pub fn copy_in_pass(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<()> {
+        let vec4s = u32::try_from(bytes / 16).unwrap_or(0);
+        if bytes % 16 != 0 || vec4s == 0 {
+            return Err(Error::LengthMismatch {
+                name: "copy bytes (a non-zero multiple of 16)",
+                expected: bytes.next_multiple_of(16).max(16) as usize,
+                got: bytes as usize,
+            });
+        }
+        for (name, b) in [("src", src), ("dst", dst)] {
+            if b.size() < bytes {
+                return Err(Error::BufferTooSmall {
+                    name,
+                    needed: bytes,
+                    got: b.size(),
+                });
+            }
+            if !b.usage().contains(wgpu::BufferUsages::STORAGE) {
+                return Err(Error::BufferUsage {
+                    name,
+                    needed: wgpu::BufferUsages::STORAGE,
+                    got: b.usage(),
+                });
+            }
+        }
+        if src == dst {
+            return Err(Error::AliasedBuffers { a: "src", b: "dst" });
+        }
+        let plan = crate::kernels::copy::plan(vec4s);
+        let kernels = self.kernels();
+        let params = kernels.uniform(self.device(), &plan.params);
+        kernels.copy.main.dispatch(
+            self.device(),
+            pass,
+            &[
+                crate::kernels::whole(&params),
+                crate::kernels::binding(src, bytes),
+                crate::kernels::binding(dst, bytes),
+            ],
+            plan.workgroups,
+        );
+        Ok(())
+    }
+
     pub(crate) fn kernels(&self) -> &Kernels {
         &self.inner.kernels
     }

@@ -54,6 +54,17 @@ pub(crate) fn plan(shape: &Shape, padded: u32) -> ElementwisePlan {
     } else {
         (Variant::Scalar, numel, s, c)
     };
+    plan_units(variant, units, len, channels, padded)
+}
+
+/// The launch of `units` units in runs of `len`, channel index wrapping at `channels`.
+pub(crate) fn plan_units(
+    variant: Variant,
+    units: u32,
+    len: u32,
+    channels: u32,
+    padded: u32,
+) -> ElementwisePlan {
     let wg = WORKGROUP_SIZE;
     let items = ITEMS_PER_INVOCATION;
     ElementwisePlan {

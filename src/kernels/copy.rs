@@ -21,6 +21,5 @@ impl CopyKernels {
 
 /// The copy's walk for `vec4s` vec4 units: that of an apply pass with one channel.
 pub(crate) fn plan(vec4s: u32) -> ElementwisePlan {
-    let shape = crate::Shape::channels_last(&[vec4s as usize * 4, 4]).expect("non-empty");
-    super::apply::plan(&shape, 4)
+    super::apply::plan_units(super::apply::Variant::ChannelsLastVec4, vec4s, 1, 1, 4)
 }

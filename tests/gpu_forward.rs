@@ -1,0 +1,266 @@
+//! GPU forward (training and eval) against the f64 CPU reference, on fresh random
+//! inputs, for every layout and option combination.
+
+mod common;
+mod gpu_support;
+
+use common::{assert_close, normal, rng};
+use gpu_support::{configs, ctx, describe, f64s, layer_pair};
+use rand::Rng;
+use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Layout, SavedStats, Shape};
+
+/// Elementwise outputs and statistics (SEMANTICS.md).
+const TOL: f64 = 1e-5;
+
+/// Odd and even sizes for every rank: C = 1, 3, 17; 7x7; N = 1 with spatial > 1;
+/// element counts that are not multiples of 4 or of the workgroup.
+const SHAPES: &[&[usize]] = &[
+    &[33, 17],
+    &[64, 4],
+    &[5, 3, 11],
+    &[1, 17, 9],
+    &[2, 1, 13],
+    &[4, 3, 7, 7],
+    &[8, 16, 8, 8],
+    &[1, 3, 5, 3],
+    &[2, 17, 4, 4],
+    &[2, 3, 3, 4, 5],
+    &[3, 4, 2, 2, 2],
+];
+
+const LAYOUTS: [Layout; 2] = [Layout::ChannelsFirst, Layout::ChannelsLast];
+
+/// Two training steps and an eval pass on the GPU and in the reference, comparing
+/// y, the saved statistics and the state after each. Returns the largest error.
+fn check_train_eval(
+    gpu: &mut BatchNorm,
+    cpu: &mut ReferenceBatchNorm,
+    shape: &Shape,
+    xs: &[Vec<f32>],
+    tol: f64,
+    what: &str,
+) -> f64 {
+    let mut worst = 0f64;
+    for (step, x) in xs.iter().enumerate() {
+        let name = format!("{what} step {step}");
+        let out = gpu.forward_train_host(shape, x).expect("forward_train");
+        let r = cpu.forward_train(shape, x).expect("reference");
+        let saved = out.saved.expect("training saves statistics");
+        worst = worst.max(assert_close(&format!("{name} y"), &out.y, &r.y, tol));
+        worst = worst.max(assert_close(&format!("{name} mean"), &saved.mean, &r.mean, tol));
+        worst = worst.max(assert_close(&format!("{name} invstd"), &saved.invstd, &r.invstd, tol));
+        let exact_mean: Vec<f32> = saved.mean.iter().zip(&saved.mean_lo).map(|(h, l)| h + l).collect();
+        assert_close(&format!("{name} mean+mean_lo"), &exact_mean, &r.mean, tol);
+        let state = gpu.state().expect("state");
+        let want = &cpu.state;
+        worst = worst.max(assert_close(&format!("{name} running_mean"), &state.running_mean, &f64s(&want.running_mean), tol));
+        worst = worst.max(assert_close(&format!("{name} running_var"), &state.running_var, &f64s(&want.running_var), tol));
+        assert_eq!(state.num_batches_tracked, want.num_batches_tracked, "{name} num_batches_tracked");
+        assert_eq!(state.gamma, want.gamma, "{name}: training must not change gamma");
+        assert_eq!(state.beta, want.beta, "{name}: training must not change beta");
+    }
+    let x = &xs[0];
+    let out = gpu.forward_eval_host(shape, x).expect("forward_eval");
+    let r = cpu.forward_eval(shape, x).expect("reference eval");
+    worst = worst.max(assert_close(&format!("{what} eval y"), &out.y, &r.y, tol));
+    assert_eq!(out.saved.is_some(), !gpu.config().track_running_stats, "{what}: eval saves batch stats only without running stats");
+    worst
+}
+
+#[test]
+fn forward_matches_reference_for_every_layout_and_option() {
+    let mut rng = rng("forward_matches_reference_for_every_layout_and_option");
+    let mut worst = 0f64;
+    for dims in SHAPES {
+        for layout in LAYOUTS {
+            let shape = Shape::new(dims, layout).unwrap();
+            for config in configs(shape.c()) {
+                let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
+                let mean = rng.random_range(-3.0..3.0);
+                let xs: Vec<Vec<f32>> = (0..2).map(|_| normal(&mut rng, &shape, mean, 2.0)).collect();
+                let what = format!("{dims:?} {layout:?} {}", describe(&config));
+                worst = worst.max(check_train_eval(&mut gpu, &mut cpu, &shape, &xs, TOL, &what));
+            }
+        }
+    }
+    println!("largest error against the reference: {worst:.3e}");
+}
+
+#[test]
+fn large_mean_tiny_variance_normalizes_exactly() {
+    // x = 1e4 + 1e-3 * noise: PyTorch in f32 is off by up to 35% here.
+    let mut rng = rng("large_mean_tiny_variance_normalizes_exactly");
+    let mut worst = 0f64;
+    for (dims, layout) in [
+        (&[16usize, 8, 12, 12][..], Layout::ChannelsFirst),
+        (&[16, 8, 12, 12][..], Layout::ChannelsLast),
+        (&[300, 5][..], Layout::ChannelsFirst),
+        (&[3, 3, 7, 7][..], Layout::ChannelsFirst),
+        (&[4, 6, 5, 5][..], Layout::ChannelsLast),
+    ] {
+        let shape = Shape::new(dims, layout).unwrap();
+        let config = BatchNormConfig::new(shape.c());
+        let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
+        let xs: Vec<Vec<f32>> = (0..2).map(|_| common::large_mean(&mut rng, &shape)).collect();
+        worst = worst.max(check_train_eval(&mut gpu, &mut cpu, &shape, &xs, TOL, &format!("large mean {dims:?} {layout:?}")));
+    }
+    println!("large-mean inputs: largest error {worst:.3e} (bound asserted: {TOL:e})");
+}
+
+#[test]
+fn constant_channels_give_beta() {
+    let mut rng = rng("constant_channels_give_beta");
+    for layout in LAYOUTS {
+        let shape = Shape::new(&[4, 5, 3, 3], layout).unwrap();
+        let values: Vec<f32> = (0..5).map(|c| [0.0, 1.0, -7.5, 1e4, 3.25][c]).collect();
+        let x: Vec<f32> = (0..shape.numel()).map(|i| values[shape.channel_of(i)]).collect();
+        for eps in [1e-5f32, 0.0] {
+            let config = BatchNormConfig::new(5).eps(eps);
+            let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
+            let out = gpu.forward_train_host(&shape, &x).unwrap();
+            let r = cpu.forward_train(&shape, &x).unwrap();
+            assert_close("constant y", &out.y, &r.y, TOL);
+            let saved = out.saved.unwrap();
+            assert_eq!(saved.mean, values, "the mean of a constant channel is exact");
+            let want = if eps == 0.0 { 0.0 } else { 1.0 / (eps as f64).sqrt() };
+            for &v in &saved.invstd {
+                assert!(((v as f64) - want).abs() <= 1e-5 * want.max(1.0), "invstd {v} vs {want}");
+            }
+            for (i, &y) in out.y.iter().enumerate() {
+                assert_eq!(y, cpu.state.beta[shape.channel_of(i)], "constant channel gives beta");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_channel_with_millions_of_elements() {
+    let mut rng = rng("a_channel_with_millions_of_elements");
+    for layout in LAYOUTS {
+        let shape = Shape::new(&[8, 2, 512, 512], layout).unwrap(); // 2M per channel
+        let config = BatchNormConfig::new(2);
+        let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
+        let x = normal(&mut rng, &shape, 5.0, 3.0);
+        let e = check_train_eval(&mut gpu, &mut cpu, &shape, &[x], TOL, &format!("2M per channel {layout:?}"));
+        println!("{layout:?}: 2M elements per channel, largest error {e:.3e}");
+    }
+}
+
+#[test]
+fn thousands_of_channels() {
+    let mut rng = rng("thousands_of_channels");
+    for (dims, layout) in [
+        (&[64usize, 4099][..], Layout::ChannelsFirst),
+        (&[4, 2048, 3, 3][..], Layout::ChannelsLast),
+        (&[2, 3001, 2, 2][..], Layout::ChannelsFirst),
+    ] {
+        let shape = Shape::new(dims, layout).unwrap();
+        let config = BatchNormConfig::new(shape.c());
+        let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
+        let x = normal(&mut rng, &shape, -1.0, 0.5);
+        let e = check_train_eval(&mut gpu, &mut cpu, &shape, &[x], TOL, &format!("{dims:?} {layout:?}"));
+        println!("{dims:?} {layout:?}: largest error {e:.3e}");
+    }
+}
+
+#[test]
+fn running_statistics_over_many_steps() {
+    let mut rng = rng("running_statistics_over_many_steps");
+    let shape = Shape::new(&[6, 7, 5, 3], Layout::ChannelsFirst).unwrap();
+    for config in [
+        BatchNormConfig::new(7),
+        BatchNormConfig::new(7).momentum(None),
+        BatchNormConfig::keras(7),
+    ] {
+        let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
+        let xs: Vec<Vec<f32>> = (0..6)
+            .map(|k| normal(&mut rng, &shape, k as f32 - 2.0, 1.0 + k as f32))
+            .collect();
+        check_train_eval(&mut gpu, &mut cpu, &shape, &xs, TOL, &format!("6 steps {}", describe(&config)));
+    }
+}
+
+#[test]
+fn two_runs_give_identical_bits() {
+    let mut rng = rng("two_runs_give_identical_bits");
+    for (dims, layout) in [(&[16usize, 32, 14, 14][..], Layout::ChannelsFirst), (&[16, 32, 14, 14][..], Layout::ChannelsLast), (&[1000, 7][..], Layout::ChannelsFirst)] {
+        let shape = Shape::new(dims, layout).unwrap();
+        let x = normal(&mut rng, &shape, 1.0, 1.0);
+        let run = || {
+            let mut bn = BatchNorm::new(ctx(), BatchNormConfig::new(shape.c())).unwrap();
+            let out = bn.forward_train_host(&shape, &x).unwrap();
+            (out, bn.state().unwrap())
+        };
+        let (a, sa) = run();
+        let (b, sb) = run();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.y), bits(&b.y), "{dims:?} {layout:?}: y differs between runs");
+        let (a, b) = (a.saved.unwrap(), b.saved.unwrap());
+        assert_eq!(bits(&a.mean), bits(&b.mean));
+        assert_eq!(bits(&a.invstd), bits(&b.invstd));
+        assert_eq!(bits(&sa.running_var), bits(&sb.running_var));
+    }
+}
+
+#[test]
+fn nan_and_inf_propagate_to_their_channel_only() {
+    let shape = Shape::new(&[4, 3, 2, 2], Layout::ChannelsFirst).unwrap();
+    let mut x: Vec<f32> = (0..shape.numel()).map(|i| (i % 5) as f32).collect();
+    x[shape.index(2, 1, 3)] = f32::NAN;
+    x[shape.index(1, 2, 0)] = f32::INFINITY;
+    let mut bn = BatchNorm::new(ctx(), BatchNormConfig::new(3)).unwrap();
+    let out = bn.forward_train_host(&shape, &x).unwrap();
+    for (i, y) in out.y.iter().enumerate() {
+        match shape.channel_of(i) {
+            0 => assert!(y.is_finite(), "channel 0 stays finite"),
+            _ => assert!(y.is_nan(), "channels with NaN/inf give NaN (as PyTorch)"),
+        }
+    }
+}
+
+#[test]
+fn calls_recorded_into_one_encoder_keep_their_own_parameters() {
+    // Two shapes and two layers in one command encoder, submitted once: each call's
+    // parameters must be its own (uniforms are never rewritten in place).
+    let mut rng = rng("calls_recorded_into_one_encoder_keep_their_own_parameters");
+    let c = 6;
+    let config = BatchNormConfig::new(c);
+    let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
+    let shapes = [
+        Shape::new(&[4, c, 5, 5], Layout::ChannelsFirst).unwrap(),
+        Shape::new(&[9, c], Layout::ChannelsLast).unwrap(),
+        Shape::new(&[2, c, 8, 4], Layout::ChannelsLast).unwrap(),
+    ];
+    let ctx = ctx();
+    let xs: Vec<Vec<f32>> = shapes.iter().map(|s| normal(&mut rng, s, 0.5, 1.5)).collect();
+    let xb: Vec<_> = xs.iter().map(|x| ctx.upload("x", x)).collect();
+    let yb: Vec<_> = shapes.iter().map(|s| ctx.storage_buffer("y", s.bytes())).collect();
+    let saved: Vec<_> = shapes.iter().map(|_| SavedStats::new(ctx, c)).collect();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    for i in 0..shapes.len() {
+        gpu.forward_train(&mut encoder, &shapes[i], &xb[i], &yb[i], &saved[i]).unwrap();
+    }
+    ctx.submit_and_wait(encoder).unwrap();
+    for i in 0..shapes.len() {
+        let r = cpu.forward_train(&shapes[i], &xs[i]).unwrap();
+        let y: Vec<f32> = ctx.read_buffer(&yb[i], shapes[i].numel()).unwrap();
+        assert_close(&format!("recorded call {i} y"), &y, &r.y, TOL);
+        assert_close(&format!("recorded call {i} mean"), &saved[i].to_host(ctx).unwrap().mean, &r.mean, TOL);
+    }
+    let state = gpu.state().unwrap();
+    assert_eq!(state.num_batches_tracked, cpu.state.num_batches_tracked);
+    assert_close("running_var after 3 recorded steps", &state.running_var, &f64s(&cpu.state.running_var), TOL);
+}
+
+#[test]
+fn state_round_trips_through_the_gpu() {
+    let mut rng = rng("state_round_trips_through_the_gpu");
+    for config in configs(5) {
+        let state = gpu_support::random_state(&mut rng, &config);
+        let mut bn = BatchNorm::new(ctx(), config.clone()).unwrap();
+        assert_eq!(bn.state().unwrap(), wgpu_batchnorm::BatchNormState::new(&config), "initial state");
+        bn.set_state(&state).unwrap();
+        assert_eq!(bn.state().unwrap(), state, "{}", describe(&config));
+    }
+}

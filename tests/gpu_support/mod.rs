@@ -1,0 +1,73 @@
+//! GPU-test support: one context per test binary (printing the adapter), and
+//! layers with random state so that every parameter matters in a comparison.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use rand::Rng;
+use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, BatchNormState, Convention, GpuContext};
+
+/// The context every GPU test uses. With no adapter this fails, with the message
+/// of [`wgpu_batchnorm::Error::NoAdapter`] that says how to get one: GPU tests never
+/// skip.
+pub fn ctx() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let ctx = GpuContext::from_env().unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
+        eprintln!("GPU tests run on: {}", ctx.describe());
+        ctx
+    })
+}
+
+/// The option combinations every layout is tested with.
+pub fn configs(c: usize) -> Vec<BatchNormConfig> {
+    vec![
+        BatchNormConfig::new(c),
+        BatchNormConfig::new(c).affine(false),
+        BatchNormConfig::new(c).track_running_stats(false),
+        BatchNormConfig::new(c).affine(false).track_running_stats(false),
+        BatchNormConfig::new(c).momentum(None),
+        BatchNormConfig::new(c).momentum(Some(1.0)).eps(1e-3),
+        BatchNormConfig::keras(c),
+        BatchNormConfig::keras(c).affine(false).momentum(Some(0.9)),
+    ]
+}
+
+/// A random but valid state for `config` (gamma around 1, running var positive).
+pub fn random_state(rng: &mut impl Rng, config: &BatchNormConfig) -> BatchNormState {
+    let mut s = BatchNormState::new(config);
+    s.gamma.iter_mut().for_each(|g| *g = rng.random_range(0.5..1.5));
+    s.beta.iter_mut().for_each(|b| *b = rng.random_range(-1.0..1.0));
+    s.running_mean.iter_mut().for_each(|m| *m = rng.random_range(-0.5..0.5));
+    s.running_var.iter_mut().for_each(|v| *v = rng.random_range(0.5..2.0));
+    if config.track_running_stats {
+        s.num_batches_tracked = rng.random_range(0..5);
+    }
+    s
+}
+
+/// The same layer on the GPU and in the reference, from the same random state.
+pub fn layer_pair(rng: &mut impl Rng, config: &BatchNormConfig) -> (BatchNorm, ReferenceBatchNorm) {
+    let state = random_state(rng, config);
+    let gpu = BatchNorm::with_state(ctx(), config.clone(), &state).expect("valid layer");
+    let cpu = ReferenceBatchNorm::with_state(config.clone(), state).expect("valid layer");
+    (gpu, cpu)
+}
+
+/// A short description of a configuration for messages.
+pub fn describe(config: &BatchNormConfig) -> String {
+    format!(
+        "{}affine={} track={} momentum={:?} eps={}",
+        if config.convention == Convention::Keras { "keras " } else { "" },
+        config.affine,
+        config.track_running_stats,
+        config.momentum,
+        config.eps
+    )
+}
+
+/// f32 state vector as f64, for comparisons.
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
