@@ -1,0 +1,322 @@
+//! The benchmark report: batch norm on the GPU (this crate's kernels) against the
+//! fast CPU path and against a plain copy kernel, for a table of shapes, layouts
+//! and operations. `cargo run --release -- --help` lists the options.
+//!
+//! Writes a table on stdout, `results.csv`, `results.json` and `bandwidth.svg`
+//! into the output directory; progress goes to stderr.
+
+mod report;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use wgpu_batchnorm::{GpuContext, Layout};
+
+use report::data::{quick_table, table, ShapeSpec};
+use report::measure::{Op, Row, ShapeBench, TOLERANCE};
+use report::output::{self, Header};
+use report::timing::{GpuTimer, WARMUP};
+use report::BoxResult;
+
+/// Memory order of the input, as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LayoutArg {
+    /// Channels-first (NCHW, PyTorch's default).
+    #[value(alias = "nchw")]
+    Cf,
+    /// Channels-last (NHWC / NDHWC).
+    #[value(alias = "nhwc")]
+    Cl,
+}
+
+impl From<LayoutArg> for Layout {
+    fn from(l: LayoutArg) -> Self {
+        match l {
+            LayoutArg::Cf => Layout::ChannelsFirst,
+            LayoutArg::Cl => Layout::ChannelsLast,
+        }
+    }
+}
+
+/// Batch-norm benchmark report: GPU (wgpu) against the fast CPU path and a copy
+/// kernel.
+///
+/// For each shape, layout and operation it prints the CPU and GPU times (medians),
+/// the GPU's speed-up, the effective bandwidths from the floor bytes (E elements of
+/// 4 bytes: forward-train 3E*4, eval 2E*4, backward 5E*4), the bandwidth of a vec4
+/// copy kernel on the same tensor size in the same run, the headline ratio GPU /
+/// copy, and the largest error of the GPU result against the CPU result (rows above
+/// 1e-4 are FAILED and get no GPU speed).
+///
+/// The default table is a quick subset that runs in about two minutes on a 2-core
+/// machine with a software GPU: ResNet-50 shapes at batch 8 instead of 32. `--full`
+/// runs the table of the issue (batch 32), `--quick` only the tiny shape.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about, after_help = AFTER_HELP)]
+struct Args {
+    /// Shapes to run, comma-separated, dims joined by `x` (N, C, *spatial; 2 to 5
+    /// dims); replaces the table chosen by --full/--quick.
+    #[arg(long, value_delimiter = ',', value_name = "NxC[xD][xH]xW,...")]
+    shapes: Option<Vec<ShapeSpec>>,
+
+    /// Layouts: `cf` (channels-first, NCHW) and/or `cl` (channels-last, NHWC).
+    /// Shapes without spatial dims run once (`cf=cl`): both are the same memory.
+    #[arg(long, value_delimiter = ',', default_values = ["cf", "cl"])]
+    layouts: Vec<LayoutArg>,
+
+    /// Operations: `train` (forward, training mode), `eval` (forward with running
+    /// statistics), `backward` (of the training forward: dx, dgamma, dbeta).
+    #[arg(long, value_delimiter = ',', default_values = ["train", "eval", "backward"])]
+    ops: Vec<Op>,
+
+    /// Timed repetitions per measurement (after 2 warm-up runs). Default: by size,
+    /// 5 for tensors of 4M elements or more, up to 50 for tiny ones.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: Option<u64>,
+
+    /// wgpu backend (`vulkan`, `gl`, `metal`, `dx12`): sets WGPU_BACKEND before the
+    /// device is created. Default: WGPU_BACKEND if set, else wgpu's choice.
+    #[arg(long)]
+    backend: Option<String>,
+
+    /// Directory for results.csv, results.json and bandwidth.svg.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+
+    /// The full table of the issue (ResNet-50 shapes at batch 32; several minutes
+    /// on a software GPU).
+    #[arg(long, conflicts_with = "quick")]
+    full: bool,
+
+    /// Only the tiny shape 8x16x8x8 (for CI).
+    #[arg(long)]
+    quick: bool,
+
+    /// Inputs are generated in several copies, rotated between repetitions, so
+    /// that together they span at least this many MiB (at most 8 copies; 0: one
+    /// copy) and repeated runs do not just hit the caches.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    rotate_mib: u64,
+}
+
+const AFTER_HELP: &str = "\
+Environment: WGPU_BACKEND, WGPU_ADAPTER_NAME, WGPU_POWER_PREF pick the adapter \
+(see GpuContext::from_env). On a software adapter (lavapipe, llvmpipe) the GPU \
+times are CPU times: compare ratios within one run, never absolute speeds.
+
+Examples:
+  cargo run --release                                   # quick default table
+  cargo run --release -- --full --out bench-results/full
+  cargo run --release -- --shapes 32x64x112x112,256x1024 --layouts cl --ops train --reps 10
+  cargo run --release -- --quick --backend gl";
+
+/// Batch size of the ResNet-50 shapes in the default (not --full) table.
+const DEFAULT_RESNET_BATCH: usize = 8;
+/// Batch size of the ResNet-50 shapes in the issue's table (--full).
+const FULL_RESNET_BATCH: usize = 32;
+
+/// Repetitions by tensor size: fewer for big tensors (each run is long and its time
+/// steady), more for small ones (short, noisy runs).
+fn default_reps(numel: usize) -> usize {
+    match numel {
+        n if n >= 4 << 20 => 5,
+        n if n >= 256 << 10 => 10,
+        n if n >= 16 << 10 => 20,
+        _ => 50,
+    }
+}
+
+/// The requested layouts for a shape: one when both are the same memory order.
+fn layouts_for(spec: &ShapeSpec, requested: &[LayoutArg]) -> Vec<Layout> {
+    let mut layouts: Vec<Layout> = Vec::new();
+    for &l in requested {
+        let l = Layout::from(l);
+        if !layouts.contains(&l) {
+            layouts.push(l);
+        }
+    }
+    if spec.layouts_coincide() {
+        layouts.truncate(1);
+    }
+    layouts
+}
+
+fn header(ctx: &GpuContext, timer: &GpuTimer) -> Header {
+    let info = ctx.adapter_info();
+    let gpu_timing = match timer.timestamp_period_ns() {
+        Some(period) => format!(
+            "timestamp queries at the beginning and end of the compute pass ({period} ns/tick); \
+             a row falls back to wall time (submit + wait) when its timestamps or the copy's \
+             are implausible (non-positive, or longer than the wall time); column `clock`"
+        ),
+        None => "wall time around queue.submit + device.poll(wait) \
+                 (the adapter has no timestamp queries)"
+            .into(),
+    };
+    Header {
+        adapter: ctx.describe(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info),
+        gpu_timing,
+        timestamp_period_ns: timer.timestamp_period_ns(),
+        cpu_threads: rayon::current_num_threads(),
+        warmup_runs: WARMUP,
+        tolerance: TOLERANCE,
+        floor_bytes: "forward-train 3Es, eval 2Es, backward 5Es (s = 4)".into(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// Rows saying that a shape or layout could not be set up.
+fn error_rows(spec: &ShapeSpec, layout: &str, ops: &[Op], error: &str) -> Vec<Row> {
+    ops.iter()
+        .map(|op| Row {
+            shape: spec.label(),
+            dims: spec.dims.clone(),
+            layout: layout.into(),
+            op: op.name().into(),
+            numel: spec.numel(),
+            floor_bytes: op.floor_bytes(spec.numel()),
+            reps: 0,
+            input_copies: 0,
+            cpu_ms: None,
+            cpu_gbs: None,
+            gpu_ms: None,
+            gpu_clock: None,
+            gpu_wall_ms: None,
+            gpu_timestamp_ms: None,
+            gpu_gbs: None,
+            copy_ms: None,
+            copy_gbs: None,
+            gpu_over_copy: None,
+            speedup: None,
+            max_err: None,
+            status: format!("ERROR: {error}"),
+        })
+        .collect()
+}
+
+/// One line of progress for a finished row.
+fn progress(done: usize, total: usize, row: &Row) -> String {
+    let gpu = match (row.gpu_ms, &row.gpu_clock) {
+        (Some(ms), Some(clock)) => format!(
+            "gpu {ms:.3} ms ({clock}; wall {:.3}), {:.2}x copy",
+            row.gpu_wall_ms.unwrap_or(f64::NAN),
+            row.gpu_over_copy.unwrap_or(f64::NAN)
+        ),
+        _ => "gpu -".into(),
+    };
+    format!(
+        "[{done:>3}/{total}] {} {} {}: cpu {} ms, {gpu}, err {}  {}",
+        row.shape,
+        row.layout,
+        row.op,
+        row.cpu_ms.map_or("-".into(), |v| format!("{v:.3}")),
+        row.max_err.map_or("-".into(), |v| format!("{v:.1e}")),
+        row.status
+    )
+}
+
+fn main() -> BoxResult<()> {
+    let args = Args::parse();
+    if let Some(backend) = &args.backend {
+        // Before any thread or device exists.
+        std::env::set_var("WGPU_BACKEND", backend);
+    }
+    let started = Instant::now();
+    let shapes = match (&args.shapes, args.full, args.quick) {
+        (Some(s), _, _) => s.clone(),
+        (None, _, true) => quick_table(),
+        (None, true, _) => table(FULL_RESNET_BATCH),
+        (None, false, false) => table(DEFAULT_RESNET_BATCH),
+    };
+    let mut ops = args.ops.clone();
+    ops.dedup();
+    let total: usize = shapes
+        .iter()
+        .map(|s| layouts_for(s, &args.layouts).len() * ops.len())
+        .sum();
+
+    let ctx = GpuContext::from_env()?;
+    let timer = GpuTimer::new(&ctx);
+    let header = header(&ctx, &timer);
+    print!("{}", output::header_lines(&header));
+    println!();
+
+    let mut rows: Vec<Row> = Vec::new();
+    for spec in &shapes {
+        let reps = args.reps.map_or(default_reps(spec.numel()), |r| r as usize);
+        let layouts = layouts_for(spec, &args.layouts);
+        let mut bench = match ShapeBench::new(&ctx, spec, args.rotate_mib << 20) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("{}: cannot set up: {e}", spec.label());
+                for l in &layouts {
+                    let name = report::data::layout_name(*l);
+                    rows.extend(error_rows(spec, name, &ops, &e.to_string()));
+                }
+                continue;
+            }
+        };
+        let copy = match bench.measure_copy(&timer, reps) {
+            Ok(copy) => copy,
+            Err(e) => {
+                eprintln!("{}: copy kernel failed: {e}", spec.label());
+                None
+            }
+        };
+        if let Some((t, bytes)) = copy {
+            eprintln!(
+                "        {} copy kernel: {:.3} ms ({}), {:.2} GB/s; {} input copies, {reps} reps",
+                spec.label(),
+                t.ms,
+                t.clock.name(),
+                output_gbs(bytes, t.ms),
+                bench.copies()
+            );
+        }
+        for layout in layouts {
+            let mut case = match bench.layout(layout, &timer) {
+                Ok(case) => case,
+                Err(e) => {
+                    let name = report::data::layout_name(layout);
+                    eprintln!("{} {name}: cannot set up: {e}", spec.label());
+                    rows.extend(error_rows(spec, name, &ops, &e.to_string()));
+                    continue;
+                }
+            };
+            for &op in &ops {
+                let row = case.measure(op, &timer, reps, copy);
+                eprintln!("{}", progress(rows.len() + 1, total, &row));
+                rows.push(row);
+            }
+        }
+    }
+
+    println!("{}", output::table(&rows));
+    let on_timestamps = rows
+        .iter()
+        .filter(|r| r.gpu_clock.as_deref() == Some("timestamp"))
+        .count();
+    let timed = rows.iter().filter(|r| r.gpu_ms.is_some()).count();
+    println!(
+        "GPU clock: {on_timestamps} of {timed} timed rows on timestamps, the rest on wall time"
+    );
+    let bad = rows.iter().filter(|r| r.status != "ok").count();
+    if bad > 0 {
+        println!("{bad} row(s) FAILED or in ERROR (see status)");
+    }
+    output::write_all(&args.out, &header, &rows)?;
+    println!(
+        "wrote {0}/results.csv, {0}/results.json, {0}/bandwidth.svg",
+        args.out.display()
+    );
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn output_gbs(bytes: u64, ms: f64) -> f64 {
+    report::measure::gbs(bytes, ms)
+}

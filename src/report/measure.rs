@@ -1,0 +1,461 @@
+//! One shape's benchmark: its inputs (host and GPU, several copies to rotate
+//! through), its layers, and the measurement of each operation in each layout.
+
+use serde::Serialize;
+use wgpu_batchnorm::cpu::fast::CpuBatchNorm;
+use wgpu_batchnorm::{
+    BatchNorm, BatchNormConfig, GpuContext, GradBuffers, Layout, SavedStats, SavedStatsHost, Shape,
+};
+
+use super::data::{layout_name, random_state, ShapeSpec, XorShift};
+use super::timing::{median, time_cpu, Clock, GpuTime, GpuTimer};
+use super::BoxResult;
+
+/// Largest error (`max |gpu - cpu| / (1 + |cpu|)`) of a result still reported.
+pub const TOLERANCE: f64 = 1e-4;
+
+/// Bytes per element (f32).
+const ELEMENT_BYTES: u64 = 4;
+
+/// The operations measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Op {
+    /// Forward in training mode (batch statistics, running-stat update).
+    Train,
+    /// Forward in eval mode (running statistics).
+    Eval,
+    /// Backward of the training forward (dx, dgamma, dbeta).
+    Backward,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Train => "forward-train",
+            Op::Eval => "eval",
+            Op::Backward => "backward",
+        }
+    }
+
+    /// Tensor-sized streams that must move: train reads x twice (statistics, then
+    /// normalize) and writes y; eval reads x, writes y; backward reads x and dy
+    /// twice-and-once in its two passes and writes dx.
+    fn floor_streams(self) -> u64 {
+        match self {
+            Op::Train => 3,
+            Op::Eval => 2,
+            Op::Backward => 5,
+        }
+    }
+
+    /// Floor bytes of the operation on `numel` f32 elements.
+    pub fn floor_bytes(self, numel: usize) -> u64 {
+        self.floor_streams() * numel as u64 * ELEMENT_BYTES
+    }
+}
+
+/// One line of the report: an operation on a shape in a layout.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub shape: String,
+    pub dims: Vec<usize>,
+    /// `cf`, `cl`, or `cf=cl` for shapes without spatial dims.
+    pub layout: String,
+    pub op: String,
+    pub numel: usize,
+    pub floor_bytes: u64,
+    pub reps: usize,
+    /// Copies of the inputs rotated through (so that repeated runs miss the caches).
+    pub input_copies: usize,
+    pub cpu_ms: Option<f64>,
+    pub cpu_gbs: Option<f64>,
+    /// GPU time used for the speeds (see `gpu_clock`); absent for failed rows.
+    pub gpu_ms: Option<f64>,
+    /// `timestamp` or `wall`.
+    pub gpu_clock: Option<String>,
+    pub gpu_wall_ms: Option<f64>,
+    pub gpu_timestamp_ms: Option<f64>,
+    pub gpu_gbs: Option<f64>,
+    /// The vec4 copy kernel on the same tensor size, same run (moves 2 * numel * 4 bytes).
+    pub copy_ms: Option<f64>,
+    pub copy_gbs: Option<f64>,
+    /// The headline: GPU effective bandwidth over copy bandwidth.
+    pub gpu_over_copy: Option<f64>,
+    /// CPU time / GPU time (> 1: the GPU is faster).
+    pub speedup: Option<f64>,
+    /// Largest error over every output of the operation: `|gpu - cpu| / (1 + |cpu|)`
+    /// for elementwise outputs and statistics, `|gpu - cpu| / (1 + sum |terms|)` for
+    /// dgamma and dbeta.
+    pub max_err: Option<f64>,
+    /// `ok`, `FAILED` (error above tolerance: no GPU speed reported) or `ERROR: ...`.
+    pub status: String,
+}
+
+/// GB/s for `bytes` moved in `ms` milliseconds.
+pub fn gbs(bytes: u64, ms: f64) -> f64 {
+    bytes as f64 / ms / 1e6
+}
+
+/// `max |gpu - cpu| / (1 + |cpu|)`; a NaN anywhere in `gpu` gives infinity.
+fn max_rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    if gpu.len() != cpu.len() {
+        return f64::INFINITY;
+    }
+    gpu.iter().zip(cpu).fold(0.0, |acc: f64, (&g, &c)| {
+        let e = (f64::from(g) - f64::from(c)).abs() / (1.0 + f64::from(c).abs());
+        if e.is_nan() {
+            f64::INFINITY
+        } else {
+            acc.max(e)
+        }
+    })
+}
+
+/// `max |gpu - cpu| / (1 + scale)` for per-channel sums, `scale` being the sum of
+/// the terms' magnitudes (the tolerance of SEMANTICS.md): a sum that cancels to
+/// almost nothing is still only as exact as the scale of its terms.
+fn max_sum_err(gpu: &[f32], cpu: &[f32], scale: &[f64]) -> f64 {
+    if gpu.len() != cpu.len() || gpu.len() != scale.len() {
+        return f64::INFINITY;
+    }
+    let mut worst = 0.0f64;
+    for ((&g, &c), &s) in gpu.iter().zip(cpu).zip(scale) {
+        let e = (f64::from(g) - f64::from(c)).abs() / (1.0 + s);
+        worst = if e.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(e)
+        };
+    }
+    worst
+}
+
+/// Per channel: `sum |dy|` (the scale of dbeta) and `sum |dy * xhat|` (of dgamma).
+fn grad_scales(
+    shape: &Shape,
+    x: &[f32],
+    dy: &[f32],
+    saved: &SavedStatsHost,
+) -> (Vec<f64>, Vec<f64>) {
+    let c = shape.c();
+    let (mut beta, mut gamma) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for (i, (&x, &dy)) in x.iter().zip(dy).enumerate() {
+        let ch = shape.channel_of(i);
+        let xhat = (f64::from(x) - f64::from(saved.mean[ch])) * f64::from(saved.invstd[ch]);
+        beta[ch] += f64::from(dy).abs();
+        gamma[ch] += (f64::from(dy) * xhat).abs();
+    }
+    (beta, gamma)
+}
+
+/// Number of input copies to rotate through so that they span `rotate_bytes`.
+fn input_copies(bytes: u64, rotate_bytes: u64) -> usize {
+    rotate_bytes.div_ceil(bytes.max(1)).clamp(1, 8) as usize
+}
+
+/// Everything one shape needs, shared by its layouts (the random data is just as
+/// random in either memory order).
+pub struct ShapeBench {
+    pub spec: ShapeSpec,
+    ctx: GpuContext,
+    host_x: Vec<Vec<f32>>,
+    host_dy: Vec<Vec<f32>>,
+    gpu_x: Vec<wgpu::Buffer>,
+    gpu_dy: Vec<wgpu::Buffer>,
+    // GPU outputs.
+    gpu_y: wgpu::Buffer,
+    gpu_dx: wgpu::Buffer,
+    gpu_dgamma: wgpu::Buffer,
+    gpu_dbeta: wgpu::Buffer,
+    gpu_copy: wgpu::Buffer,
+    /// Written by the timed training forwards.
+    gpu_train_saved: SavedStats,
+    // CPU outputs.
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+    // Layers: training forward and backward share one; eval has its own, never
+    // trained, so that GPU and CPU normalize with the same running statistics.
+    gpu_train: BatchNorm,
+    gpu_eval: BatchNorm,
+    cpu_train: CpuBatchNorm,
+    cpu_eval: CpuBatchNorm,
+}
+
+impl ShapeBench {
+    /// Generates the inputs (`input_copies` of x and dy, spanning `rotate_bytes`)
+    /// and uploads them.
+    pub fn new(ctx: &GpuContext, spec: &ShapeSpec, rotate_bytes: u64) -> BoxResult<Self> {
+        let numel = spec.numel();
+        let c = spec.dims[1];
+        let bytes = numel as u64 * ELEMENT_BYTES;
+        let copies = input_copies(bytes, rotate_bytes);
+        let mut rng = XorShift::new(0x5eed ^ numel as u64);
+        let host_x: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -2.0, 2.0)).collect();
+        let host_dy: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -1.0, 1.0)).collect();
+        let gpu_x = host_x.iter().map(|x| ctx.upload("bench.x", x)).collect();
+        let gpu_dy = host_dy.iter().map(|d| ctx.upload("bench.dy", d)).collect();
+        let config = BatchNormConfig::new(c);
+        let state = random_state(&config, &mut rng);
+        Ok(Self {
+            spec: spec.clone(),
+            ctx: ctx.clone(),
+            host_x,
+            host_dy,
+            gpu_x,
+            gpu_dy,
+            gpu_y: ctx.storage_buffer("bench.y", bytes),
+            gpu_dx: ctx.storage_buffer("bench.dx", bytes),
+            gpu_dgamma: ctx.storage_buffer("bench.dgamma", c as u64 * 4),
+            gpu_dbeta: ctx.storage_buffer("bench.dbeta", c as u64 * 4),
+            gpu_copy: ctx.storage_buffer("bench.copy", bytes),
+            gpu_train_saved: SavedStats::new(ctx, c),
+            y: vec![0.0; numel],
+            dx: vec![0.0; numel],
+            dgamma: vec![0.0; c],
+            dbeta: vec![0.0; c],
+            gpu_train: BatchNorm::with_state(ctx, config.clone(), &state)?,
+            gpu_eval: BatchNorm::with_state(ctx, config.clone(), &state)?,
+            cpu_train: CpuBatchNorm::with_state(config.clone(), state.clone())?,
+            cpu_eval: CpuBatchNorm::with_state(config, state)?,
+        })
+    }
+
+    pub fn copies(&self) -> usize {
+        self.host_x.len()
+    }
+
+    /// Times the vec4 copy kernel on this tensor size (`None` below 4 elements).
+    /// Returns the time and the bytes it moved (read + write).
+    pub fn measure_copy(&self, timer: &GpuTimer, reps: usize) -> BoxResult<Option<(GpuTime, u64)>> {
+        let bytes = self.spec.numel() as u64 * ELEMENT_BYTES / 16 * 16;
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let copies = self.copies();
+        let samples = timer.time(reps, |pass, i| {
+            self.ctx
+                .copy_in_pass(pass, &self.gpu_x[i % copies], &self.gpu_copy, bytes)
+        })?;
+        Ok(Some((samples.summarize(), 2 * bytes)))
+    }
+
+    /// Prepares a layout: the saved statistics of a training forward on the first
+    /// input copy, on both sides, for the backward.
+    pub fn layout(&mut self, layout: Layout, timer: &GpuTimer) -> BoxResult<LayoutBench<'_>> {
+        let shape = Shape::new(&self.spec.dims, layout)?;
+        let cpu_saved = self
+            .cpu_train
+            .forward_train_into(&shape, &self.host_x[0], &mut self.y)?;
+        let gpu_saved = SavedStats::new(&self.ctx, shape.c());
+        timer.run_once(|pass| {
+            self.gpu_train.forward_train_in_pass(
+                pass,
+                &shape,
+                &self.gpu_x[0],
+                &self.gpu_y,
+                &gpu_saved,
+            )
+        })?;
+        Ok(LayoutBench {
+            bench: self,
+            shape,
+            cpu_saved,
+            gpu_saved,
+        })
+    }
+}
+
+/// A shape in one layout, ready to measure.
+pub struct LayoutBench<'a> {
+    bench: &'a mut ShapeBench,
+    shape: Shape,
+    cpu_saved: SavedStatsHost,
+    gpu_saved: SavedStats,
+}
+
+impl LayoutBench<'_> {
+    /// The layout's name in the report.
+    pub fn layout_label(&self) -> String {
+        if self.bench.spec.layouts_coincide() {
+            "cf=cl".into()
+        } else {
+            layout_name(self.shape.layout()).into()
+        }
+    }
+
+    /// Runs `op` on the CPU with input copy `i % copies`. (The backward always
+    /// uses the statistics of copy 0: the same work, and the check uses copy 0.)
+    fn run_cpu(&mut self, op: Op, i: usize) -> BoxResult<()> {
+        let b = &mut *self.bench;
+        let k = i % b.host_x.len();
+        let (shape, x) = (&self.shape, &b.host_x[k]);
+        match op {
+            Op::Train => {
+                b.cpu_train.forward_train_into(shape, x, &mut b.y)?;
+            }
+            Op::Eval => {
+                b.cpu_eval.forward_eval_into(shape, x, &mut b.y)?;
+            }
+            Op::Backward => b.cpu_train.backward_into(
+                shape,
+                x,
+                &b.host_dy[k],
+                Some(&self.cpu_saved),
+                Some(&mut b.dx),
+                Some(&mut b.dgamma),
+                Some(&mut b.dbeta),
+            )?,
+        }
+        Ok(())
+    }
+
+    /// Records `op` on the GPU with input copy `i % copies` into `pass`.
+    fn record_gpu(
+        &mut self,
+        op: Op,
+        pass: &mut wgpu::ComputePass<'_>,
+        i: usize,
+    ) -> wgpu_batchnorm::Result<()> {
+        let b = &mut *self.bench;
+        let k = i % b.gpu_x.len();
+        let (shape, x) = (&self.shape, &b.gpu_x[k]);
+        match op {
+            Op::Train => {
+                b.gpu_train
+                    .forward_train_in_pass(pass, shape, x, &b.gpu_y, &b.gpu_train_saved)
+            }
+            Op::Eval => b
+                .gpu_eval
+                .forward_eval_in_pass(pass, shape, x, &b.gpu_y, None),
+            Op::Backward => b.gpu_train.backward_in_pass(
+                pass,
+                shape,
+                x,
+                &b.gpu_dy[k],
+                Some(&self.gpu_saved),
+                GradBuffers {
+                    dx: Some(&b.gpu_dx),
+                    dgamma: Some(&b.gpu_dgamma),
+                    dbeta: Some(&b.gpu_dbeta),
+                    accumulate: false,
+                },
+            ),
+        }
+    }
+
+    /// Runs `op` once on both sides with input copy 0 and returns the largest
+    /// error of the GPU's outputs against the fast CPU path's (see [`Row::max_err`]).
+    fn check(&mut self, op: Op, timer: &GpuTimer) -> BoxResult<f64> {
+        self.run_cpu(op, 0)?;
+        timer.run_once(|pass| self.record_gpu(op, pass, 0))?;
+        let b = &*self.bench;
+        let (ctx, numel, c) = (&b.ctx, self.shape.numel(), self.shape.c());
+        Ok(match op {
+            Op::Train => {
+                let saved = b.gpu_train_saved.to_host(ctx)?;
+                max_rel_err(&ctx.read_buffer(&b.gpu_y, numel)?, &b.y)
+                    .max(max_rel_err(&saved.mean, &self.cpu_saved.mean))
+                    .max(max_rel_err(&saved.invstd, &self.cpu_saved.invstd))
+            }
+            Op::Eval => max_rel_err(&ctx.read_buffer(&b.gpu_y, numel)?, &b.y),
+            Op::Backward => {
+                let (x, dy) = (&b.host_x[0], &b.host_dy[0]);
+                let (beta_scale, gamma_scale) = grad_scales(&self.shape, x, dy, &self.cpu_saved);
+                let dgamma = ctx.read_buffer(&b.gpu_dgamma, c)?;
+                let dbeta = ctx.read_buffer(&b.gpu_dbeta, c)?;
+                max_rel_err(&ctx.read_buffer(&b.gpu_dx, numel)?, &b.dx)
+                    .max(max_sum_err(&dgamma, &b.dgamma, &gamma_scale))
+                    .max(max_sum_err(&dbeta, &b.dbeta, &beta_scale))
+            }
+        })
+    }
+
+    /// Checks and times `op` on both sides. A GPU result off by more than
+    /// [`TOLERANCE`] is not timed on the GPU (the row says FAILED); an error of
+    /// the library is reported in the row rather than ending the run.
+    pub fn measure(
+        &mut self,
+        op: Op,
+        timer: &GpuTimer,
+        reps: usize,
+        copy: Option<(GpuTime, u64)>,
+    ) -> Row {
+        let spec = &self.bench.spec;
+        let numel = spec.numel();
+        let floor = op.floor_bytes(numel);
+        let mut row = Row {
+            shape: spec.label(),
+            dims: spec.dims.clone(),
+            layout: self.layout_label(),
+            op: op.name().into(),
+            numel,
+            floor_bytes: floor,
+            reps,
+            input_copies: self.bench.copies(),
+            cpu_ms: None,
+            cpu_gbs: None,
+            gpu_ms: None,
+            gpu_clock: None,
+            gpu_wall_ms: None,
+            gpu_timestamp_ms: None,
+            gpu_gbs: None,
+            copy_ms: copy.map(|(t, _)| t.ms),
+            copy_gbs: copy.map(|(t, bytes)| gbs(bytes, t.ms)),
+            gpu_over_copy: None,
+            speedup: None,
+            max_err: None,
+            status: "ok".into(),
+        };
+        if let Err(e) = self.measure_into(op, timer, reps, copy, &mut row) {
+            row.status = format!("ERROR: {e}");
+        }
+        row
+    }
+
+    fn measure_into(
+        &mut self,
+        op: Op,
+        timer: &GpuTimer,
+        reps: usize,
+        copy: Option<(GpuTime, u64)>,
+        row: &mut Row,
+    ) -> BoxResult<()> {
+        let err = self.check(op, timer)?;
+        row.max_err = Some(err);
+        let cpu_ms = median(&time_cpu(reps, |i| self.run_cpu(op, i))?);
+        row.cpu_ms = Some(cpu_ms);
+        row.cpu_gbs = Some(gbs(row.floor_bytes, cpu_ms));
+        if err.is_nan() || err > TOLERANCE {
+            row.status = "FAILED".into();
+            return Ok(());
+        }
+        let gpu = timer
+            .time(reps, |pass, i| self.record_gpu(op, pass, i))?
+            .summarize();
+        // Compare op and copy on one clock: timestamps only when both have them.
+        let on_timestamps =
+            gpu.clock == Clock::Timestamp && copy.is_none_or(|(c, _)| c.clock == Clock::Timestamp);
+        let pick = |t: &GpuTime| if on_timestamps { t.ms } else { t.wall_ms };
+        let (gpu_ms, clock) = if on_timestamps {
+            (gpu.ms, Clock::Timestamp)
+        } else {
+            (gpu.wall_ms, Clock::Wall)
+        };
+        let gpu_gbs = gbs(row.floor_bytes, gpu_ms);
+        row.gpu_ms = Some(gpu_ms);
+        row.gpu_clock = Some(clock.name().into());
+        row.gpu_wall_ms = Some(gpu.wall_ms);
+        row.gpu_timestamp_ms = gpu.timestamp_ms;
+        row.gpu_gbs = Some(gpu_gbs);
+        if let Some((c, bytes)) = copy {
+            let copy_ms = pick(&c);
+            row.copy_ms = Some(copy_ms);
+            row.copy_gbs = Some(gbs(bytes, copy_ms));
+            row.gpu_over_copy = Some(gpu_gbs / gbs(bytes, copy_ms));
+        }
+        row.speedup = Some(cpu_ms / gpu_ms);
+        Ok(())
+    }
+}
