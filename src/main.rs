@@ -202,8 +202,9 @@ fn error_rows(spec: &ShapeSpec, layout: &str, ops: &[Op], error: &str) -> Vec<Ro
 fn progress(done: usize, total: usize, row: &Row) -> String {
     let gpu = match (row.gpu_ms, &row.gpu_clock) {
         (Some(ms), Some(clock)) => format!(
-            "gpu {ms:.3} ms ({clock}; wall {:.3}), {:.2}x copy",
+            "gpu {ms:.3} ms ({clock}; wall {:.3}), copy {:.2} GB/s, gpu/copy {:.2}",
             row.gpu_wall_ms.unwrap_or(f64::NAN),
+            row.copy_gbs.unwrap_or(f64::NAN),
             row.gpu_over_copy.unwrap_or(f64::NAN)
         ),
         _ => "gpu -".into(),
@@ -260,23 +261,11 @@ fn main() -> BoxResult<()> {
                 continue;
             }
         };
-        let copy = match bench.measure_copy(&timer, reps) {
-            Ok(copy) => copy,
-            Err(e) => {
-                eprintln!("{}: copy kernel failed: {e}", spec.label());
-                None
-            }
-        };
-        if let Some((t, bytes)) = copy {
-            eprintln!(
-                "        {} copy kernel: {:.3} ms ({}), {:.2} GB/s; {} input copies, {reps} reps",
-                spec.label(),
-                t.ms,
-                t.clock.name(),
-                output_gbs(bytes, t.ms),
-                bench.copies()
-            );
-        }
+        eprintln!(
+            "        {}: {} input copies, {reps} reps",
+            spec.label(),
+            bench.copies()
+        );
         for layout in layouts {
             let mut case = match bench.layout(layout, &timer) {
                 Ok(case) => case,
@@ -288,7 +277,7 @@ fn main() -> BoxResult<()> {
                 }
             };
             for &op in &ops {
-                let row = case.measure(op, &timer, reps, copy);
+                let row = case.measure(op, &timer, reps);
                 eprintln!("{}", progress(rows.len() + 1, total, &row));
                 rows.push(row);
             }
@@ -315,8 +304,4 @@ fn main() -> BoxResult<()> {
     );
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
-}
-
-fn output_gbs(bytes: u64, ms: f64) -> f64 {
-    report::measure::gbs(bytes, ms)
 }

@@ -28,7 +28,13 @@ const SHAPES: &[&[usize]] = &[
 const LAYOUTS: [Layout; 2] = [Layout::ChannelsFirst, Layout::ChannelsLast];
 
 /// Per-channel scales of the sums: sum |dy * xhat| and sum |dy|.
-fn sum_scales(shape: &Shape, x: &[f32], dy: &[f32], mean: &[f64], invstd: &[f64]) -> (Vec<f64>, Vec<f64>) {
+fn sum_scales(
+    shape: &Shape,
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f64],
+    invstd: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
     let (mut sg, mut sb) = (vec![0.0; shape.c()], vec![0.0; shape.c()]);
     for i in 0..shape.numel() {
         let c = shape.channel_of(i);
@@ -51,11 +57,20 @@ fn check_backward(
     what: &str,
 ) -> f64 {
     let saved = match source {
-        StatsSource::Batch => Some(gpu.forward_train_host(shape, x).expect("forward").saved.expect("saved")),
+        StatsSource::Batch => Some(
+            gpu.forward_train_host(shape, x)
+                .expect("forward")
+                .saved
+                .expect("saved"),
+        ),
         StatsSource::Running => None,
     };
-    let g = gpu.backward_host(shape, x, dy, saved.as_ref(), mask).expect("backward");
-    let r = cpu.backward(shape, x, dy, source, mask).expect("reference backward");
+    let g = gpu
+        .backward_host(shape, x, dy, saved.as_ref(), mask)
+        .expect("backward");
+    let r = cpu
+        .backward(shape, x, dy, source, mask)
+        .expect("reference backward");
     let stats = match source {
         StatsSource::Batch => cpu.forward_eval_batch(shape, x),
         StatsSource::Running => cpu.forward_eval(shape, x).expect("reference eval"),
@@ -64,33 +79,64 @@ fn check_backward(
     let affine = gpu.config().affine;
     let mut worst = 0f64;
     assert_eq!(g.dx.is_some(), mask.dx, "{what}: dx presence");
-    assert_eq!(g.dgamma.is_some(), mask.dgamma && affine, "{what}: dgamma presence");
-    assert_eq!(g.dbeta.is_some(), mask.dbeta && affine, "{what}: dbeta presence");
+    assert_eq!(
+        g.dgamma.is_some(),
+        mask.dgamma && affine,
+        "{what}: dgamma presence"
+    );
+    assert_eq!(
+        g.dbeta.is_some(),
+        mask.dbeta && affine,
+        "{what}: dbeta presence"
+    );
     if let (Some(dx), Some(rdx)) = (&g.dx, &r.dx) {
         worst = worst.max(assert_close(&format!("{what} dx"), dx, rdx, TOL));
     }
     if let (Some(dg), Some(rdg)) = (&g.dgamma, &r.dgamma) {
-        worst = worst.max(assert_sums_close(&format!("{what} dgamma"), dg, rdg, &sg, TOL));
+        worst = worst.max(assert_sums_close(
+            &format!("{what} dgamma"),
+            dg,
+            rdg,
+            &sg,
+            TOL,
+        ));
     }
     if let (Some(db), Some(rdb)) = (&g.dbeta, &r.dbeta) {
-        worst = worst.max(assert_sums_close(&format!("{what} dbeta"), db, rdb, &sb, TOL));
+        worst = worst.max(assert_sums_close(
+            &format!("{what} dbeta"),
+            db,
+            rdb,
+            &sb,
+            TOL,
+        ));
     }
     worst
 }
 
 /// Extension on the reference: batch statistics without touching its state.
 trait BatchStats {
-    fn forward_eval_batch(&self, shape: &Shape, x: &[f32]) -> wgpu_batchnorm::cpu::reference::ReferenceForward;
+    fn forward_eval_batch(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+    ) -> wgpu_batchnorm::cpu::reference::ReferenceForward;
 }
 
 impl BatchStats for ReferenceBatchNorm {
-    fn forward_eval_batch(&self, shape: &Shape, x: &[f32]) -> wgpu_batchnorm::cpu::reference::ReferenceForward {
-        let mut copy = ReferenceBatchNorm::with_state(self.config.clone().track_running_stats(false), wgpu_batchnorm::BatchNormState {
-            running_mean: vec![],
-            running_var: vec![],
-            num_batches_tracked: 0,
-            ..self.state.clone()
-        })
+    fn forward_eval_batch(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+    ) -> wgpu_batchnorm::cpu::reference::ReferenceForward {
+        let mut copy = ReferenceBatchNorm::with_state(
+            self.config.clone().track_running_stats(false),
+            wgpu_batchnorm::BatchNormState {
+                running_mean: vec![],
+                running_var: vec![],
+                num_batches_tracked: 0,
+                ..self.state.clone()
+            },
+        )
         .expect("valid");
         copy.forward_train(shape, x).expect("reference")
     }
@@ -121,7 +167,16 @@ fn backward_matches_reference_for_every_layout_and_option() {
                     let x = normal(&mut rng, &shape, mean, 1.5);
                     let dy = normal(&mut rng, &shape, 0.1, 1.0);
                     let what = format!("{dims:?} {layout:?} {} {source:?}", describe(&config));
-                    worst = worst.max(check_backward(&mut gpu, &cpu, &shape, &x, &dy, source, GradMask::default(), &what));
+                    worst = worst.max(check_backward(
+                        &mut gpu,
+                        &cpu,
+                        &shape,
+                        &x,
+                        &dy,
+                        source,
+                        GradMask::default(),
+                        &what,
+                    ));
                 }
             }
         }
@@ -135,12 +190,25 @@ fn every_output_mask() {
     for layout in LAYOUTS {
         let shape = Shape::new(&[3, 5, 3, 3], layout).unwrap();
         for bits in 0..8u8 {
-            let mask = GradMask { dx: bits & 1 != 0, dgamma: bits & 2 != 0, dbeta: bits & 4 != 0 };
+            let mask = GradMask {
+                dx: bits & 1 != 0,
+                dgamma: bits & 2 != 0,
+                dbeta: bits & 4 != 0,
+            };
             for source in [StatsSource::Batch, StatsSource::Running] {
                 let (mut gpu, cpu) = layer_pair(&mut rng, &BatchNormConfig::new(5));
                 let x = normal(&mut rng, &shape, 0.0, 1.0);
                 let dy = normal(&mut rng, &shape, 0.0, 1.0);
-                check_backward(&mut gpu, &cpu, &shape, &x, &dy, source, mask, &format!("{layout:?} {mask:?} {source:?}"));
+                check_backward(
+                    &mut gpu,
+                    &cpu,
+                    &shape,
+                    &x,
+                    &dy,
+                    source,
+                    mask,
+                    &format!("{layout:?} {mask:?} {source:?}"),
+                );
             }
         }
     }
@@ -160,12 +228,25 @@ fn large_mean_large_channel_and_many_channels() {
         (&[4, 2048, 3, 3][..], Layout::ChannelsLast, false),
     ] {
         let shape = Shape::new(dims, layout).unwrap();
-        let x = if large_mean { common::large_mean(&mut rng, &shape) } else { normal(&mut rng, &shape, 2.0, 3.0) };
+        let x = if large_mean {
+            common::large_mean(&mut rng, &shape)
+        } else {
+            normal(&mut rng, &shape, 2.0, 3.0)
+        };
         let dy = normal(&mut rng, &shape, 0.0, 1.0);
         for source in [StatsSource::Batch, StatsSource::Running] {
             // A fresh pair: the batch case's training forward moves the running stats.
             let (mut gpu, cpu) = layer_pair(&mut rng, &BatchNormConfig::new(shape.c()));
-            let e = check_backward(&mut gpu, &cpu, &shape, &x, &dy, source, GradMask::default(), &format!("{dims:?} {layout:?} {source:?}"));
+            let e = check_backward(
+                &mut gpu,
+                &cpu,
+                &shape,
+                &x,
+                &dy,
+                source,
+                GradMask::default(),
+                &format!("{dims:?} {layout:?} {source:?}"),
+            );
             if large_mean && source == StatsSource::Batch {
                 worst_large_mean = worst_large_mean.max(e);
             }
@@ -188,20 +269,45 @@ fn gradients_accumulate_when_asked() {
     let prior_g: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
     let prior_b: Vec<f32> = (0..6).map(|i| 2.0 - i as f32).collect();
     let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
-    let r = cpu.backward(&shape, &x, &dy, StatsSource::Batch, GradMask::default()).unwrap();
+    let r = cpu
+        .backward(&shape, &x, &dy, StatsSource::Batch, GradMask::default())
+        .unwrap();
     for accumulate in [false, true] {
-        let (dg, db) = (ctx.upload("dgamma", &prior_g), ctx.upload("dbeta", &prior_b));
+        let (dg, db) = (
+            ctx.upload("dgamma", &prior_g),
+            ctx.upload("dbeta", &prior_b),
+        );
         let mut enc = ctx.device().create_command_encoder(&Default::default());
-        let grads = GradBuffers { dx: None, dgamma: Some(&dg), dbeta: Some(&db), accumulate };
-        gpu.backward(&mut enc, &shape, &xb, &dyb, Some(&saved), grads).unwrap();
+        let grads = GradBuffers {
+            dx: None,
+            dgamma: Some(&dg),
+            dbeta: Some(&db),
+            accumulate,
+        };
+        gpu.backward(&mut enc, &shape, &xb, &dyb, Some(&saved), grads)
+            .unwrap();
         ctx.submit_and_wait(enc).unwrap();
         let got_g: Vec<f32> = ctx.read_buffer(&dg, 6).unwrap();
         let got_b: Vec<f32> = ctx.read_buffer(&db, 6).unwrap();
         let base = |p: &[f32], i: usize| if accumulate { p[i] as f64 } else { 0.0 };
-        let want_g: Vec<f64> = (0..6).map(|i| r.dgamma.as_ref().unwrap()[i] + base(&prior_g, i)).collect();
-        let want_b: Vec<f64> = (0..6).map(|i| r.dbeta.as_ref().unwrap()[i] + base(&prior_b, i)).collect();
-        assert_close(&format!("dgamma accumulate={accumulate}"), &got_g, &want_g, 1e-4);
-        assert_close(&format!("dbeta accumulate={accumulate}"), &got_b, &want_b, 1e-4);
+        let want_g: Vec<f64> = (0..6)
+            .map(|i| r.dgamma.as_ref().unwrap()[i] + base(&prior_g, i))
+            .collect();
+        let want_b: Vec<f64> = (0..6)
+            .map(|i| r.dbeta.as_ref().unwrap()[i] + base(&prior_b, i))
+            .collect();
+        assert_close(
+            &format!("dgamma accumulate={accumulate}"),
+            &got_g,
+            &want_g,
+            1e-4,
+        );
+        assert_close(
+            &format!("dbeta accumulate={accumulate}"),
+            &got_b,
+            &want_b,
+            1e-4,
+        );
     }
 }
 
@@ -215,10 +321,17 @@ fn backward_is_deterministic() {
         let run = || {
             let mut bn = BatchNorm::new(ctx(), BatchNormConfig::new(32)).unwrap();
             let saved = bn.forward_train_host(&shape, &x).unwrap().saved;
-            bn.backward_host(&shape, &x, &dy, saved.as_ref(), GradMask::default()).unwrap()
+            bn.backward_host(&shape, &x, &dy, saved.as_ref(), GradMask::default())
+                .unwrap()
         };
         let (a, b) = (run(), run());
-        let bits = |v: &Option<Vec<f32>>| v.as_ref().unwrap().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let bits = |v: &Option<Vec<f32>>| {
+            v.as_ref()
+                .unwrap()
+                .iter()
+                .map(|f| f.to_bits())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(bits(&a.dx), bits(&b.dx), "{layout:?} dx");
         assert_eq!(bits(&a.dgamma), bits(&b.dgamma), "{layout:?} dgamma");
         assert_eq!(bits(&a.dbeta), bits(&b.dbeta), "{layout:?} dbeta");

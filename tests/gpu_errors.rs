@@ -44,7 +44,11 @@ impl Fixture {
     fn assert_untouched(&self, encoder: wgpu::CommandEncoder, what: &str) {
         let ctx = ctx();
         ctx.submit_and_wait(encoder).unwrap();
-        assert_eq!(self.bn.state().unwrap(), self.before, "{what}: state changed");
+        assert_eq!(
+            self.bn.state().unwrap(),
+            self.before,
+            "{what}: state changed"
+        );
         let y: Vec<f32> = ctx.read_buffer(&self.y, self.shape.numel()).unwrap();
         assert!(y.iter().all(|&v| v == SENTINEL), "{what}: output written");
     }
@@ -59,13 +63,37 @@ fn channel_count_must_match_the_layer() {
     let mut f = fixture(BatchNormConfig::new(3));
     let wrong = Shape::new(&[4, 4, 3, 3], Layout::ChannelsFirst).unwrap();
     let mut enc = f.encoder();
-    let e = f.bn.forward_train(&mut enc, &wrong, &f.x, &f.y, &f.saved).unwrap_err();
-    assert!(matches!(e, Error::ChannelMismatch { expected: 3, got: 4 }), "{e}");
-    let e = f.bn.forward_eval(&mut enc, &wrong, &f.x, &f.y, None).unwrap_err();
+    let e =
+        f.bn.forward_train(&mut enc, &wrong, &f.x, &f.y, &f.saved)
+            .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ChannelMismatch {
+                expected: 3,
+                got: 4
+            }
+        ),
+        "{e}"
+    );
+    let e =
+        f.bn.forward_eval(&mut enc, &wrong, &f.x, &f.y, None)
+            .unwrap_err();
     assert!(matches!(e, Error::ChannelMismatch { .. }), "{e}");
     let wrong_saved = SavedStats::new(ctx(), 5);
-    let e = f.bn.forward_train(&mut enc, &f.shape, &f.x, &f.y, &wrong_saved).unwrap_err();
-    assert!(matches!(e, Error::ChannelMismatch { expected: 3, got: 5 }), "{e}");
+    let e =
+        f.bn.forward_train(&mut enc, &f.shape, &f.x, &f.y, &wrong_saved)
+            .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ChannelMismatch {
+                expected: 3,
+                got: 5
+            }
+        ),
+        "{e}"
+    );
     f.assert_untouched(enc, "channel mismatch");
 }
 
@@ -75,9 +103,13 @@ fn buffers_too_small_or_without_storage_usage() {
     let ctx = ctx();
     let small = ctx.storage_buffer("small", f.shape.bytes() - 4);
     let mut enc = f.encoder();
-    let e = f.bn.forward_train(&mut enc, &f.shape, &small, &f.y, &f.saved).unwrap_err();
+    let e =
+        f.bn.forward_train(&mut enc, &f.shape, &small, &f.y, &f.saved)
+            .unwrap_err();
     assert!(matches!(e, Error::BufferTooSmall { name: "x", .. }), "{e}");
-    let e = f.bn.forward_train(&mut enc, &f.shape, &f.x, &small, &f.saved).unwrap_err();
+    let e =
+        f.bn.forward_train(&mut enc, &f.shape, &f.x, &small, &f.saved)
+            .unwrap_err();
     assert!(matches!(e, Error::BufferTooSmall { name: "y", .. }), "{e}");
     let no_storage = ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("no storage"),
@@ -85,13 +117,22 @@ fn buffers_too_small_or_without_storage_usage() {
         usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
         mapped_at_creation: false,
     });
-    let e = f.bn.forward_train(&mut enc, &f.shape, &f.x, &no_storage, &f.saved).unwrap_err();
+    let e =
+        f.bn.forward_train(&mut enc, &f.shape, &f.x, &no_storage, &f.saved)
+            .unwrap_err();
     assert!(matches!(e, Error::BufferUsage { name: "y", .. }), "{e}");
-    let e = f.bn.forward_eval(&mut enc, &f.shape, &no_storage, &f.y, None).unwrap_err();
+    let e =
+        f.bn.forward_eval(&mut enc, &f.shape, &no_storage, &f.y, None)
+            .unwrap_err();
     assert!(matches!(e, Error::BufferUsage { name: "x", .. }), "{e}");
     let dx_small = ctx.storage_buffer("dx", 8);
-    let grads = GradBuffers { dx: Some(&dx_small), ..Default::default() };
-    let e = f.bn.backward(&mut enc, &f.shape, &f.x, &f.x, Some(&f.saved), grads).unwrap_err();
+    let grads = GradBuffers {
+        dx: Some(&dx_small),
+        ..Default::default()
+    };
+    let e =
+        f.bn.backward(&mut enc, &f.shape, &f.x, &f.x, Some(&f.saved), grads)
+            .unwrap_err();
     assert!(matches!(e, Error::BufferTooSmall { name: "dx", .. }), "{e}");
     f.assert_untouched(enc, "small/unusable buffers");
 }
@@ -100,12 +141,29 @@ fn buffers_too_small_or_without_storage_usage() {
 fn the_same_buffer_for_input_and_output_is_refused() {
     let mut f = fixture(BatchNormConfig::new(3));
     let mut enc = f.encoder();
-    let e = f.bn.forward_train(&mut enc, &f.shape, &f.y, &f.y, &f.saved).unwrap_err();
+    let e =
+        f.bn.forward_train(&mut enc, &f.shape, &f.y, &f.y, &f.saved)
+            .unwrap_err();
     assert!(matches!(e, Error::AliasedBuffers { .. }), "{e}");
     let dg = ctx().storage_buffer("dg", 12);
-    let grads = GradBuffers { dgamma: Some(&dg), dbeta: Some(&dg), ..Default::default() };
-    let e = f.bn.backward(&mut enc, &f.shape, &f.x, &f.x, Some(&f.saved), grads).unwrap_err();
-    assert!(matches!(e, Error::AliasedBuffers { a: "dgamma", b: "dbeta" }), "{e}");
+    let grads = GradBuffers {
+        dgamma: Some(&dg),
+        dbeta: Some(&dg),
+        ..Default::default()
+    };
+    let e =
+        f.bn.backward(&mut enc, &f.shape, &f.x, &f.x, Some(&f.saved), grads)
+            .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::AliasedBuffers {
+                a: "dgamma",
+                b: "dbeta"
+            }
+        ),
+        "{e}"
+    );
     f.assert_untouched(enc, "aliasing");
 }
 
@@ -115,25 +173,45 @@ fn one_value_per_channel_cannot_train() {
     let mut enc = f.encoder();
     for dims in [&[1usize, 3][..], &[1, 3, 1, 1][..], &[1, 3, 1]] {
         let shape = Shape::new(dims, Layout::ChannelsLast).unwrap();
-        let e = f.bn.forward_train(&mut enc, &shape, &f.x, &f.y, &f.saved).unwrap_err();
+        let e =
+            f.bn.forward_train(&mut enc, &shape, &f.x, &f.y, &f.saved)
+                .unwrap_err();
         assert!(matches!(e, Error::SingleValuePerChannel { .. }), "{e}");
-        assert!(e.to_string().contains("expected more than 1 value per channel when training"));
+        assert!(e
+            .to_string()
+            .contains("expected more than 1 value per channel when training"));
         // Eval with running statistics is fine with one value per channel.
-        f.bn.forward_eval(&mut f.encoder(), &shape, &f.x, &f.y, None).unwrap();
+        f.bn.forward_eval(&mut f.encoder(), &shape, &f.x, &f.y, None)
+            .unwrap();
     }
     let mut no_track = fixture(BatchNormConfig::new(3).track_running_stats(false));
     let one = Shape::new(&[1, 3], Layout::ChannelsFirst).unwrap();
-    let e = no_track.bn.forward_eval_host(&one, &[1.0, 2.0, 3.0]).unwrap_err();
+    let e = no_track
+        .bn
+        .forward_eval_host(&one, &[1.0, 2.0, 3.0])
+        .unwrap_err();
     assert!(matches!(e, Error::SingleValuePerChannel { .. }), "{e}");
     f.assert_untouched(enc, "m == 1");
 }
 
 #[test]
 fn zero_sized_dims_and_bad_ranks() {
-    assert!(matches!(Shape::new(&[0, 3], Layout::ChannelsFirst), Err(Error::ZeroDim { dim: 0, .. })));
-    assert!(matches!(Shape::new(&[2, 3, 0, 4], Layout::ChannelsLast), Err(Error::ZeroDim { dim: 2, .. })));
-    assert!(matches!(Shape::new(&[5], Layout::ChannelsFirst), Err(Error::BadRank(1))));
-    assert!(matches!(Shape::new(&[1, 2, 3, 4, 5, 6], Layout::ChannelsFirst), Err(Error::BadRank(6))));
+    assert!(matches!(
+        Shape::new(&[0, 3], Layout::ChannelsFirst),
+        Err(Error::ZeroDim { dim: 0, .. })
+    ));
+    assert!(matches!(
+        Shape::new(&[2, 3, 0, 4], Layout::ChannelsLast),
+        Err(Error::ZeroDim { dim: 2, .. })
+    ));
+    assert!(matches!(
+        Shape::new(&[5], Layout::ChannelsFirst),
+        Err(Error::BadRank(1))
+    ));
+    assert!(matches!(
+        Shape::new(&[1, 2, 3, 4, 5, 6], Layout::ChannelsFirst),
+        Err(Error::BadRank(6))
+    ));
     assert!(matches!(
         Shape::new(&[1 << 16, 1 << 16, 2], Layout::ChannelsFirst),
         Err(Error::TooManyElements { .. })
@@ -149,19 +227,30 @@ fn bad_options_are_refused() {
         (BatchNormConfig::new(3).eps(f32::INFINITY), "eps inf"),
         (BatchNormConfig::new(3).momentum(Some(1.5)), "momentum > 1"),
         (BatchNormConfig::new(3).momentum(Some(-0.1)), "momentum < 0"),
-        (BatchNormConfig::new(3).momentum(Some(f32::NAN)), "momentum NaN"),
+        (
+            BatchNormConfig::new(3).momentum(Some(f32::NAN)),
+            "momentum NaN",
+        ),
         (BatchNormConfig::new(0), "no features"),
     ] {
-        let e = BatchNorm::new(ctx, config).err().unwrap_or_else(|| panic!("{what} accepted"));
+        let e = BatchNorm::new(ctx, config)
+            .err()
+            .unwrap_or_else(|| panic!("{what} accepted"));
         assert!(
-            matches!(e, Error::BadEps(_) | Error::BadMomentum(_) | Error::ZeroFeatures),
+            matches!(
+                e,
+                Error::BadEps(_) | Error::BadMomentum(_) | Error::ZeroFeatures
+            ),
             "{what}: {e}"
         );
     }
     let config = BatchNormConfig::new(3);
     let mut bad = BatchNormState::new(&config);
     bad.gamma.pop();
-    assert!(matches!(BatchNorm::with_state(ctx, config.clone(), &bad), Err(Error::LengthMismatch { name: "gamma", .. })));
+    assert!(matches!(
+        BatchNorm::with_state(ctx, config.clone(), &bad),
+        Err(Error::LengthMismatch { name: "gamma", .. })
+    ));
     let mut f = fixture(config);
     assert!(f.bn.set_state(&bad).is_err());
     f.assert_untouched(f.encoder(), "bad state");
@@ -173,8 +262,13 @@ fn tensors_larger_than_a_binding_are_refused() {
     let huge = Shape::new(&[1 << 30, 3], Layout::ChannelsLast).unwrap();
     assert!(huge.bytes() > ctx().max_binding_size());
     let mut enc = f.encoder();
-    let e = f.bn.forward_train(&mut enc, &huge, &f.x, &f.y, &f.saved).unwrap_err();
-    assert!(matches!(e, Error::TooLargeForDevice { name: "x", .. }), "{e}");
+    let e =
+        f.bn.forward_train(&mut enc, &huge, &f.x, &f.y, &f.saved)
+            .unwrap_err();
+    assert!(
+        matches!(e, Error::TooLargeForDevice { name: "x", .. }),
+        "{e}"
+    );
     f.assert_untouched(enc, "too large");
 }
 
@@ -182,27 +276,61 @@ fn tensors_larger_than_a_binding_are_refused() {
 fn backward_needs_saved_statistics_and_matching_shapes() {
     let mut no_track = fixture(BatchNormConfig::new(3).track_running_stats(false));
     let dx = ctx().storage_buffer("dx", no_track.shape.bytes());
-    let grads = GradBuffers { dx: Some(&dx), ..Default::default() };
+    let grads = GradBuffers {
+        dx: Some(&dx),
+        ..Default::default()
+    };
     let mut enc = no_track.encoder();
-    let e = no_track.bn.backward(&mut enc, &no_track.shape, &no_track.x, &no_track.x, None, grads).unwrap_err();
+    let e = no_track
+        .bn
+        .backward(
+            &mut enc,
+            &no_track.shape,
+            &no_track.x,
+            &no_track.x,
+            None,
+            grads,
+        )
+        .unwrap_err();
     assert!(matches!(e, Error::MissingSavedStats(_)), "{e}");
     no_track.assert_untouched(enc, "backward without saved");
 
     let mut not_affine = fixture(BatchNormConfig::new(3).affine(false));
     let dg = ctx().storage_buffer("dg", 12);
-    let grads = GradBuffers { dgamma: Some(&dg), ..Default::default() };
+    let grads = GradBuffers {
+        dgamma: Some(&dg),
+        ..Default::default()
+    };
     let mut enc = not_affine.encoder();
-    let e = not_affine.bn.backward(&mut enc, &not_affine.shape, &not_affine.x, &not_affine.x, None, grads).unwrap_err();
+    let e = not_affine
+        .bn
+        .backward(
+            &mut enc,
+            &not_affine.shape,
+            &not_affine.x,
+            &not_affine.x,
+            None,
+            grads,
+        )
+        .unwrap_err();
     assert!(matches!(e, Error::MissingState(_)), "{e}");
     not_affine.assert_untouched(enc, "dgamma without affine");
 
     let mut f = fixture(BatchNormConfig::new(3));
     let shape = f.shape.clone();
     let x = vec![0.0; shape.numel()];
-    let e = f.bn.backward_host(&shape, &x, &x[1..], None, GradMask::default()).unwrap_err();
+    let e =
+        f.bn.backward_host(&shape, &x, &x[1..], None, GradMask::default())
+            .unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { name: "dy", .. }), "{e}");
-    let saved4 = wgpu_batchnorm::SavedStatsHost { mean: vec![0.0; 4], invstd: vec![1.0; 4], mean_lo: vec![0.0; 4] };
-    let e = f.bn.backward_host(&shape, &x, &x, Some(&saved4), GradMask::default()).unwrap_err();
+    let saved4 = wgpu_batchnorm::SavedStatsHost {
+        mean: vec![0.0; 4],
+        invstd: vec![1.0; 4],
+        mean_lo: vec![0.0; 4],
+    };
+    let e =
+        f.bn.backward_host(&shape, &x, &x, Some(&saved4), GradMask::default())
+            .unwrap_err();
     assert!(matches!(e, Error::ChannelMismatch { .. }), "{e}");
     let e = f.bn.forward_train_host(&shape, &x[..5]).unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { name: "x", .. }), "{e}");
@@ -214,7 +342,9 @@ fn adapter_name_that_matches_nothing_is_an_error() {
     // Safe to set here: this binary's other tests already hold their context.
     let _ = ctx();
     std::env::set_var("WGPU_ADAPTER_NAME", "no adapter is called this");
-    let e = wgpu_batchnorm::GpuContext::from_env().err().expect("no such adapter");
+    let e = wgpu_batchnorm::GpuContext::from_env()
+        .err()
+        .expect("no such adapter");
     std::env::remove_var("WGPU_ADAPTER_NAME");
     assert!(matches!(e, Error::AdapterNotFound { .. }), "{e}");
 }

@@ -48,23 +48,61 @@ fn check_train_eval(
         let r = cpu.forward_train(shape, x).expect("reference");
         let saved = out.saved.expect("training saves statistics");
         worst = worst.max(assert_close(&format!("{name} y"), &out.y, &r.y, tol));
-        worst = worst.max(assert_close(&format!("{name} mean"), &saved.mean, &r.mean, tol));
-        worst = worst.max(assert_close(&format!("{name} invstd"), &saved.invstd, &r.invstd, tol));
-        let exact_mean: Vec<f32> = saved.mean.iter().zip(&saved.mean_lo).map(|(h, l)| h + l).collect();
+        worst = worst.max(assert_close(
+            &format!("{name} mean"),
+            &saved.mean,
+            &r.mean,
+            tol,
+        ));
+        worst = worst.max(assert_close(
+            &format!("{name} invstd"),
+            &saved.invstd,
+            &r.invstd,
+            tol,
+        ));
+        let exact_mean: Vec<f32> = saved
+            .mean
+            .iter()
+            .zip(&saved.mean_lo)
+            .map(|(h, l)| h + l)
+            .collect();
         assert_close(&format!("{name} mean+mean_lo"), &exact_mean, &r.mean, tol);
         let state = gpu.state().expect("state");
         let want = &cpu.state;
-        worst = worst.max(assert_close(&format!("{name} running_mean"), &state.running_mean, &f64s(&want.running_mean), tol));
-        worst = worst.max(assert_close(&format!("{name} running_var"), &state.running_var, &f64s(&want.running_var), tol));
-        assert_eq!(state.num_batches_tracked, want.num_batches_tracked, "{name} num_batches_tracked");
-        assert_eq!(state.gamma, want.gamma, "{name}: training must not change gamma");
-        assert_eq!(state.beta, want.beta, "{name}: training must not change beta");
+        worst = worst.max(assert_close(
+            &format!("{name} running_mean"),
+            &state.running_mean,
+            &f64s(&want.running_mean),
+            tol,
+        ));
+        worst = worst.max(assert_close(
+            &format!("{name} running_var"),
+            &state.running_var,
+            &f64s(&want.running_var),
+            tol,
+        ));
+        assert_eq!(
+            state.num_batches_tracked, want.num_batches_tracked,
+            "{name} num_batches_tracked"
+        );
+        assert_eq!(
+            state.gamma, want.gamma,
+            "{name}: training must not change gamma"
+        );
+        assert_eq!(
+            state.beta, want.beta,
+            "{name}: training must not change beta"
+        );
     }
     let x = &xs[0];
     let out = gpu.forward_eval_host(shape, x).expect("forward_eval");
     let r = cpu.forward_eval(shape, x).expect("reference eval");
     worst = worst.max(assert_close(&format!("{what} eval y"), &out.y, &r.y, tol));
-    assert_eq!(out.saved.is_some(), !gpu.config().track_running_stats, "{what}: eval saves batch stats only without running stats");
+    assert_eq!(
+        out.saved.is_some(),
+        !gpu.config().track_running_stats,
+        "{what}: eval saves batch stats only without running stats"
+    );
     worst
 }
 
@@ -78,9 +116,13 @@ fn forward_matches_reference_for_every_layout_and_option() {
             for config in configs(shape.c()) {
                 let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
                 let mean = rng.random_range(-3.0..3.0);
-                let xs: Vec<Vec<f32>> = (0..2).map(|_| normal(&mut rng, &shape, mean, 2.0)).collect();
+                let xs: Vec<Vec<f32>> = (0..2)
+                    .map(|_| normal(&mut rng, &shape, mean, 2.0))
+                    .collect();
                 let what = format!("{dims:?} {layout:?} {}", describe(&config));
-                worst = worst.max(check_train_eval(&mut gpu, &mut cpu, &shape, &xs, TOL, &what));
+                worst = worst.max(check_train_eval(
+                    &mut gpu, &mut cpu, &shape, &xs, TOL, &what,
+                ));
             }
         }
     }
@@ -102,8 +144,17 @@ fn large_mean_tiny_variance_normalizes_exactly() {
         let shape = Shape::new(dims, layout).unwrap();
         let config = BatchNormConfig::new(shape.c());
         let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
-        let xs: Vec<Vec<f32>> = (0..2).map(|_| common::large_mean(&mut rng, &shape)).collect();
-        worst = worst.max(check_train_eval(&mut gpu, &mut cpu, &shape, &xs, TOL, &format!("large mean {dims:?} {layout:?}")));
+        let xs: Vec<Vec<f32>> = (0..2)
+            .map(|_| common::large_mean(&mut rng, &shape))
+            .collect();
+        worst = worst.max(check_train_eval(
+            &mut gpu,
+            &mut cpu,
+            &shape,
+            &xs,
+            TOL,
+            &format!("large mean {dims:?} {layout:?}"),
+        ));
     }
     println!("large-mean inputs: largest error {worst:.3e} (bound asserted: {TOL:e})");
 }
@@ -114,7 +165,9 @@ fn constant_channels_give_beta() {
     for layout in LAYOUTS {
         let shape = Shape::new(&[4, 5, 3, 3], layout).unwrap();
         let values: Vec<f32> = (0..5).map(|c| [0.0, 1.0, -7.5, 1e4, 3.25][c]).collect();
-        let x: Vec<f32> = (0..shape.numel()).map(|i| values[shape.channel_of(i)]).collect();
+        let x: Vec<f32> = (0..shape.numel())
+            .map(|i| values[shape.channel_of(i)])
+            .collect();
         for eps in [1e-5f32, 0.0] {
             let config = BatchNormConfig::new(5).eps(eps);
             let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
@@ -122,13 +175,27 @@ fn constant_channels_give_beta() {
             let r = cpu.forward_train(&shape, &x).unwrap();
             assert_close("constant y", &out.y, &r.y, TOL);
             let saved = out.saved.unwrap();
-            assert_eq!(saved.mean, values, "the mean of a constant channel is exact");
-            let want = if eps == 0.0 { 0.0 } else { 1.0 / (eps as f64).sqrt() };
+            assert_eq!(
+                saved.mean, values,
+                "the mean of a constant channel is exact"
+            );
+            let want = if eps == 0.0 {
+                0.0
+            } else {
+                1.0 / (eps as f64).sqrt()
+            };
             for &v in &saved.invstd {
-                assert!(((v as f64) - want).abs() <= 1e-5 * want.max(1.0), "invstd {v} vs {want}");
+                assert!(
+                    ((v as f64) - want).abs() <= 1e-5 * want.max(1.0),
+                    "invstd {v} vs {want}"
+                );
             }
             for (i, &y) in out.y.iter().enumerate() {
-                assert_eq!(y, cpu.state.beta[shape.channel_of(i)], "constant channel gives beta");
+                assert_eq!(
+                    y,
+                    cpu.state.beta[shape.channel_of(i)],
+                    "constant channel gives beta"
+                );
             }
         }
     }
@@ -142,7 +209,14 @@ fn a_channel_with_millions_of_elements() {
         let config = BatchNormConfig::new(2);
         let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
         let x = normal(&mut rng, &shape, 5.0, 3.0);
-        let e = check_train_eval(&mut gpu, &mut cpu, &shape, &[x], TOL, &format!("2M per channel {layout:?}"));
+        let e = check_train_eval(
+            &mut gpu,
+            &mut cpu,
+            &shape,
+            &[x],
+            TOL,
+            &format!("2M per channel {layout:?}"),
+        );
         println!("{layout:?}: 2M elements per channel, largest error {e:.3e}");
     }
 }
@@ -159,7 +233,14 @@ fn thousands_of_channels() {
         let config = BatchNormConfig::new(shape.c());
         let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
         let x = normal(&mut rng, &shape, -1.0, 0.5);
-        let e = check_train_eval(&mut gpu, &mut cpu, &shape, &[x], TOL, &format!("{dims:?} {layout:?}"));
+        let e = check_train_eval(
+            &mut gpu,
+            &mut cpu,
+            &shape,
+            &[x],
+            TOL,
+            &format!("{dims:?} {layout:?}"),
+        );
         println!("{dims:?} {layout:?}: largest error {e:.3e}");
     }
 }
@@ -177,14 +258,25 @@ fn running_statistics_over_many_steps() {
         let xs: Vec<Vec<f32>> = (0..6)
             .map(|k| normal(&mut rng, &shape, k as f32 - 2.0, 1.0 + k as f32))
             .collect();
-        check_train_eval(&mut gpu, &mut cpu, &shape, &xs, TOL, &format!("6 steps {}", describe(&config)));
+        check_train_eval(
+            &mut gpu,
+            &mut cpu,
+            &shape,
+            &xs,
+            TOL,
+            &format!("6 steps {}", describe(&config)),
+        );
     }
 }
 
 #[test]
 fn two_runs_give_identical_bits() {
     let mut rng = rng("two_runs_give_identical_bits");
-    for (dims, layout) in [(&[16usize, 32, 14, 14][..], Layout::ChannelsFirst), (&[16, 32, 14, 14][..], Layout::ChannelsLast), (&[1000, 7][..], Layout::ChannelsFirst)] {
+    for (dims, layout) in [
+        (&[16usize, 32, 14, 14][..], Layout::ChannelsFirst),
+        (&[16, 32, 14, 14][..], Layout::ChannelsLast),
+        (&[1000, 7][..], Layout::ChannelsFirst),
+    ] {
         let shape = Shape::new(dims, layout).unwrap();
         let x = normal(&mut rng, &shape, 1.0, 1.0);
         let run = || {
@@ -195,7 +287,11 @@ fn two_runs_give_identical_bits() {
         let (a, sa) = run();
         let (b, sb) = run();
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a.y), bits(&b.y), "{dims:?} {layout:?}: y differs between runs");
+        assert_eq!(
+            bits(&a.y),
+            bits(&b.y),
+            "{dims:?} {layout:?}: y differs between runs"
+        );
         let (a, b) = (a.saved.unwrap(), b.saved.unwrap());
         assert_eq!(bits(&a.mean), bits(&b.mean));
         assert_eq!(bits(&a.invstd), bits(&b.invstd));
@@ -233,24 +329,41 @@ fn calls_recorded_into_one_encoder_keep_their_own_parameters() {
         Shape::new(&[2, c, 8, 4], Layout::ChannelsLast).unwrap(),
     ];
     let ctx = ctx();
-    let xs: Vec<Vec<f32>> = shapes.iter().map(|s| normal(&mut rng, s, 0.5, 1.5)).collect();
+    let xs: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|s| normal(&mut rng, s, 0.5, 1.5))
+        .collect();
     let xb: Vec<_> = xs.iter().map(|x| ctx.upload("x", x)).collect();
-    let yb: Vec<_> = shapes.iter().map(|s| ctx.storage_buffer("y", s.bytes())).collect();
+    let yb: Vec<_> = shapes
+        .iter()
+        .map(|s| ctx.storage_buffer("y", s.bytes()))
+        .collect();
     let saved: Vec<_> = shapes.iter().map(|_| SavedStats::new(ctx, c)).collect();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     for i in 0..shapes.len() {
-        gpu.forward_train(&mut encoder, &shapes[i], &xb[i], &yb[i], &saved[i]).unwrap();
+        gpu.forward_train(&mut encoder, &shapes[i], &xb[i], &yb[i], &saved[i])
+            .unwrap();
     }
     ctx.submit_and_wait(encoder).unwrap();
     for i in 0..shapes.len() {
         let r = cpu.forward_train(&shapes[i], &xs[i]).unwrap();
         let y: Vec<f32> = ctx.read_buffer(&yb[i], shapes[i].numel()).unwrap();
         assert_close(&format!("recorded call {i} y"), &y, &r.y, TOL);
-        assert_close(&format!("recorded call {i} mean"), &saved[i].to_host(ctx).unwrap().mean, &r.mean, TOL);
+        assert_close(
+            &format!("recorded call {i} mean"),
+            &saved[i].to_host(ctx).unwrap().mean,
+            &r.mean,
+            TOL,
+        );
     }
     let state = gpu.state().unwrap();
     assert_eq!(state.num_batches_tracked, cpu.state.num_batches_tracked);
-    assert_close("running_var after 3 recorded steps", &state.running_var, &f64s(&cpu.state.running_var), TOL);
+    assert_close(
+        "running_var after 3 recorded steps",
+        &state.running_var,
+        &f64s(&cpu.state.running_var),
+        TOL,
+    );
 }
 
 #[test]
@@ -259,7 +372,11 @@ fn state_round_trips_through_the_gpu() {
     for config in configs(5) {
         let state = gpu_support::random_state(&mut rng, &config);
         let mut bn = BatchNorm::new(ctx(), config.clone()).unwrap();
-        assert_eq!(bn.state().unwrap(), wgpu_batchnorm::BatchNormState::new(&config), "initial state");
+        assert_eq!(
+            bn.state().unwrap(),
+            wgpu_batchnorm::BatchNormState::new(&config),
+            "initial state"
+        );
         bn.set_state(&state).unwrap();
         assert_eq!(bn.state().unwrap(), state, "{}", describe(&config));
     }

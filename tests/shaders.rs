@@ -19,7 +19,12 @@ fn validate(name: &str, source: &str) -> naga::Module {
 fn every_kernel_validates_with_naga() {
     let files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders"))
         .expect("shaders/ exists")
-        .map(|e| e.expect("readable").file_name().into_string().expect("utf-8"))
+        .map(|e| {
+            e.expect("readable")
+                .file_name()
+                .into_string()
+                .expect("utf-8")
+        })
         .filter(|n| n.ends_with(".wgsl") && n != "common.wgsl")
         .collect();
     for file in &files {
@@ -30,10 +35,7 @@ fn every_kernel_validates_with_naga() {
     }
     for (file, source) in KERNELS {
         let module = validate(file, &full(source));
-        assert!(
-            !module.entry_points.is_empty(),
-            "{file} has no entry point"
-        );
+        assert!(!module.entry_points.is_empty(), "{file} has no entry point");
         for ep in &module.entry_points {
             assert_eq!(ep.stage, naga::ShaderStage::Compute, "{file}::{}", ep.name);
         }

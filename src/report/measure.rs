@@ -76,7 +76,8 @@ pub struct Row {
     pub gpu_wall_ms: Option<f64>,
     pub gpu_timestamp_ms: Option<f64>,
     pub gpu_gbs: Option<f64>,
-    /// The vec4 copy kernel on the same tensor size, same run (moves 2 * numel * 4 bytes).
+    /// The vec4 copy kernel on the same tensor size, timed taking turns with the
+    /// operation (moves 2 * numel * 4 bytes).
     pub copy_ms: Option<f64>,
     pub copy_gbs: Option<f64>,
     /// The headline: GPU effective bandwidth over copy bandwidth.
@@ -226,21 +227,6 @@ impl ShapeBench {
         self.host_x.len()
     }
 
-    /// Times the vec4 copy kernel on this tensor size (`None` below 4 elements).
-    /// Returns the time and the bytes it moved (read + write).
-    pub fn measure_copy(&self, timer: &GpuTimer, reps: usize) -> BoxResult<Option<(GpuTime, u64)>> {
-        let bytes = self.spec.numel() as u64 * ELEMENT_BYTES / 16 * 16;
-        if bytes == 0 {
-            return Ok(None);
-        }
-        let copies = self.copies();
-        let samples = timer.time(reps, |pass, i| {
-            self.ctx
-                .copy_in_pass(pass, &self.gpu_x[i % copies], &self.gpu_copy, bytes)
-        })?;
-        Ok(Some((samples.summarize(), 2 * bytes)))
-    }
-
     /// Prepares a layout: the saved statistics of a training forward on the first
     /// input copy, on both sides, for the backward.
     pub fn layout(&mut self, layout: Layout, timer: &GpuTimer) -> BoxResult<LayoutBench<'_>> {
@@ -375,13 +361,7 @@ impl LayoutBench<'_> {
     /// Checks and times `op` on both sides. A GPU result off by more than
     /// [`TOLERANCE`] is not timed on the GPU (the row says FAILED); an error of
     /// the library is reported in the row rather than ending the run.
-    pub fn measure(
-        &mut self,
-        op: Op,
-        timer: &GpuTimer,
-        reps: usize,
-        copy: Option<(GpuTime, u64)>,
-    ) -> Row {
+    pub fn measure(&mut self, op: Op, timer: &GpuTimer, reps: usize) -> Row {
         let spec = &self.bench.spec;
         let numel = spec.numel();
         let floor = op.floor_bytes(numel);
@@ -401,14 +381,14 @@ impl LayoutBench<'_> {
             gpu_wall_ms: None,
             gpu_timestamp_ms: None,
             gpu_gbs: None,
-            copy_ms: copy.map(|(t, _)| t.ms),
-            copy_gbs: copy.map(|(t, bytes)| gbs(bytes, t.ms)),
+            copy_ms: None,
+            copy_gbs: None,
             gpu_over_copy: None,
             speedup: None,
             max_err: None,
             status: "ok".into(),
         };
-        if let Err(e) = self.measure_into(op, timer, reps, copy, &mut row) {
+        if let Err(e) = self.measure_into(op, timer, reps, &mut row) {
             row.status = format!("ERROR: {e}");
         }
         row
@@ -419,7 +399,6 @@ impl LayoutBench<'_> {
         op: Op,
         timer: &GpuTimer,
         reps: usize,
-        copy: Option<(GpuTime, u64)>,
         row: &mut Row,
     ) -> BoxResult<()> {
         let err = self.check(op, timer)?;
@@ -431,9 +410,27 @@ impl LayoutBench<'_> {
             row.status = "FAILED".into();
             return Ok(());
         }
-        let gpu = timer
-            .time(reps, |pass, i| self.record_gpu(op, pass, i))?
-            .summarize();
+        // The copy kernel on the same inputs, taking turns with the operation.
+        let copy_bytes = self.shape.bytes() / 16 * 16;
+        let (ctx, sources, dst) = (
+            self.bench.ctx.clone(),
+            self.bench.gpu_x.clone(),
+            self.bench.gpu_copy.clone(),
+        );
+        let mut copy_kernel = |pass: &mut wgpu::ComputePass<'_>, i: usize| {
+            ctx.copy_in_pass(pass, &sources[i % sources.len()], &dst, copy_bytes)
+        };
+        let mut operation =
+            |pass: &mut wgpu::ComputePass<'_>, i: usize| self.record_gpu(op, pass, i);
+        let (gpu, copy) = if copy_bytes > 0 {
+            let samples = timer.time_interleaved(reps, &mut [&mut operation, &mut copy_kernel])?;
+            (
+                samples[0].summarize(),
+                Some((samples[1].summarize(), 2 * copy_bytes)),
+            )
+        } else {
+            (timer.time(reps, operation)?.summarize(), None)
+        };
         // Compare op and copy on one clock: timestamps only when both have them.
         let on_timestamps =
             gpu.clock == Clock::Timestamp && copy.is_none_or(|(c, _)| c.clock == Clock::Timestamp);

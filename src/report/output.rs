@@ -66,7 +66,7 @@ pub fn header_lines(h: &Header) -> String {
     let _ = writeln!(
         s,
         "method  : median of reps after {} warm-up runs; floor bytes {}; \
-         copy = vec4 copy kernel on the same tensor size (2Es); \
+         copy = vec4 copy kernel on the same tensor size (2Es), timed in turns with each op; \
          err = max |gpu-cpu|/(1+|cpu|) \
          (dgamma, dbeta: /(1+sum|terms|)), rows above {:.0e} FAILED",
         h.warmup_runs, h.floor_bytes, h.tolerance

@@ -1,6 +1,6 @@
 //! `bandwidth.svg`, written by hand: one panel per operation, a group of bars per
 //! shape and layout (CPU, GPU, copy kernel; effective GB/s from the floor bytes),
-//! with the GPU/copy ratio above each group.
+//! with the GPU/copy ratio of each group in a row above the panel.
 
 use std::fmt::Write as _;
 
@@ -13,7 +13,7 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
 const PANEL_H: f64 = 220.0;
 const LABEL_H: f64 = 110.0;
-const PANEL_TOP: f64 = 34.0;
+const PANEL_TOP: f64 = 46.0;
 const TITLE_H: f64 = 64.0;
 
 const SERIES: [(&str, &str); 3] = [
@@ -102,7 +102,7 @@ pub fn plot(header: &Header, rows: &[Row]) -> String {
     }
     let _ = writeln!(
         s,
-        r##"<text x="{}" y="56" fill="#444">label above a group: GPU / copy bandwidth</text>"##,
+        r##"<text x="{}" y="56" fill="#444">numbers above a panel: GPU bandwidth / copy bandwidth</text>"##,
         LEFT + 3.0 * 110.0
     );
 
@@ -121,8 +121,14 @@ pub fn plot(header: &Header, rows: &[Row]) -> String {
         let _ = writeln!(
             s,
             r#"<text x="{LEFT}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
-            top + 22.0,
+            top + 20.0,
             esc(op)
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="end" font-size="10" fill="#b05a1e">GPU/copy</text>"##,
+            LEFT - 6.0,
+            top + 38.0
         );
         // Grid and y axis.
         let mut v = 0.0;
@@ -184,18 +190,13 @@ pub fn plot(header: &Header, rows: &[Row]) -> String {
                     None => {}
                 }
             }
-            if let Some(ratio) = r.gpu_over_copy {
-                let top_v = [r.cpu_gbs, r.gpu_gbs, r.copy_gbs]
-                    .iter()
-                    .flatten()
-                    .fold(0.0, |a: f64, &b| a.max(b));
-                let _ = writeln!(
-                    s,
-                    r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9" fill="#333">{ratio:.2}</text>"##,
-                    x0 + 1.5 * BAR,
-                    y_of(top_v) - 3.0
-                );
-            }
+            let ratio = r.gpu_over_copy.map_or("-".into(), |v| format!("{v:.2}"));
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10" fill="#b05a1e">{ratio}</text>"##,
+                x0 + 1.5 * BAR,
+                top + 38.0
+            );
             let lx = x0 + 1.5 * BAR;
             let ly = base + 12.0;
             let _ = writeln!(

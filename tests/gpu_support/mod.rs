@@ -14,7 +14,8 @@ use wgpu_batchnorm::{BatchNorm, BatchNormConfig, BatchNormState, Convention, Gpu
 pub fn ctx() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
     CTX.get_or_init(|| {
-        let ctx = GpuContext::from_env().unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
+        let ctx =
+            GpuContext::from_env().unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
         eprintln!("GPU tests run on: {}", ctx.describe());
         ctx
     })
@@ -26,7 +27,9 @@ pub fn configs(c: usize) -> Vec<BatchNormConfig> {
         BatchNormConfig::new(c),
         BatchNormConfig::new(c).affine(false),
         BatchNormConfig::new(c).track_running_stats(false),
-        BatchNormConfig::new(c).affine(false).track_running_stats(false),
+        BatchNormConfig::new(c)
+            .affine(false)
+            .track_running_stats(false),
         BatchNormConfig::new(c).momentum(None),
         BatchNormConfig::new(c).momentum(Some(1.0)).eps(1e-3),
         BatchNormConfig::keras(c),
@@ -37,10 +40,18 @@ pub fn configs(c: usize) -> Vec<BatchNormConfig> {
 /// A random but valid state for `config` (gamma around 1, running var positive).
 pub fn random_state(rng: &mut impl Rng, config: &BatchNormConfig) -> BatchNormState {
     let mut s = BatchNormState::new(config);
-    s.gamma.iter_mut().for_each(|g| *g = rng.random_range(0.5..1.5));
-    s.beta.iter_mut().for_each(|b| *b = rng.random_range(-1.0..1.0));
-    s.running_mean.iter_mut().for_each(|m| *m = rng.random_range(-0.5..0.5));
-    s.running_var.iter_mut().for_each(|v| *v = rng.random_range(0.5..2.0));
+    s.gamma
+        .iter_mut()
+        .for_each(|g| *g = rng.random_range(0.5..1.5));
+    s.beta
+        .iter_mut()
+        .for_each(|b| *b = rng.random_range(-1.0..1.0));
+    s.running_mean
+        .iter_mut()
+        .for_each(|m| *m = rng.random_range(-0.5..0.5));
+    s.running_var
+        .iter_mut()
+        .for_each(|v| *v = rng.random_range(0.5..2.0));
     if config.track_running_stats {
         s.num_batches_tracked = rng.random_range(0..5);
     }
@@ -59,7 +70,11 @@ pub fn layer_pair(rng: &mut impl Rng, config: &BatchNormConfig) -> (BatchNorm, R
 pub fn describe(config: &BatchNormConfig) -> String {
     format!(
         "{}affine={} track={} momentum={:?} eps={}",
-        if config.convention == Convention::Keras { "keras " } else { "" },
+        if config.convention == Convention::Keras {
+            "keras "
+        } else {
+            ""
+        },
         config.affine,
         config.track_running_stats,
         config.momentum,
