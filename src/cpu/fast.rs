@@ -27,16 +27,20 @@ use crate::{
 /// Values per f32 block before the block's sums are folded into f64 (channels-first
 /// runs); in the row traversal, a block is at most this many rows.
 const BLOCK: usize = 256;
-/// Values per block in the row traversal, so that a block stays in L1 between its
-/// two looks (rows per block within `[8, BLOCK / 2]`).
+/// Values per block in the row traversal, so that a block's columns stay in cache
+/// between their two looks (rows per block within `[8, BLOCK / 2]`).
 const ROW_BLOCK_VALUES: usize = 8192;
 /// Independent f32 accumulators in a contiguous block (vectorizes, shortens chains).
 const LANES: usize = 16;
+const _: () = assert!(LANES == 16, "hsum is written for 16 lanes");
 /// Elements per parallel work item.
 const ITEM: usize = 1 << 16;
-/// Channels-first tensors with at least this many spatial positions are traversed
-/// plane by plane; smaller ones as rows of `C * spatial` columns.
-const PLANE_MIN: usize = 64;
+/// Channels-first tensors with at least this many spatial positions are reduced
+/// plane by plane; smaller ones as rows of `C * spatial` columns (measured: the
+/// per-run bookkeeping costs more than the strided rows below 64).
+const PLANE_MIN_REDUCE: usize = 64;
+/// The same for the elementwise passes, where a run costs next to nothing.
+const PLANE_MIN_ELEMENTWISE: usize = 16;
 
 /// A batch-norm layer evaluated on the CPU in f32 (with f64 per-channel statistics).
 ///
@@ -376,10 +380,10 @@ enum Traversal {
     Rows { width: usize, rep: usize },
 }
 
-fn traversal(shape: &Shape) -> Traversal {
+fn traversal(shape: &Shape, plane_min: usize) -> Traversal {
     let (c, s) = (shape.c(), shape.spatial_size());
     match shape.layout() {
-        Layout::ChannelsFirst if s >= PLANE_MIN => Traversal::Planes { c, s },
+        Layout::ChannelsFirst if s >= plane_min => Traversal::Planes { c, s },
         Layout::ChannelsFirst => Traversal::Rows {
             width: c * s,
             rep: s,
@@ -388,9 +392,31 @@ fn traversal(shape: &Shape) -> Traversal {
     }
 }
 
+/// The plane runs of the values `start..start + len` of a channels-first tensor
+/// with planes of `s` values and `c` channels: `(offset from start, length,
+/// channel)`, in memory order.
+fn plane_runs(
+    start: usize,
+    len: usize,
+    s: usize,
+    c: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> {
+    let (mut i, mut in_plane, mut ch) = (0, start % s, (start / s) % c);
+    std::iter::from_fn(move || {
+        if i >= len {
+            return None;
+        }
+        let run = (i, (s - in_plane).min(len - i), ch);
+        i += run.1;
+        in_plane = 0;
+        ch = if ch + 1 == c { 0 } else { ch + 1 };
+        Some(run)
+    })
+}
+
 /// Per-channel f64 sums (see [`Sums`]), merged in a fixed order.
 fn reduce(shape: &Shape, x: &[f32], sums: Sums, center: &[f32]) -> Vec<[f64; 2]> {
-    match traversal(shape) {
+    match traversal(shape, PLANE_MIN_REDUCE) {
         Traversal::Planes { c, s } => reduce_planes(x, sums, center, c, s),
         Traversal::Rows { width, rep } => reduce_rows(x, sums, center, shape.c(), width, rep),
     }
@@ -400,40 +426,47 @@ fn add2(a: [f64; 2], b: [f64; 2]) -> [f64; 2] {
     [a[0] + b[0], a[1] + b[1]]
 }
 
-/// Folds the f32 sums `a` of a block of `n` values, taken relative to the block's
-/// pivot, into f64 sums relative to the channel's center; `delta = pivot - center`.
+/// Folds the f32 moments `[sum d, sum d^2]` of a block of `n` values, taken
+/// relative to the block's pivot, into f64 sums relative to the channel's center;
+/// `delta = pivot - center`.
 #[inline]
-fn fold(acc: &mut [f64; 2], sums: Sums, a: [f32; 2], n: usize, delta: f64) {
+fn fold_moments(acc: &mut [f64; 2], a: [f32; 2], n: usize, delta: f64) {
     let (a0, a1, n) = (f64::from(a[0]), f64::from(a[1]), n as f64);
-    match sums {
-        Sums::Moments => {
-            acc[0] += a0 + n * delta;
-            acc[1] += a1 + delta * (2.0 * a0 + n * delta);
-        }
-        Sums::Grad(_) => {
-            acc[0] += a0;
-            acc[1] += a1 + delta * a0;
-        }
-    }
+    acc[0] += a0 + n * delta;
+    acc[1] += a1 + delta * (2.0 * a0 + n * delta);
+}
+
+/// Adds f32 block sums to f64 ones.
+#[inline]
+fn fold_sums(acc: &mut [f64; 2], a: [f32; 2]) {
+    *acc = add2(*acc, a.map(f64::from));
 }
 
 /// Values ahead of the current position whose cache lines a streaming loop requests
-/// early (8 KiB; measured: the hardware prefetcher alone leaves the reductions at
-/// about half the memory bandwidth).
+/// early (8 KiB). Measured on a 2-core Xeon: without it the reductions run about a
+/// third slower, waiting on memory.
 const PREFETCH: usize = 2048;
 
-/// Requests the cache lines of `s[from..from + len]` (clipped to `s`).
+/// Requests the cache lines of `s[from..from + len]` (clipped to `s`), into L1
+/// (`L2 = false`) or only into L2.
 #[inline(always)]
-fn prefetch(s: &[f32], from: usize, len: usize) {
+fn prefetch<const L2: bool>(s: &[f32], from: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
         let end = from.saturating_add(len).min(s.len());
         let mut i = from;
         while i < end {
+            let p = s.as_ptr().wrapping_add(i).cast();
             // SAFETY: SSE is part of the x86_64 baseline, and a prefetch is only a
             // hint: it reads nothing and never faults (the address is in `s` anyway).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().wrapping_add(i).cast()) };
+            unsafe {
+                if L2 {
+                    _mm_prefetch::<_MM_HINT_T1>(p)
+                } else {
+                    _mm_prefetch::<_MM_HINT_T0>(p)
+                }
+            };
             i += 16;
         }
     }
@@ -441,33 +474,28 @@ fn prefetch(s: &[f32], from: usize, len: usize) {
     let _ = (s, from, len);
 }
 
-/// Fixed-order tree sum of the lanes.
-#[inline]
-fn hsum(mut a: [f32; LANES]) -> f32 {
-    let mut w = LANES / 2;
-    while w > 0 {
-        for k in 0..w {
-            a[k] += a[k + w];
-        }
-        w /= 2;
+/// Fixed-order tree sum of the lanes. Kept out of line: inlined, it leads the
+/// vectorizer to shuffle the accumulators of the loops around it (measured 2x slower).
+#[inline(never)]
+fn hsum(a: &[f32; LANES]) -> f32 {
+    let mut h = [0.0f32; LANES / 2];
+    for k in 0..LANES / 2 {
+        h[k] = a[k] + a[k + LANES / 2];
     }
-    a[0]
+    let mut q = [0.0f32; LANES / 4];
+    for k in 0..LANES / 4 {
+        q[k] = h[k] + h[k + LANES / 4];
+    }
+    (q[0] + q[2]) + (q[1] + q[3])
 }
 
-/// `sum f(v)` over a contiguous block, in [`LANES`] independent f32 accumulators.
+/// `T` consecutive values starting at `at`, as an array (so that loops over it keep
+/// their accumulators in registers).
 #[inline(always)]
-fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut s = [0.0f32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for v in &mut chunks {
-        for k in 0..LANES {
-            s[k] += f(v[k]);
-        }
-    }
-    for (k, &v) in chunks.remainder().iter().enumerate() {
-        s[k] += f(v);
-    }
-    hsum(s)
+fn lanes<const T: usize>(x: &[f32], at: usize) -> &[f32; T] {
+    x[at..at + T]
+        .try_into()
+        .expect("a slice of T values converts to [f32; T]")
 }
 
 /// A contiguous block's pivot `p` (about its mean; exactly its value when the block
@@ -475,42 +503,53 @@ fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// in L1: the first finds `p`, the second sums.
 #[inline]
 fn block_moments(x: &[f32]) -> (f32, [f32; 2]) {
+    let full = x.len() / LANES * LANES;
     let x0 = x[0];
-    let p = x0 + lanes_sum(x, |v| v - x0) / x.len() as f32;
+    let mut t = [0.0f32; LANES];
+    for c in (0..full).step_by(LANES) {
+        let v = lanes::<LANES>(x, c);
+        for k in 0..LANES {
+            t[k] += v[k] - x0;
+        }
+    }
+    let tail: f32 = x[full..].iter().map(|&v| v - x0).sum();
+    let p = x0 + (hsum(&t) + tail) / x.len() as f32;
     let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let mut chunks = x.chunks_exact(LANES);
-    for v in &mut chunks {
+    for c in (0..full).step_by(LANES) {
+        let v = lanes::<LANES>(x, c);
         for k in 0..LANES {
             let d = v[k] - p;
             s1[k] += d;
             s2[k] += d * d;
         }
     }
-    for (k, &v) in chunks.remainder().iter().enumerate() {
+    let (mut r1, mut r2) = (0.0f32, 0.0f32);
+    for &v in &x[full..] {
         let d = v - p;
-        s1[k] += d;
-        s2[k] += d * d;
+        r1 += d;
+        r2 += d * d;
     }
-    (p, [hsum(s1), hsum(s2)])
+    (p, [hsum(&s1) + r1, hsum(&s2) + r2])
 }
 
 /// `[sum g, sum g * (x - p)]` over a contiguous block.
 #[inline]
 fn block_grad(x: &[f32], dy: &[f32], p: f32) -> [f32; 2] {
+    let full = x.len() / LANES * LANES;
     let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let mut xs = x.chunks_exact(LANES);
-    let mut gs = dy.chunks_exact(LANES);
-    for (v, g) in (&mut xs).zip(&mut gs) {
+    for c in (0..full).step_by(LANES) {
+        let (v, g) = (lanes::<LANES>(x, c), lanes::<LANES>(dy, c));
         for k in 0..LANES {
             s1[k] += g[k];
             s2[k] += g[k] * (v[k] - p);
         }
     }
-    for (k, (&v, &g)) in xs.remainder().iter().zip(gs.remainder()).enumerate() {
-        s1[k] += g;
-        s2[k] += g * (v - p);
+    let (mut r1, mut r2) = (0.0f32, 0.0f32);
+    for (&v, &g) in x[full..].iter().zip(&dy[full..]) {
+        r1 += g;
+        r2 += g * (v - p);
     }
-    [hsum(s1), hsum(s2)]
+    [hsum(&s1) + r1, hsum(&s2) + r2]
 }
 
 /// Channels-first, large planes: work items are fixed ranges of [`ITEM`] values in
@@ -527,30 +566,25 @@ fn reduce_planes(x: &[f32], sums: Sums, center: &[f32], c: usize, s: usize) -> V
                 Sums::Moments => &[][..],
             };
             let mut runs = Vec::with_capacity(xi.len() / s + 2);
-            let mut i = 0;
-            while i < xi.len() {
-                let plane = (base + i) / s;
-                let len = ((plane + 1) * s - (base + i)).min(xi.len() - i);
-                let ch = plane % c;
+            for (i, len, ch) in plane_runs(base, xi.len(), s, c) {
                 let mut acc = [0.0f64; 2];
                 for b in (i..i + len).step_by(BLOCK) {
                     let e = (b + BLOCK).min(i + len);
-                    prefetch(xi, b + PREFETCH, BLOCK);
+                    prefetch::<false>(xi, b + PREFETCH, BLOCK);
                     match sums {
                         Sums::Moments => {
                             let (p, a) = block_moments(&xi[b..e]);
                             let delta = f64::from(p) - f64::from(center[ch]);
-                            fold(&mut acc, sums, a, e - b, delta);
+                            fold_moments(&mut acc, a, e - b, delta);
                         }
                         Sums::Grad(_) => {
-                            prefetch(gi, b + PREFETCH, BLOCK);
+                            prefetch::<false>(gi, b + PREFETCH, BLOCK);
                             let a = block_grad(&xi[b..e], &gi[b..e], center[ch]);
-                            fold(&mut acc, sums, a, e - b, 0.0);
+                            fold_sums(&mut acc, a);
                         }
                     }
                 }
                 runs.push((ch, acc));
-                i += len;
             }
             runs
         })
@@ -562,17 +596,10 @@ fn reduce_planes(x: &[f32], sums: Sums, center: &[f32], c: usize, s: usize) -> V
     total
 }
 
-/// Per-thread buffers of the row traversal (one entry per column).
-struct RowScratch {
-    pivot: Vec<f32>,
-    s1: Vec<f32>,
-    s2: Vec<f32>,
-    acc: Vec<[f64; 2]>,
-}
-
-/// Rows: work items are fixed ranges of rows; each keeps per-column f32 sums over
-/// blocks of rows that fit in L1, folds them into per-column f64 sums, and finally
-/// folds its columns into per-channel sums. Items are merged in index order.
+/// Rows: work items are fixed ranges of rows, cut into blocks of about
+/// [`ROW_BLOCK_VALUES`] values (8 to 128 rows); each block's f32 sums are folded into
+/// per-column f64 sums, and an item finally folds its columns into per-channel sums.
+/// Items are merged in index order.
 fn reduce_rows(
     x: &[f32],
     sums: Sums,
@@ -584,72 +611,48 @@ fn reduce_rows(
     let block_rows = (ROW_BLOCK_VALUES / width).clamp(8, BLOCK / 2);
     let block_len = block_rows * width;
     let item_len = ITEM.div_ceil(block_len) * block_len;
-    // Prefetch whole rows, at least PREFETCH values ahead.
-    let ahead = PREFETCH.div_ceil(width) * width;
     let center_col: Vec<f32> = (0..width).map(|j| center[j / rep]).collect();
     let parts: Vec<Vec<[f64; 2]>> = x
         .par_chunks(item_len)
         .enumerate()
-        .map_init(
-            || RowScratch {
-                pivot: vec![0.0; width],
-                s1: vec![0.0; width],
-                s2: vec![0.0; width],
-                acc: vec![[0.0; 2]; width],
-            },
-            |sc, (k, xi)| {
-                let gi = match sums {
-                    Sums::Grad(dy) => &dy[k * item_len..k * item_len + xi.len()],
-                    Sums::Moments => &[][..],
+        .map(|(k, xi)| {
+            let gi = match sums {
+                Sums::Grad(dy) => &dy[k * item_len..k * item_len + xi.len()],
+                Sums::Moments => &[][..],
+            };
+            let mut acc = vec![[0.0f64; 2]; width];
+            let mut scratch = vec![[0.0f32; 2]; width];
+            for b in (0..xi.len()).step_by(block_len) {
+                let e = (b + block_len).min(xi.len());
+                let next = e..(e + block_len).min(xi.len());
+                let block = RowBlock {
+                    x: &xi[b..e],
+                    next_x: &xi[next.clone()],
+                    width,
+                    center: &center_col,
                 };
-                sc.acc.fill([0.0; 2]);
-                for b in (0..xi.len()).step_by(block_len) {
-                    let xb = &xi[b..(b + block_len).min(xi.len())];
-                    let rows = xb.len() / width;
-                    sc.s1.fill(0.0);
-                    sc.s2.fill(0.0);
-                    match sums {
-                        Sums::Moments => {
-                            // First look: pivot = first row + mean offset from it.
-                            sc.pivot.copy_from_slice(&xb[..width]);
-                            for (r, row) in xb.chunks_exact(width).enumerate() {
-                                prefetch(xi, b + r * width + ahead, width);
-                                rows_offset(row, &sc.pivot, &mut sc.s1);
-                            }
-                            let inv = 1.0 / rows as f32;
-                            for (p, t) in sc.pivot.iter_mut().zip(&mut sc.s1) {
-                                *p += *t * inv;
-                                *t = 0.0;
-                            }
-                            for row in xb.chunks_exact(width) {
-                                rows_moments(row, &sc.pivot, &mut sc.s1, &mut sc.s2);
-                            }
-                        }
-                        Sums::Grad(_) => {
-                            let gb = &gi[b..b + xb.len()];
-                            let rows_iter = xb.chunks_exact(width).zip(gb.chunks_exact(width));
-                            for (r, (row, g)) in rows_iter.enumerate() {
-                                prefetch(xi, b + r * width + ahead, width);
-                                prefetch(gi, b + r * width + ahead, width);
-                                rows_grad(row, g, &center_col, &mut sc.s1, &mut sc.s2);
-                            }
+                match sums {
+                    Sums::Moments => {
+                        let mut j0 = 0;
+                        while j0 < width {
+                            j0 += match width - j0 {
+                                16.. => block.moments::<16>(j0, &mut acc),
+                                4.. => block.moments::<4>(j0, &mut acc),
+                                _ => block.moments::<1>(j0, &mut acc),
+                            };
                         }
                     }
-                    for j in 0..width {
-                        let delta = match sums {
-                            Sums::Moments => f64::from(sc.pivot[j]) - f64::from(center_col[j]),
-                            Sums::Grad(_) => 0.0,
-                        };
-                        fold(&mut sc.acc[j], sums, [sc.s1[j], sc.s2[j]], rows, delta);
+                    Sums::Grad(_) => {
+                        block.grad(&gi[b..e], &gi[next], &mut scratch, &mut acc);
                     }
                 }
-                let mut out = vec![[0.0; 2]; c];
-                for (j, &a) in sc.acc.iter().enumerate() {
-                    out[j / rep] = add2(out[j / rep], a);
-                }
-                out
-            },
-        )
+            }
+            let mut out = vec![[0.0; 2]; c];
+            for (j, &a) in acc.iter().enumerate() {
+                out[j / rep] = add2(out[j / rep], a);
+            }
+            out
+        })
         .collect();
     let mut total = vec![[0.0; 2]; c];
     for part in &parts {
@@ -660,33 +663,73 @@ fn reduce_rows(
     total
 }
 
-#[inline]
-fn rows_offset(row: &[f32], pivot: &[f32], t: &mut [f32]) {
-    let n = row.len();
-    let (pivot, t) = (&pivot[..n], &mut t[..n]);
-    for j in 0..n {
-        t[j] += row[j] - pivot[j];
-    }
+/// A block of whole rows (and the next block, to prefetch).
+struct RowBlock<'a> {
+    x: &'a [f32],
+    next_x: &'a [f32],
+    width: usize,
+    /// Per-column center of the f64 sums.
+    center: &'a [f32],
 }
 
-#[inline]
-fn rows_moments(row: &[f32], pivot: &[f32], s1: &mut [f32], s2: &mut [f32]) {
-    let n = row.len();
-    let (pivot, s1, s2) = (&pivot[..n], &mut s1[..n], &mut s2[..n]);
-    for j in 0..n {
-        let d = row[j] - pivot[j];
-        s1[j] += d;
-        s2[j] += d * d;
+impl RowBlock<'_> {
+    /// Moments of columns `j0..j0 + T` over the block's rows, with f32 sums held in
+    /// registers, folded into `acc`; returns `T`. Two looks at the block (pivot, then
+    /// sums). While it walks the rows it prefetches the same columns of the next
+    /// block, so the whole next block is requested by the time it is needed.
+    #[inline(always)]
+    fn moments<const T: usize>(&self, j0: usize, acc: &mut [[f64; 2]]) -> usize {
+        let w = self.width;
+        let rows = self.x.len() / w;
+        let x0 = *lanes::<T>(self.x, j0);
+        let mut t = [0.0f32; T];
+        for r in 0..rows {
+            prefetch::<true>(self.next_x, r * w + j0, T);
+            let v = lanes::<T>(self.x, r * w + j0);
+            for k in 0..T {
+                t[k] += v[k] - x0[k];
+            }
+        }
+        let inv = 1.0 / rows as f32;
+        let mut p = [0.0f32; T];
+        for k in 0..T {
+            p[k] = x0[k] + t[k] * inv;
+        }
+        let (mut s1, mut s2) = ([0.0f32; T], [0.0f32; T]);
+        for r in 0..rows {
+            let v = lanes::<T>(self.x, r * w + j0);
+            for k in 0..T {
+                let d = v[k] - p[k];
+                s1[k] += d;
+                s2[k] += d * d;
+            }
+        }
+        for k in 0..T {
+            let delta = f64::from(p[k]) - f64::from(self.center[j0 + k]);
+            fold_moments(&mut acc[j0 + k], [s1[k], s2[k]], rows, delta);
+        }
+        T
     }
-}
 
-#[inline]
-fn rows_grad(row: &[f32], g: &[f32], center: &[f32], s1: &mut [f32], s2: &mut [f32]) {
-    let n = row.len();
-    let (g, center, s1, s2) = (&g[..n], &center[..n], &mut s1[..n], &mut s2[..n]);
-    for j in 0..n {
-        s1[j] += g[j];
-        s2[j] += g[j] * (row[j] - center[j]);
+    /// Gradient sums of every column over the block's rows (`dy` is the block's
+    /// gradient), streamed row by row into per-column f32 sums in `scratch` (faster
+    /// here than register tiles: two inputs), folded into `acc`.
+    fn grad(&self, dy: &[f32], next_dy: &[f32], scratch: &mut [[f32; 2]], acc: &mut [[f64; 2]]) {
+        let w = self.width;
+        let rows = self.x.len() / w;
+        scratch.fill([0.0; 2]);
+        for r in 0..rows {
+            prefetch::<true>(self.next_x, r * w, w);
+            prefetch::<true>(next_dy, r * w, w);
+            let (v, g) = (&self.x[r * w..(r + 1) * w], &dy[r * w..(r + 1) * w]);
+            for ((s, (&v, &g)), &c) in scratch.iter_mut().zip(v.iter().zip(g)).zip(self.center) {
+                s[0] += g;
+                s[1] += g * (v - c);
+            }
+        }
+        for (a, &s) in acc.iter_mut().zip(scratch.iter()) {
+            fold_sums(a, s);
+        }
     }
 }
 
@@ -697,21 +740,28 @@ where
     F: Fn(f32, f32, [f32; 4]) -> f32 + Sync,
 {
     let k_of = |ch: usize| [coef[0][ch], coef[1][ch], coef[2][ch], coef[3][ch]];
-    match traversal(shape) {
+    // `b` may be `a` again when `f` reads one input only.
+    let two_inputs = a.as_ptr() != b.as_ptr();
+    let ahead = |at: usize, len: usize| {
+        prefetch::<false>(a, at + PREFETCH, len);
+        if two_inputs {
+            prefetch::<false>(b, at + PREFETCH, len);
+        }
+    };
+    match traversal(shape, PLANE_MIN_ELEMENTWISE) {
         Traversal::Planes { c, s } => {
             out.par_chunks_mut(ITEM).enumerate().for_each(|(k, oi)| {
-                // Runs of one plane (one channel) inside the item.
-                let mut i = 0;
-                while i < oi.len() {
-                    let g = k * ITEM + i;
-                    let plane = g / s;
-                    let len = ((plane + 1) * s - g).min(oi.len() - i);
-                    let kk = k_of(plane % c);
-                    let (ar, br) = (&a[g..g + len], &b[g..g + len]);
-                    for ((o, &u), &v) in oi[i..i + len].iter_mut().zip(ar).zip(br) {
-                        *o = f(u, v, kk);
+                let base = k * ITEM;
+                for (i, len, ch) in plane_runs(base, oi.len(), s, c) {
+                    let kk = k_of(ch);
+                    for q in (base + i..base + i + len).step_by(BLOCK) {
+                        let e = (q + BLOCK).min(base + i + len);
+                        ahead(q, e - q);
+                        let o = &mut oi[q - base..e - base];
+                        for ((o, &u), &v) in o.iter_mut().zip(&a[q..e]).zip(&b[q..e]) {
+                            *o = f(u, v, kk);
+                        }
                     }
-                    i += len;
                 }
             });
         }
@@ -725,6 +775,7 @@ where
                     let base = k * item_len;
                     for (r, row) in oi.chunks_mut(width).enumerate() {
                         let start = base + r * width;
+                        ahead(start, width);
                         let (ar, br) = (&a[start..start + width], &b[start..start + width]);
                         let (k0, k1, k2, k3) = (
                             &cols[0][..width],
