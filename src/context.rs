@@ -128,7 +128,7 @@ impl GpuContext {
         bytes: u64,
     ) -> Result<()> {
         let vec4s = u32::try_from(bytes / 16).unwrap_or(0);
-        if bytes % 16 != 0 || vec4s == 0 {
+        if !bytes.is_multiple_of(16) || vec4s == 0 {
             return Err(Error::LengthMismatch {
                 name: "copy bytes (a non-zero multiple of 16)",
                 expected: bytes.next_multiple_of(16).max(16) as usize,

@@ -172,28 +172,9 @@ fn header(ctx: &GpuContext, timer: &GpuTimer) -> Header {
 /// Rows saying that a shape or layout could not be set up.
 fn error_rows(spec: &ShapeSpec, layout: &str, ops: &[Op], error: &str) -> Vec<Row> {
     ops.iter()
-        .map(|op| Row {
-            shape: spec.label(),
-            dims: spec.dims.clone(),
-            layout: layout.into(),
-            op: op.name().into(),
-            numel: spec.numel(),
-            floor_bytes: op.floor_bytes(spec.numel()),
-            reps: 0,
-            input_copies: 0,
-            cpu_ms: None,
-            cpu_gbs: None,
-            gpu_ms: None,
-            gpu_clock: None,
-            gpu_wall_ms: None,
-            gpu_timestamp_ms: None,
-            gpu_gbs: None,
-            copy_ms: None,
-            copy_gbs: None,
-            gpu_over_copy: None,
-            speedup: None,
-            max_err: None,
+        .map(|&op| Row {
             status: format!("ERROR: {error}"),
+            ..Row::new(spec, layout, op, 0, 0)
         })
         .collect()
 }
@@ -202,10 +183,10 @@ fn error_rows(spec: &ShapeSpec, layout: &str, ops: &[Op], error: &str) -> Vec<Ro
 fn progress(done: usize, total: usize, row: &Row) -> String {
     let gpu = match (row.gpu_ms, &row.gpu_clock) {
         (Some(ms), Some(clock)) => format!(
-            "gpu {ms:.3} ms ({clock}; wall {:.3}), copy {:.2} GB/s, gpu/copy {:.2}",
+            "gpu {ms:.3} ms ({clock}; wall {:.3}), copy {} GB/s, gpu/copy {}",
             row.gpu_wall_ms.unwrap_or(f64::NAN),
-            row.copy_gbs.unwrap_or(f64::NAN),
-            row.gpu_over_copy.unwrap_or(f64::NAN)
+            row.copy_gbs.map_or("-".into(), |v| format!("{v:.2}")),
+            row.gpu_over_copy.map_or("-".into(), |v| format!("{v:.2}"))
         ),
         _ => "gpu -".into(),
     };
@@ -233,8 +214,12 @@ fn main() -> BoxResult<()> {
         (None, true, _) => table(FULL_RESNET_BATCH),
         (None, false, false) => table(DEFAULT_RESNET_BATCH),
     };
-    let mut ops = args.ops.clone();
-    ops.dedup();
+    let mut ops: Vec<Op> = Vec::new();
+    for &op in &args.ops {
+        if !ops.contains(&op) {
+            ops.push(op);
+        }
+    }
     let total: usize = shapes
         .iter()
         .map(|s| layouts_for(s, &args.layouts).len() * ops.len())

@@ -92,6 +92,36 @@ pub struct Row {
     pub status: String,
 }
 
+impl Row {
+    /// A row with nothing measured yet (status `ok`).
+    pub fn new(spec: &ShapeSpec, layout: &str, op: Op, reps: usize, input_copies: usize) -> Self {
+        let numel = spec.numel();
+        Self {
+            shape: spec.label(),
+            dims: spec.dims.clone(),
+            layout: layout.into(),
+            op: op.name().into(),
+            numel,
+            floor_bytes: op.floor_bytes(numel),
+            reps,
+            input_copies,
+            cpu_ms: None,
+            cpu_gbs: None,
+            gpu_ms: None,
+            gpu_clock: None,
+            gpu_wall_ms: None,
+            gpu_timestamp_ms: None,
+            gpu_gbs: None,
+            copy_ms: None,
+            copy_gbs: None,
+            gpu_over_copy: None,
+            speedup: None,
+            max_err: None,
+            status: "ok".into(),
+        }
+    }
+}
+
 /// GB/s for `bytes` moved in `ms` milliseconds.
 pub fn gbs(bytes: u64, ms: f64) -> f64 {
     bytes as f64 / ms / 1e6
@@ -228,27 +258,47 @@ impl ShapeBench {
     }
 
     /// Prepares a layout: the saved statistics of a training forward on the first
-    /// input copy, on both sides, for the backward.
+    /// input copy, on both sides, for the backward. A shape that cannot train (one
+    /// value per channel) can still be measured in eval mode.
     pub fn layout(&mut self, layout: Layout, timer: &GpuTimer) -> BoxResult<LayoutBench<'_>> {
         let shape = Shape::new(&self.spec.dims, layout)?;
-        let cpu_saved = self
+        let c = shape.c();
+        let gpu_saved = SavedStats::new(&self.ctx, c);
+        let trained = match self
             .cpu_train
-            .forward_train_into(&shape, &self.host_x[0], &mut self.y)?;
-        let gpu_saved = SavedStats::new(&self.ctx, shape.c());
-        timer.run_once(|pass| {
-            self.gpu_train.forward_train_in_pass(
-                pass,
-                &shape,
-                &self.gpu_x[0],
-                &self.gpu_y,
-                &gpu_saved,
-            )
-        })?;
+            .forward_train_into(&shape, &self.host_x[0], &mut self.y)
+        {
+            Ok(cpu_saved) => timer
+                .run_once(|pass| {
+                    self.gpu_train.forward_train_in_pass(
+                        pass,
+                        &shape,
+                        &self.gpu_x[0],
+                        &self.gpu_y,
+                        &gpu_saved,
+                    )
+                })
+                .map(|()| cpu_saved),
+            Err(e) => Err(e.into()),
+        };
+        let (cpu_saved, train_error) = match trained {
+            Ok(saved) => (saved, None),
+            Err(e) => {
+                let zeros = vec![0.0; c];
+                let placeholder = SavedStatsHost {
+                    mean: zeros.clone(),
+                    invstd: zeros.clone(),
+                    mean_lo: zeros,
+                };
+                (placeholder, Some(e.to_string()))
+            }
+        };
         Ok(LayoutBench {
             bench: self,
             shape,
             cpu_saved,
             gpu_saved,
+            train_error,
         })
     }
 }
@@ -259,6 +309,8 @@ pub struct LayoutBench<'a> {
     shape: Shape,
     cpu_saved: SavedStatsHost,
     gpu_saved: SavedStats,
+    /// Why the training forward failed, if it did (then only eval is measured).
+    train_error: Option<String>,
 }
 
 impl LayoutBench<'_> {
@@ -362,32 +414,8 @@ impl LayoutBench<'_> {
     /// [`TOLERANCE`] is not timed on the GPU (the row says FAILED); an error of
     /// the library is reported in the row rather than ending the run.
     pub fn measure(&mut self, op: Op, timer: &GpuTimer, reps: usize) -> Row {
-        let spec = &self.bench.spec;
-        let numel = spec.numel();
-        let floor = op.floor_bytes(numel);
-        let mut row = Row {
-            shape: spec.label(),
-            dims: spec.dims.clone(),
-            layout: self.layout_label(),
-            op: op.name().into(),
-            numel,
-            floor_bytes: floor,
-            reps,
-            input_copies: self.bench.copies(),
-            cpu_ms: None,
-            cpu_gbs: None,
-            gpu_ms: None,
-            gpu_clock: None,
-            gpu_wall_ms: None,
-            gpu_timestamp_ms: None,
-            gpu_gbs: None,
-            copy_ms: None,
-            copy_gbs: None,
-            gpu_over_copy: None,
-            speedup: None,
-            max_err: None,
-            status: "ok".into(),
-        };
+        let layout = self.layout_label();
+        let mut row = Row::new(&self.bench.spec, &layout, op, reps, self.bench.copies());
         if let Err(e) = self.measure_into(op, timer, reps, &mut row) {
             row.status = format!("ERROR: {e}");
         }
@@ -401,6 +429,9 @@ impl LayoutBench<'_> {
         reps: usize,
         row: &mut Row,
     ) -> BoxResult<()> {
+        if let (Some(e), Op::Train | Op::Backward) = (&self.train_error, op) {
+            return Err(e.clone().into());
+        }
         let err = self.check(op, timer)?;
         row.max_err = Some(err);
         let cpu_ms = median(&time_cpu(reps, |i| self.run_cpu(op, i))?);
@@ -435,11 +466,12 @@ impl LayoutBench<'_> {
         let on_timestamps =
             gpu.clock == Clock::Timestamp && copy.is_none_or(|(c, _)| c.clock == Clock::Timestamp);
         let pick = |t: &GpuTime| if on_timestamps { t.ms } else { t.wall_ms };
-        let (gpu_ms, clock) = if on_timestamps {
-            (gpu.ms, Clock::Timestamp)
+        let clock = if on_timestamps {
+            Clock::Timestamp
         } else {
-            (gpu.wall_ms, Clock::Wall)
+            Clock::Wall
         };
+        let gpu_ms = pick(&gpu);
         let gpu_gbs = gbs(row.floor_bytes, gpu_ms);
         row.gpu_ms = Some(gpu_ms);
         row.gpu_clock = Some(clock.name().into());

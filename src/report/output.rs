@@ -207,3 +207,28 @@ pub fn write_all(dir: &Path, header: &Header, rows: &[Row]) -> BoxResult<()> {
     std::fs::write(dir.join("bandwidth.svg"), super::svg::plot(header, rows))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::data::ShapeSpec;
+    use crate::report::measure::Op;
+
+    #[test]
+    fn csv_quotes_and_leaves_missing_values_empty() {
+        let spec = ShapeSpec::new(&[4, 8]);
+        let row = Row {
+            cpu_ms: Some(1.5),
+            status: "ERROR: a, \"b\"".into(),
+            ..Row::new(&spec, "cf=cl", Op::Backward, 3, 2)
+        };
+        let text = csv(&[row]);
+        let line = text.lines().nth(1).unwrap();
+        assert!(line.starts_with("4x8,cf=cl,backward,32,640,3,2,1.5,,"));
+        assert!(line.ends_with(",\"ERROR: a, \"\"b\"\"\""));
+        assert_eq!(
+            text.lines().next().unwrap().split(',').count(),
+            line.split(',').count() - 1
+        );
+    }
+}

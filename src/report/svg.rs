@@ -226,3 +226,55 @@ impl Header {
             .unwrap_or(&self.gpu_timing)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::data::ShapeSpec;
+    use crate::report::measure::{Op, Row};
+
+    fn header() -> Header {
+        Header {
+            adapter: "test adapter (Cpu)".into(),
+            backend: "Vulkan".into(),
+            device_type: "Cpu".into(),
+            driver: "none".into(),
+            gpu_timing: "wall time; details".into(),
+            timestamp_period_ns: None,
+            cpu_threads: 1,
+            warmup_runs: 2,
+            tolerance: 1e-4,
+            floor_bytes: String::new(),
+            command: String::new(),
+        }
+    }
+
+    #[test]
+    fn round_axis() {
+        assert_eq!(ticks(13.2), (15.0, 5.0));
+        assert_eq!(ticks(0.0), (1.0, 0.2));
+        assert_eq!(ticks(830.0), (1000.0, 200.0));
+    }
+
+    #[test]
+    fn plots_measured_and_failed_rows() {
+        let spec = ShapeSpec::new(&[8, 16, 8, 8]);
+        let ok = Row {
+            cpu_gbs: Some(10.0),
+            gpu_gbs: Some(2.0),
+            copy_gbs: Some(4.0),
+            gpu_over_copy: Some(0.5),
+            ..Row::new(&spec, "cf", Op::Eval, 5, 1)
+        };
+        let failed = Row {
+            cpu_gbs: Some(10.0),
+            status: "FAILED".into(),
+            ..Row::new(&spec, "cl", Op::Eval, 5, 1)
+        };
+        let svg = plot(&header(), &[ok, failed]);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains(">FAILED<"));
+        assert!(svg.contains(">0.50<"));
+        assert_eq!(svg.matches("<rect").count(), 1 + 3 + 3 + 1);
+    }
+}
