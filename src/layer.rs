@@ -771,14 +771,7 @@ impl BatchNorm {
     // ----- host convenience ---------------------------------------------------------
 
     fn check_len(name: &'static str, shape: &Shape, v: &[f32]) -> Result<()> {
-        if v.len() != shape.numel() {
-            return Err(Error::LengthMismatch {
-                name,
-                expected: shape.numel(),
-                got: v.len(),
-            });
-        }
-        Ok(())
+        crate::cpu::reference::check_len(name, shape.numel(), v.len())
     }
 
     /// Training forward on host data: uploads `x`, runs, reads back `y` and the
