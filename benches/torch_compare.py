@@ -23,9 +23,18 @@ Usage:
   python3 benches/torch_compare.py                 # quick default table (ResNet at batch 8)
   python3 benches/torch_compare.py --full          # the issue's table (batch 32)
   python3 benches/torch_compare.py --shapes 32x64x112x112,256x1024 --reps 20 --device cuda
+  # the Rust report, then torch on the same table, side by side:
+  cargo run --release -- --full --out bench-results/full && python3 benches/torch_compare.py --rust-csv bench-results/full/results.csv
 
-Writes ``OUT/torch_results.csv`` (default OUT: bench-results/). Needs PyTorch
-(``pip install torch``); without it the script says so and exits with status 2.
+With ``--rust-csv PATH`` (the Rust report's results.csv) the shapes, layouts and ops
+default to those of that report (unless --shapes/--full/--quick is given), and after
+the timings a second, side-by-side table joins both on (shape, layout, op): torch CPU
+vs the Rust CPU reference, and torch CUDA vs the Rust GPU when CUDA was timed
+('-' where one side has no row).
+
+Writes ``OUT/torch_results.csv`` (default OUT: bench-results/), and with --rust-csv
+also ``OUT/side_by_side.csv``. Needs PyTorch (``pip install torch``); without it the
+script says so and exits with status 2.
 """
 
 import argparse
@@ -38,6 +47,10 @@ import time
 
 FLOOR_STREAMS = {"forward-train": 3, "eval": 2, "backward": 5, "copy": 2}
 OP_NAMES = {"train": "forward-train", "eval": "eval", "backward": "backward"}
+OP_ARGS = {name: arg for arg, name in OP_NAMES.items()}
+SIDE_FIELDS = ["shape", "layout", "op", "torch_cpu_ms", "rust_cpu_ms", "rust_cpu_speedup",
+               "torch_cuda_ms", "rust_gpu_ms", "torch_cuda_over_rust_gpu",
+               "rust_gpu_over_copy", "torch_cuda_over_copy"]
 ELEMENT_BYTES = 4
 WARMUP = 3
 DEFAULT_RESNET_BATCH = 8
@@ -82,17 +95,20 @@ def parse_args(argv=None):
         epilog=__doc__.split("Usage:")[1] if "Usage:" in __doc__ else None)
     p.add_argument("--shapes", type=comma_list(parse_shape),
                    help="comma-separated shapes NxC[xD][xH]xW (replaces --full/--quick)")
-    p.add_argument("--layouts", type=comma_list(str.strip, {"cf", "cl"}), default=["cf", "cl"],
-                   help="cf (channels-first) and/or cl (channels-last); default cf,cl")
+    p.add_argument("--layouts", type=comma_list(str.strip, {"cf", "cl"}),
+                   help="cf (channels-first) and/or cl (channels-last); "
+                        "default cf,cl (with --rust-csv: those of the Rust report)")
     p.add_argument("--ops", type=comma_list(str.strip, set(OP_NAMES)),
-                   default=["train", "eval", "backward"],
-                   help="train, eval, backward; default all")
+                   help="train, eval, backward; default all (with --rust-csv: those of the Rust report)")
     p.add_argument("--reps", type=int, help="timed repetitions (default: by size, 5 to 50)")
     p.add_argument("--device", type=comma_list(str.strip, {"cpu", "cuda"}),
                    help="cpu and/or cuda (default: cpu, and cuda when available)")
     p.add_argument("--out", default="bench-results", help="output directory (default bench-results)")
     p.add_argument("--rotate-mib", type=int, default=256,
                    help="input copies span at least this many MiB (at most 8 copies; 0: one)")
+    p.add_argument("--rust-csv", metavar="PATH",
+                   help="the Rust report's results.csv: default the table to its shapes, layouts "
+                        "and ops, and print and write (OUT/side_by_side.csv) a side-by-side table")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the issue's table (ResNet-50 at batch 32)")
     size.add_argument("--quick", action="store_true", help="only the tiny shape 8x16x8x8")
@@ -227,14 +243,22 @@ def measure_shape(torch, F, dims, layouts, ops, device, reps, rotate_bytes, prog
     return rows
 
 
-def print_table(rows):
-    head = ["device", "shape", "layout", "op", "reps", "ms", "GB/s", "copy GB/s", "vs copy"]
-    cells = [[r["device"], r["shape"], r["layout"], r["op"], str(r["reps"]),
-              f"{r['ms']:.4f}" if r["ms"] < 1 else f"{r['ms']:.3f}",
-              f"{r['gbs']:.2f}", f"{r['copy_gbs']:.2f}", f"{r['over_copy']:.2f}"] for r in rows]
+def fmt_ms(ms):
+    if ms is None:
+        return "-"
+    return f"{ms:.4f}" if ms < 1 else f"{ms:.3f}"
+
+
+def fmt_ratio(x):
+    if x is None:
+        return "-"
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
+def print_grid(head, cells, groups, left):
+    """Prints `cells` under `head`, columns `left` left-aligned, a blank line between groups."""
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
               for i, h in enumerate(head)]
-    left = {0, 1, 2, 3}
 
     def line(items):
         return "  ".join(s.ljust(w) if i in left else s.rjust(w)
@@ -243,11 +267,98 @@ def print_table(rows):
     print(line(head))
     print("-" * len(line(head)))
     last = None
-    for r, c in zip(rows, cells):
-        if last is not None and (r["device"], r["shape"]) != last:
+    for group, c in zip(groups, cells):
+        if last is not None and group != last:
             print()
-        last = (r["device"], r["shape"])
+        last = group
         print(line(c))
+
+
+def print_table(rows):
+    head = ["device", "shape", "layout", "op", "reps", "ms", "GB/s", "copy GB/s", "vs copy"]
+    cells = [[r["device"], r["shape"], r["layout"], r["op"], str(r["reps"]), fmt_ms(r["ms"]),
+              f"{r['gbs']:.2f}", f"{r['copy_gbs']:.2f}", f"{r['over_copy']:.2f}"] for r in rows]
+    print_grid(head, cells, [(r["device"], r["shape"]) for r in rows], {0, 1, 2, 3})
+
+
+def to_float(text):
+    """A number from a CSV cell; None for an empty cell or NaN."""
+    try:
+        x = float(text)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def read_rust_csv(path):
+    """The Rust report's rows, keyed by (shape, layout, op), in file order."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"shape", "layout", "op", "cpu_ms", "gpu_ms", "gpu_over_copy"} - set(
+            reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: not a Rust results.csv (missing columns {sorted(missing)})")
+        rows = {(r["shape"], r["layout"], r["op"]): r for r in reader}
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def rust_table(rust):
+    """The distinct shapes, layouts and ops (argument names) of the Rust report, in order."""
+    shapes = [parse_shape(s) for s in dict.fromkeys(shape for shape, _, _ in rust)]
+    layouts = [l for l in dict.fromkeys(layout for _, layout, _ in rust) if l in ("cf", "cl")]
+    ops = [OP_ARGS[o] for o in dict.fromkeys(op for _, _, op in rust) if o in OP_ARGS]
+    return shapes, layouts or ["cf"], ops
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def side_by_side(rows, rust):
+    """Torch and Rust rows joined on (shape, layout, op): Rust's order, then torch-only keys."""
+    torch_ms = {(r["device"], r["shape"], r["layout"], r["op"]): r for r in rows}
+    keys = list(dict.fromkeys(list(rust) + [k[1:] for k in torch_ms]))
+    joined = []
+    for key in keys:
+        cpu = torch_ms.get(("cpu",) + key, {})
+        cuda = torch_ms.get(("cuda",) + key, {})
+        r = rust.get(key, {})
+        rust_cpu, rust_gpu = to_float(r.get("cpu_ms")), to_float(r.get("gpu_ms"))
+        joined.append(dict(zip(SIDE_FIELDS, key + (
+            cpu.get("ms"), rust_cpu, ratio(cpu.get("ms"), rust_cpu),
+            cuda.get("ms"), rust_gpu, ratio(cuda.get("ms"), rust_gpu),
+            to_float(r.get("gpu_over_copy")), cuda.get("over_copy")))))
+    return joined
+
+
+def print_side_by_side(joined, with_cuda):
+    head = ["shape", "layout", "op", "torch cpu ms", "rust cpu ms", "rust cpu speed-up"]
+    if with_cuda:
+        head += ["torch cuda ms", "rust gpu ms", "cuda/rust gpu", "rust gpu/copy",
+                 "torch cuda/copy"]
+    cells = []
+    for j in joined:
+        c = [j["shape"], j["layout"], j["op"], fmt_ms(j["torch_cpu_ms"]),
+             fmt_ms(j["rust_cpu_ms"]), fmt_ratio(j["rust_cpu_speedup"])]
+        if with_cuda:
+            c += [fmt_ms(j["torch_cuda_ms"]), fmt_ms(j["rust_gpu_ms"]),
+                  fmt_ratio(j["torch_cuda_over_rust_gpu"]), fmt_ratio(j["rust_gpu_over_copy"]),
+                  fmt_ratio(j["torch_cuda_over_copy"])]
+        cells.append(c)
+    print("side by side: speed-up = torch cpu ms / rust cpu ms"
+          + (", cuda/rust gpu = torch cuda ms / rust gpu ms" if with_cuda else "")
+          + " (above 1: Rust is faster)")
+    print_grid(head, cells, [j["shape"] for j in joined], {0, 1, 2})
+
+
+def write_csv(path, rows, fields):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -261,17 +372,28 @@ def main(argv=None):
               file=sys.stderr)
         return 2
 
+    rust = None
+    layouts, ops = args.layouts or ["cf", "cl"], args.ops or list(OP_NAMES)
+    if args.rust_csv:
+        try:
+            rust = read_rust_csv(args.rust_csv)
+        except (OSError, ValueError, argparse.ArgumentTypeError) as e:
+            print(f"--rust-csv: {e}", file=sys.stderr)
+            return 2
     if args.shapes:
         shapes = args.shapes
     elif args.quick:
         shapes = [(8, 16, 8, 8)]
+    elif rust is not None and not args.full:
+        shapes, rust_layouts, rust_ops = rust_table(rust)
+        layouts, ops = args.layouts or rust_layouts, args.ops or rust_ops
     else:
         shapes = table(FULL_RESNET_BATCH if args.full else DEFAULT_RESNET_BATCH)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         print("--device cuda asked for, but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    ops = list(dict.fromkeys(args.ops))
+    ops = list(dict.fromkeys(ops))
 
     print(f"torch   : {torch.__version__} (CPU threads: {torch.get_num_threads()})")
     for d in devices:
@@ -280,6 +402,8 @@ def main(argv=None):
                   f"CUDA {torch.version.cuda}); time from CUDA events, synchronised")
         else:
             print("cpu     : time.perf_counter around each call")
+    if rust is not None:
+        print(f"rust    : {args.rust_csv} ({len(rust)} rows)")
     print(f"method  : median of reps after {WARMUP} warm-up runs; floor bytes forward-train 3Es, "
           "eval 2Es, backward 5Es, copy 2Es (s = 4)\n")
     sys.stdout.flush()
@@ -294,19 +418,22 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = True
         for dims in shapes:
             reps = args.reps or default_reps(math.prod(dims))
-            rows += measure_shape(torch, F, dims, args.layouts, ops, device, reps,
+            rows += measure_shape(torch, F, dims, layouts, ops, device, reps,
                                   args.rotate_mib << 20, progress)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
     print_table(rows)
+    if rust is not None:
+        joined = side_by_side(rows, rust)
+        print()
+        print_side_by_side(joined, any(r["device"] == "cuda" for r in rows))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "torch_results.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["device"])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {path}")
+    print()
+    write_csv(os.path.join(args.out, "torch_results.csv"), rows,
+              list(rows[0].keys()) if rows else ["device"])
+    if rust is not None:
+        write_csv(os.path.join(args.out, "side_by_side.csv"), joined, SIDE_FIELDS)
     return 0
 
 

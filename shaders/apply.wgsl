@@ -1,14 +1,15 @@
 // Normalize + scale/shift: y = (x - hi) * scale + shift with per-channel coefficients
 // from finalize.wgsl (coef = [hi | scale | shift], segments `padded` apart).
 //
-// The walk over the tensor is ElementwiseParams' (common.wgsl):
-//   channels_first_vec4: units are vec4 inside one channel (S % 4 == 0), len = S / 4.
-//   channels_last_vec4:  units are 4 consecutive channels (C % 4 == 0), len = 1,
-//                        `channels` = C / 4.
-//   scalar:              units are f32, len = S (channels-first) or 1 (channels-last).
+// Walks the tensor as common.wgsl's WalkParams say (the walk of stats.wgsl); each
+// invocation stays on one channel unit and loads its coefficients once.
+//   channels_first_vec4: a unit is 4 elements of one channel (S % 4 == 0).
+//   channels_first_quad: a unit is up to 4 elements of one run (S % 4 != 0).
+//   channels_last_vec4:  a unit is 4 adjacent channels (C % 4 == 0).
+//   scalar:              a unit is one element (channels-last, C % 4 != 0).
 // Reads x and coef; writes y.
 
-@group(0) @binding(0) var<uniform> p: ElementwiseParams;
+@group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
@@ -20,11 +21,42 @@
 fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    var u = first_unit(p, workgroup_linear(wid, nwg), t);
-    for (var k = 0u; k < p.items && u.x < p.units; k++) {
-        let c = u.y;
-        y4[u.x] = (x4[u.x] - coef[c]) * coef[p.padded + c] + coef[2u * p.padded + c];
-        u = next_unit(p, u);
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let first = walk_begin(p, t, g);
+    let c = walk_group(p, first);
+    let hi = coef[c];
+    let scale = coef[p.padded + c];
+    let shift = coef[2u * p.padded + c];
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        y4[i] = (x4[i] - hi) * scale + shift;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn channels_first_quad(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let first = walk_begin(p, t, g);
+    let c = walk_group(p, first);
+    let hi = coef[c];
+    let scale = coef[p.padded + c];
+    let shift = coef[2u * p.padded + c];
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = quad_indices(p, w);
+        let v = (vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]) - hi) * scale + shift;
+        // Past the run, indices repeat the last element and write its same value.
+        y[i.x] = v.x;
+        y[i.y] = v.y;
+        y[i.z] = v.z;
+        y[i.w] = v.w;
     }
 }
 
@@ -32,12 +64,19 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
 fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
     let seg = p.padded / 4u;
-    var u = first_unit(p, workgroup_linear(wid, nwg), t);
-    for (var k = 0u; k < p.items && u.x < p.units; k++) {
-        let c = u.y;
-        y4[u.x] = (x4[u.x] - coef4[c]) * coef4[seg + c] + coef4[2u * seg + c];
-        u = next_unit(p, u);
+    let first = walk_begin(p, t, g);
+    let c = walk_group(p, first);
+    let hi = coef4[c];
+    let scale = coef4[seg + c];
+    let shift = coef4[2u * seg + c];
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        y4[i] = (x4[i] - hi) * scale + shift;
     }
 }
 
@@ -45,10 +84,17 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
 fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
-    var u = first_unit(p, workgroup_linear(wid, nwg), t);
-    for (var k = 0u; k < p.items && u.x < p.units; k++) {
-        let c = u.y;
-        y[u.x] = (x[u.x] - coef[c]) * coef[p.padded + c] + coef[2u * p.padded + c];
-        u = next_unit(p, u);
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let first = walk_begin(p, t, g);
+    let c = walk_group(p, first);
+    let hi = coef[c];
+    let scale = coef[p.padded + c];
+    let shift = coef[2u * p.padded + c];
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        y[i] = (x[i] - hi) * scale + shift;
     }
 }

@@ -1,11 +1,12 @@
 // Backward, third stage: dx = k_dy * dy + k_x * (x - hi) + k_c, with per-channel
 // coefficients from backward_finalize.wgsl (coef = [hi | k_dy | k_x | k_c]).
 //
-// Walks the tensor exactly as apply.wgsl does (same ApplyParams and entry points).
+// Walks the tensor as apply.wgsl does (same WalkParams and entry points); each
+// invocation stays on one channel unit and loads its coefficients once.
 // With running statistics k_x = 0 and x is not read (flags & 1 == 0).
 // Reads x, dy, coef; writes dx.
 
-@group(0) @binding(0) var<uniform> p: ElementwiseParams;
+@group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
@@ -23,15 +24,51 @@ fn with_x() -> bool {
 fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    var u = first_unit(p, workgroup_linear(wid, nwg), t);
-    for (var k = 0u; k < p.items && u.x < p.units; k++) {
-        let c = u.y;
-        var r = dy4[u.x] * coef[p.padded + c] + coef[3u * p.padded + c];
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let first = walk_begin(p, t, g);
+    let c = walk_group(p, first);
+    let hi = coef[c];
+    let k_dy = coef[p.padded + c];
+    let k_x = coef[2u * p.padded + c];
+    let k_c = coef[3u * p.padded + c];
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        var r = dy4[i] * k_dy + k_c;
         if with_x() {
-            r += (x4[u.x] - coef[c]) * coef[2u * p.padded + c];
+            r += (x4[i] - hi) * k_x;
         }
-        dx4[u.x] = r;
-        u = next_unit(p, u);
+        dx4[i] = r;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn channels_first_quad(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let first = walk_begin(p, t, g);
+    let c = walk_group(p, first);
+    let hi = coef[c];
+    let k_dy = coef[p.padded + c];
+    let k_x = coef[2u * p.padded + c];
+    let k_c = coef[3u * p.padded + c];
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = quad_indices(p, w);
+        var r = vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]) * k_dy + k_c;
+        if with_x() {
+            r += (vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]) - hi) * k_x;
+        }
+        // Past the run, indices repeat the last element and write its same value.
+        dx[i.x] = r.x;
+        dx[i.y] = r.y;
+        dx[i.z] = r.z;
+        dx[i.w] = r.w;
     }
 }
 
@@ -39,16 +76,24 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
 fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
     let seg = p.padded / 4u;
-    var u = first_unit(p, workgroup_linear(wid, nwg), t);
-    for (var k = 0u; k < p.items && u.x < p.units; k++) {
-        let c = u.y;
-        var r = dy4[u.x] * coef4[seg + c] + coef4[3u * seg + c];
+    let first = walk_begin(p, t, g);
+    let c = walk_group(p, first);
+    let hi = coef4[c];
+    let k_dy = coef4[seg + c];
+    let k_x = coef4[2u * seg + c];
+    let k_c = coef4[3u * seg + c];
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        var r = dy4[i] * k_dy + k_c;
         if with_x() {
-            r += (x4[u.x] - coef4[c]) * coef4[2u * seg + c];
+            r += (x4[i] - hi) * k_x;
         }
-        dx4[u.x] = r;
-        u = next_unit(p, u);
+        dx4[i] = r;
     }
 }
 
@@ -56,14 +101,22 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
 fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
-    var u = first_unit(p, workgroup_linear(wid, nwg), t);
-    for (var k = 0u; k < p.items && u.x < p.units; k++) {
-        let c = u.y;
-        var r = dy[u.x] * coef[p.padded + c] + coef[3u * p.padded + c];
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let first = walk_begin(p, t, g);
+    let c = walk_group(p, first);
+    let hi = coef[c];
+    let k_dy = coef[p.padded + c];
+    let k_x = coef[2u * p.padded + c];
+    let k_c = coef[3u * p.padded + c];
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        var r = dy[i] * k_dy + k_c;
         if with_x() {
-            r += (x[u.x] - coef[c]) * coef[2u * p.padded + c];
+            r += (x[i] - hi) * k_x;
         }
-        dx[u.x] = r;
-        u = next_unit(p, u);
+        dx[i] = r;
     }
 }

@@ -1,28 +1,123 @@
 // Shared by the kernels (prepended to each kernel's source by the host): the
-// workgroup size, Welford states merged with Chan's formula, and a cursor that walks
-// the elements of one channel of a channels-first tensor without a division per step.
+// workgroup size, the walk over a tensor's channels, and Welford states merged with
+// Chan's formula.
 
 // Invocations per workgroup; set by the host through pipeline constants.
 override WG: u32;
 
-// Split of a per-channel reduction (stats.wgsl, backward_reduce.wgsl); see stats.wgsl.
-struct ReduceParams {
-    channels: u32,    // C, in channels (not units)
-    splits: u32,      // partials per channel
-    per_channel: u32, // channels-first: elements per channel in units; channels-last: rows
-    chunk: u32,       // units (channels-first) or rows (channels-last) per split
-    len: u32,         // channels-first: contiguous run in units (S or S/4)
-    stride: u32,      // units between consecutive runs/rows (C*S or C, over 4 for vec4)
-    tile: u32,        // channels-last: channel units per workgroup (a power of two)
-    flags: u32,       // stats: 1 = count this batch; backward_reduce: 1 = sum dy * (x - mean) too
-    step_n: u32,      // channels-first: WG / len
-    step_s: u32,      // channels-first: WG % len
-    count_index: u32, // index of num_batches_tracked in `running`
-    units: u32,       // channels-last: channel units per row
+// The walk shared by every per-element kernel (stats, apply, backward_reduce,
+// backward_dx, and copy as the yardstick). The tensor is `groups` channel units (a
+// channel, or in the channels-last vec4 kernels four adjacent channels), each
+// `per_channel` units (vec4 or f32) long; unit j of channel unit g sits at
+//     (j / len) * stride + g * len + j % len
+// (channels-first: runs of len = S or S/4 units, stride = C * len; channels-last:
+// len = 1, stride = units per row). A workgroup takes `tile` channel units (a power
+// of two) and one of `splits` chunks of `chunk` units of them. Each invocation stays
+// on one channel unit of its tile (so it loads its channel's values once and never
+// divides per element) as one of the tile's WG / tile rows: with `runs` (channels-
+// first) a channel's rows are consecutive invocations, reading along its run;
+// without (channels-last) invocation t is unit t % tile, so consecutive invocations
+// read along a tensor row. The rows of a channel unit form lane blocks of
+// `block` invocations; each block owns `block_len` consecutive units of the chunk
+// and its lanes step `block` units at a time. On a GPU one block spans the whole
+// workgroup (each step reads one contiguous row); on a CPU adapter a block is one
+// SIMD batch, which then streams through memory of its own.
+struct WalkParams {
+    groups: u32,
+    splits: u32,
+    per_channel: u32,
+    chunk: u32,
+    len: u32,
+    stride: u32,
+    tile: u32,
+    block: u32,
+    block_len: u32,
+    step_n: u32,      // block / len
+    step_s: u32,      // block % len
     padded: u32,      // C rounded up to 4: stride of per-channel vectors
-    _pad2: u32,
+    flags: u32,       // the kernel's own switches
+    count_index: u32, // stats.wgsl: index of num_batches_tracked in `running`
+    runs: u32,        // 1: a channel unit's rows are consecutive invocations
+    run: u32,         // quad walks: elements per run (S)
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
+}
+
+// One invocation's place in the walk: its channel unit, row and split, the next unit
+// j of the channel unit, at (n, s) = (j / len, j % len), and where its block ends.
+struct Walk {
+    group: u32,
+    row: u32,
+    split: u32,
+    j: u32,
+    end: u32,
+    n: u32,
+    s: u32,
+}
+
+// Workgroups of the walk; any beyond (a folded dispatch's padding) do nothing.
+fn walk_workgroups(p: WalkParams) -> u32 {
+    return (p.groups + p.tile - 1u) / p.tile * p.splits;
+}
+
+// Start of invocation t of workgroup g. An invocation past the last channel unit
+// gets an empty range (it still takes part in workgroup reductions).
+fn walk_begin(p: WalkParams, t: u32, g: u32) -> Walk {
+    let rows = WG / p.tile;
+    let in_tile = select(t % p.tile, t / rows, p.runs != 0u);
+    let r = select(t / p.tile, t % rows, p.runs != 0u);
+    let group = g / p.splits * p.tile + in_tile;
+    let split = g % p.splits;
+    let chunk_end = min((split + 1u) * p.chunk, p.per_channel);
+    let start = min(split * p.chunk + r / p.block * p.block_len, chunk_end);
+    let end = select(start, min(start + p.block_len, chunk_end), group < p.groups);
+    let j = start + r % p.block;
+    return Walk(group, r, split, j, end, j / p.len, j % p.len);
+}
+
+// The invocation `half` rows below invocation t, on the same channel unit.
+fn walk_partner(p: WalkParams, t: u32, half: u32) -> u32 {
+    return select(t + half * p.tile, t + half, p.runs != 0u);
+}
+
+// The channel unit whose per-channel values an invocation loads (clamped so that
+// idle invocations read in bounds).
+fn walk_group(p: WalkParams, w: Walk) -> u32 {
+    return min(w.group, p.groups - 1u);
+}
+
+// Index of the walk's current unit.
+fn walk_index(p: WalkParams, w: Walk) -> u32 {
+    return w.n * p.stride + w.group * p.len + w.s;
+}
+
+// Quad walks (channels-first with S % 4 != 0): a unit is up to four consecutive
+// elements of a run (len = ceil(S / 4) units per run, `stride` in elements), read
+// as f32 and handled as one vec4 (without branches, so that SIMD lanes stay together).
+// Indices of the current quad's four elements; past the end of the run (the last
+// quad of a run may be short) they repeat the last element, and quad_valid is false.
+fn quad_indices(p: WalkParams, w: Walk) -> vec4<u32> {
+    let i = w.n * p.stride + w.group * p.run + 4u * w.s;
+    let last = min(4u, p.run - 4u * w.s) - 1u;
+    return vec4<u32>(i) + min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last));
+}
+
+fn quad_valid(p: WalkParams, w: Walk) -> vec4<bool> {
+    return vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.run - 4u * w.s);
+}
+
+// Steps `block` units forward.
+fn walk_next(p: WalkParams, w: Walk) -> Walk {
+    var r = w;
+    r.j += p.block;
+    r.s += p.step_s;
+    r.n += p.step_n;
+    if r.s >= p.len {
+        r.s -= p.len;
+        r.n += 1u;
+    }
+    return r;
 }
 
 // Four independent Welford streams (one per vec4 lane). `mean` is relative to the
@@ -45,16 +140,13 @@ fn welford_push(w: Welford, d: vec4<f32>) -> Welford {
     return Welford(n, mean, w.m2 + delta * (d - mean));
 }
 
-// Adds a value to lane 0 only (scalar loads).
-fn welford_push1(w: Welford, d: f32) -> Welford {
-    let n = w.n.x + 1.0;
-    let delta = d - w.mean.x;
-    let mean = w.mean.x + delta / n;
-    var r = w;
-    r.n.x = n;
-    r.mean.x = mean;
-    r.m2.x = w.m2.x + delta * (d - mean);
-    return r;
+// Adds one value to each lane where `valid` holds.
+fn welford_push_where(w: Welford, d: vec4<f32>, valid: vec4<bool>) -> Welford {
+    let zero = vec4<f32>(0.0);
+    let n = w.n + select(zero, vec4<f32>(1.0), valid);
+    let delta = select(zero, d - w.mean, valid);
+    let mean = w.mean + delta / max(n, vec4<f32>(1.0));
+    return Welford(n, mean, w.m2 + delta * (d - mean));
 }
 
 // Chan's parallel merge, lane by lane; empty states (n = 0) merge as identities.
@@ -75,64 +167,7 @@ fn welford_collapse(w: Welford) -> Welford {
     return acc;
 }
 
-// Position (batch index n, offset s inside the channel's contiguous run of length
-// `len`) of the j-th element of a channel in a channels-first tensor.
-struct Cursor {
-    n: u32,
-    s: u32,
-}
-
-fn cursor_at(j: u32, len: u32) -> Cursor {
-    return Cursor(j / len, j % len);
-}
-
-// Moves the cursor forward by `step_n * len + step_s` elements (step_s < len).
-fn cursor_advance(c: Cursor, len: u32, step_n: u32, step_s: u32) -> Cursor {
-    var s = c.s + step_s;
-    var n = c.n + step_n;
-    if s >= len {
-        s -= len;
-        n += 1u;
-    }
-    return Cursor(n, s);
-}
-
 // Linear workgroup index of a dispatch that may be folded into two dimensions.
 fn workgroup_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
-}
-
-// Walk of an elementwise pass (apply.wgsl, backward_dx.wgsl, copy.wgsl): invocation t
-// of workgroup g handles `items` units (vec4 or f32) WG apart, so each step of a
-// workgroup touches one contiguous block. The channel of unit q is
-// (q / len) % channels, tracked incrementally with no division per step.
-struct ElementwiseParams {
-    units: u32,    // total units
-    len: u32,      // units per channel run (S or S/4 channels-first, 1 channels-last)
-    channels: u32, // channel (or 4-channel group) count the run index wraps at
-    padded: u32,   // C rounded up to 4: stride of per-channel vectors
-    step_c: u32,   // (WG / len) % channels
-    step_s: u32,   // WG % len
-    items: u32,    // units per invocation
-    flags: u32,    // backward_dx.wgsl: 1 = the x term is used
-}
-
-// (unit, channel, offset in run) of invocation t's first unit.
-fn first_unit(p: ElementwiseParams, g: u32, t: u32) -> vec3<u32> {
-    let q = g * WG * p.items + t;
-    return vec3<u32>(q, (q / p.len) % p.channels, q % p.len);
-}
-
-// Advances (unit, channel, offset) by WG units.
-fn next_unit(p: ElementwiseParams, u: vec3<u32>) -> vec3<u32> {
-    var s = u.z + p.step_s;
-    var c = u.y + p.step_c;
-    if s >= p.len {
-        s -= p.len;
-        c += 1u;
-    }
-    if c >= p.channels {
-        c -= p.channels;
-    }
-    return vec3<u32>(u.x + WG, c, s);
 }

@@ -1,7 +1,9 @@
 // A plain vec4 copy, dst = src: the bandwidth yardstick the benchmarks compare every
-// kernel against. Walks memory exactly as apply.wgsl does (see ElementwiseParams; len = channels = 1). Reads src; writes dst.
+// kernel against. It walks the tensor as one channel (common.wgsl's walk, with the
+// adapter's tuning), so it reads and writes memory in the order the other kernels do.
+// Reads src; writes dst.
 
-@group(0) @binding(0) var<uniform> p: ElementwiseParams;
+@group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> dst: array<vec4<f32>>;
 
@@ -9,9 +11,12 @@
 fn main(@builtin(local_invocation_index) t: u32,
         @builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>) {
-    var q = workgroup_linear(wid, nwg) * WG * p.items + t;
-    for (var k = 0u; k < p.items && q < p.units; k++) {
-        dst[q] = src[q];
-        q += WG;
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    for (var w = walk_begin(p, t, g); w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        dst[i] = src[i];
     }
 }

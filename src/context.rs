@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::kernels::Kernels;
-use crate::{Error, Result};
+use crate::{Error, Result, Tuning};
 
 /// A `wgpu` device and queue with this crate's pipelines built on it.
 ///
@@ -14,6 +14,7 @@ use crate::{Error, Result};
 #[derive(Clone)]
 pub struct GpuContext {
     inner: Arc<Inner>,
+    tuning: Tuning,
 }
 
 struct Inner {
@@ -68,6 +69,7 @@ impl GpuContext {
     ) -> Result<Self> {
         let kernels = Kernels::new(&device)?;
         Ok(Self {
+            tuning: Tuning::for_adapter(&info),
             inner: Arc::new(Inner {
                 device,
                 queue,
@@ -75,6 +77,20 @@ impl GpuContext {
                 kernels,
             }),
         })
+    }
+
+    /// This context with another launch geometry (sharing device and pipelines).
+    /// Layers built on the result use it; the default is [`Tuning::for_adapter`].
+    pub fn with_tuning(&self, tuning: Tuning) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            tuning,
+        }
+    }
+
+    /// The launch geometry the kernels use.
+    pub fn tuning(&self) -> Tuning {
+        self.tuning
     }
 
     /// The device.
@@ -118,7 +134,7 @@ impl GpuContext {
     }
 
     /// Records a plain vec4 copy of the first `bytes` bytes of `src` into `dst`, the
-    /// bandwidth yardstick of the benchmarks (same walk as the normalize pass).
+    /// bandwidth yardstick of the benchmarks.
     /// `bytes` must be a non-zero multiple of 16; the buffers need `STORAGE`.
     pub fn copy_in_pass(
         &self,
@@ -154,10 +170,10 @@ impl GpuContext {
         if src == dst {
             return Err(Error::AliasedBuffers { a: "src", b: "dst" });
         }
-        let plan = crate::kernels::copy::plan(vec4s);
+        let plan = crate::kernels::common::plan_flat(vec4s, self.tuning.elementwise);
         let kernels = self.kernels();
         let params = kernels.uniform(self.device(), &plan.params);
-        kernels.copy.main.dispatch(
+        kernels.copy.dispatch(
             self.device(),
             pass,
             &[

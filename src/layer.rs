@@ -2,7 +2,7 @@
 
 use crate::context::GpuContext;
 use crate::kernels::{
-    apply, backward_dx, backward_finalize, backward_reduce, binding, finalize, stats, whole,
+    backward_dx, backward_finalize, backward_reduce, binding, common, finalize, stats, whole,
     WORKGROUP_SIZE,
 };
 use crate::{
@@ -476,6 +476,16 @@ impl BatchNorm {
         }
     }
 
+    /// How a reduction walks `shape` on this device.
+    fn reduce_walk(&self, shape: &Shape) -> common::WalkPlan {
+        common::plan(shape, self.stride() as u32, self.ctx.tuning().reduce)
+    }
+
+    /// How an elementwise pass walks `shape` on this device.
+    fn elementwise_walk(&self, shape: &Shape) -> common::WalkPlan {
+        common::plan(shape, self.stride() as u32, self.ctx.tuning().elementwise)
+    }
+
     fn channel_workgroups(&self) -> u32 {
         (self.config.num_features as u32).div_ceil(WORKGROUP_SIZE)
     }
@@ -497,11 +507,12 @@ impl BatchNorm {
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
-        let mut plan = stats::plan(shape);
-        plan.params.flags = u32::from(update_running);
+        let mut plan = self.reduce_walk(shape);
+        if update_running {
+            plan.params.flags = stats::COUNT_BATCH;
+        }
         plan.params.count_index = 2 * self.stride() as u32;
-        plan.params.padded = self.stride() as u32;
-        let partials = self.partials(plan.partial_count());
+        let partials = self.partials(plan.partial_count(self.config.num_features));
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
         let params = kernels.uniform(device, &plan.params);
@@ -565,7 +576,7 @@ impl BatchNorm {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) {
-        let plan = apply::plan(shape, self.stride() as u32);
+        let plan = self.elementwise_walk(shape);
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
         let params = kernels.uniform(device, &plan.params);
@@ -686,14 +697,13 @@ impl BatchNorm {
             return;
         }
         let stride = self.stride() as u32;
-        let mut plan = stats::plan(shape);
+        let mut plan = self.reduce_walk(shape);
         plan.params.flags = if batch || want_dgamma {
             backward_reduce::WITH_X
         } else {
             0
         };
-        plan.params.padded = stride;
-        let partials = self.partials(plan.partial_count());
+        let partials = self.partials(plan.partial_count(self.config.num_features));
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
         if need_sums {
@@ -750,7 +760,7 @@ impl BatchNorm {
             self.channel_workgroups(),
         );
         if let Some(dx) = grads.dx {
-            let mut ep = apply::plan(shape, stride);
+            let mut ep = self.elementwise_walk(shape);
             ep.params.flags = if batch { backward_dx::WITH_X } else { 0 };
             let params = kernels.uniform(device, &ep.params);
             kernels.backward_dx.get(ep.variant).dispatch(

@@ -3,6 +3,7 @@ mod config;
 mod error;
 mod outputs;
 mod shape;
+mod tuning;
 
 pub mod cpu;
 
@@ -10,6 +11,7 @@ pub use config::{BatchNormConfig, BatchNormState, Convention, GradMask, StatsSou
 pub use error::{Error, Result};
 pub use outputs::{ForwardOutput, Gradients, SavedStatsHost};
 pub use shape::{Layout, Shape, MAX_ELEMENTS};
+pub use tuning::{Cut, Tuning};
 mod context;
 mod kernels;
 mod layer;

@@ -5,7 +5,7 @@ mod common;
 mod gpu_support;
 
 use common::{assert_close, assert_sums_close, normal, rng};
-use gpu_support::{ctx, describe, layer_pair};
+use gpu_support::{ctx, describe, layer_pair, layer_pair_on, tunings};
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
 use wgpu_batchnorm::{
@@ -46,6 +46,7 @@ fn sum_scales(
 }
 
 /// Runs one backward on both sides and compares every output asked for.
+#[allow(clippy::too_many_arguments)]
 fn check_backward(
     gpu: &mut BatchNorm,
     cpu: &ReferenceBatchNorm,
@@ -182,6 +183,38 @@ fn backward_matches_reference_for_every_layout_and_option() {
         }
     }
     println!("largest backward error against the reference: {worst:.3e}");
+}
+
+#[test]
+fn every_tuning_matches_reference() {
+    let mut rng = rng("backward every_tuning_matches_reference");
+    let mut worst = 0f64;
+    let split_shapes: &[&[usize]] = &[&[16, 8, 30, 30], &[7, 5, 33, 17], &[1000, 12], &[513, 7]];
+    for (name, ctx) in tunings() {
+        for dims in split_shapes.iter().chain(SHAPES) {
+            for layout in LAYOUTS {
+                let shape = Shape::new(dims, layout).unwrap();
+                let config = BatchNormConfig::new(shape.c());
+                for source in [StatsSource::Batch, StatsSource::Running] {
+                    let (mut gpu, cpu) = layer_pair_on(&ctx, &mut rng, &config);
+                    let x = normal(&mut rng, &shape, 0.5, 1.5);
+                    let dy = normal(&mut rng, &shape, 0.1, 1.0);
+                    let what = format!("tuning {name} {dims:?} {layout:?} {source:?}");
+                    worst = worst.max(check_backward(
+                        &mut gpu,
+                        &cpu,
+                        &shape,
+                        &x,
+                        &dy,
+                        source,
+                        GradMask::default(),
+                        &what,
+                    ));
+                }
+            }
+        }
+    }
+    println!("largest backward error against the reference over every tuning: {worst:.3e}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 mod gpu_support;
 
 use common::{assert_close, normal, rng};
-use gpu_support::{configs, ctx, describe, f64s, layer_pair};
+use gpu_support::{configs, ctx, describe, f64s, layer_pair, layer_pair_on, tunings};
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Layout, SavedStats, Shape};
@@ -127,6 +127,40 @@ fn forward_matches_reference_for_every_layout_and_option() {
         }
     }
     println!("largest error against the reference: {worst:.3e}");
+}
+
+/// Shapes big enough to be split over many workgroups, odd sizes among them.
+const SPLIT_SHAPES: &[&[usize]] = &[
+    &[16, 8, 30, 30],
+    &[7, 5, 33, 17],
+    &[3, 12, 7, 7],
+    &[1000, 12],
+    &[513, 7],
+    &[4, 2, 9, 9, 9],
+];
+
+#[test]
+fn every_tuning_matches_reference() {
+    let mut rng = rng("every_tuning_matches_reference");
+    let mut worst = 0f64;
+    for (name, ctx) in tunings() {
+        for dims in SPLIT_SHAPES.iter().chain(SHAPES) {
+            for layout in LAYOUTS {
+                let shape = Shape::new(dims, layout).unwrap();
+                let config = BatchNormConfig::new(shape.c());
+                let (mut gpu, mut cpu) = layer_pair_on(&ctx, &mut rng, &config);
+                let mean = rng.random_range(-3.0..3.0);
+                let xs: Vec<Vec<f32>> = (0..2)
+                    .map(|_| normal(&mut rng, &shape, mean, 2.0))
+                    .collect();
+                let what = format!("tuning {name} {dims:?} {layout:?}");
+                worst = worst.max(check_train_eval(
+                    &mut gpu, &mut cpu, &shape, &xs, TOL, &what,
+                ));
+            }
+        }
+    }
+    println!("largest error against the reference over every tuning: {worst:.3e}");
 }
 
 #[test]

@@ -1,17 +1,10 @@
-//! Host side of `shaders/backward_dx.wgsl`; its walk is apply.rs' plan.
+//! Host side of `shaders/backward_dx.wgsl`: dx over common.rs' walk.
 
-use super::apply::Variant;
-use super::{Access, Kernel};
+use super::common::WalkKernels;
+use super::Access;
 
-/// Bit of `ElementwiseParams::flags`: the x term is used (batch statistics).
+/// Bit of `WalkParams::flags`: the x term is used (batch statistics).
 pub(crate) const WITH_X: u32 = 1;
-
-/// The three entry points of backward_dx.wgsl.
-pub(crate) struct BackwardDxKernels {
-    channels_first_vec4: Kernel,
-    channels_last_vec4: Kernel,
-    scalar: Kernel,
-}
 
 /// params, x, dy, dx, coef.
 const BINDINGS: &[Access] = &[
@@ -22,21 +15,7 @@ const BINDINGS: &[Access] = &[
     Access::Read,
 ];
 
-impl BackwardDxKernels {
-    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let k = |label, entry| Kernel::new(device, module, label, entry, BINDINGS);
-        Self {
-            channels_first_vec4: k("bn.backward_dx.channels_first_vec4", "channels_first_vec4"),
-            channels_last_vec4: k("bn.backward_dx.channels_last_vec4", "channels_last_vec4"),
-            scalar: k("bn.backward_dx.scalar", "scalar"),
-        }
-    }
-
-    pub(crate) fn get(&self, variant: Variant) -> &Kernel {
-        match variant {
-            Variant::ChannelsFirstVec4 => &self.channels_first_vec4,
-            Variant::ChannelsLastVec4 => &self.channels_last_vec4,
-            Variant::Scalar => &self.scalar,
-        }
-    }
+/// The entry points of backward_dx.wgsl.
+pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
+    WalkKernels::new(device, module, "bn.backward_dx", BINDINGS)
 }

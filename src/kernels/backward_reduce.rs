@@ -1,18 +1,11 @@
-//! Host side of `shaders/backward_reduce.wgsl`; its split is stats.rs' plan.
+//! Host side of `shaders/backward_reduce.wgsl`: per-channel partial sums of the
+//! backward over common.rs' walk (split as the forward statistics are).
 
-use super::stats::Variant;
-use super::{Access, Kernel};
+use super::common::WalkKernels;
+use super::Access;
 
-/// Bit of `ReduceParams::flags`: also sum dy * (x - mean).
+/// Bit of `WalkParams::flags`: also sum dy * (x - mean).
 pub(crate) const WITH_X: u32 = 1;
-
-/// The four entry points of backward_reduce.wgsl.
-pub(crate) struct BackwardReduceKernels {
-    channels_first_vec4: Kernel,
-    channels_first_scalar: Kernel,
-    channels_last_vec4: Kernel,
-    channels_last_scalar: Kernel,
-}
 
 /// params, x, dy, saved, partials.
 const BINDINGS: &[Access] = &[
@@ -23,35 +16,7 @@ const BINDINGS: &[Access] = &[
     Access::ReadWrite,
 ];
 
-impl BackwardReduceKernels {
-    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let k = |label, entry| Kernel::new(device, module, label, entry, BINDINGS);
-        Self {
-            channels_first_vec4: k(
-                "bn.backward_reduce.channels_first_vec4",
-                "channels_first_vec4",
-            ),
-            channels_first_scalar: k(
-                "bn.backward_reduce.channels_first_scalar",
-                "channels_first_scalar",
-            ),
-            channels_last_vec4: k(
-                "bn.backward_reduce.channels_last_vec4",
-                "channels_last_vec4",
-            ),
-            channels_last_scalar: k(
-                "bn.backward_reduce.channels_last_scalar",
-                "channels_last_scalar",
-            ),
-        }
-    }
-
-    pub(crate) fn get(&self, variant: Variant) -> &Kernel {
-        match variant {
-            Variant::ChannelsFirstVec4 => &self.channels_first_vec4,
-            Variant::ChannelsFirstScalar => &self.channels_first_scalar,
-            Variant::ChannelsLastVec4 => &self.channels_last_vec4,
-            Variant::ChannelsLastScalar => &self.channels_last_scalar,
-        }
-    }
+/// The entry points of backward_reduce.wgsl.
+pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
+    WalkKernels::new(device, module, "bn.backward_reduce", BINDINGS)
 }

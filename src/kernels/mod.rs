@@ -6,6 +6,7 @@ pub(crate) mod apply;
 pub(crate) mod backward_dx;
 pub(crate) mod backward_finalize;
 pub(crate) mod backward_reduce;
+pub(crate) mod common;
 pub(crate) mod copy;
 pub(crate) mod finalize;
 pub(crate) mod stats;
@@ -64,17 +65,18 @@ pub(crate) enum Access {
 pub(crate) struct Kernel {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
-    label: &'static str,
+    label: String,
 }
 
 impl Kernel {
     fn new(
         device: &wgpu::Device,
         module: &wgpu::ShaderModule,
-        label: &'static str,
+        label: impl Into<String>,
         entry: &str,
         bindings: &[Access],
     ) -> Self {
+        let label = label.into();
         let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
             .iter()
             .enumerate()
@@ -94,16 +96,16 @@ impl Kernel {
             })
             .collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(label),
+            label: Some(&label),
             entries: &entries,
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(label),
+            label: Some(&label),
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(label),
+            label: Some(&label),
             layout: Some(&pipeline_layout),
             module,
             entry_point: Some(entry),
@@ -139,7 +141,7 @@ impl Kernel {
             })
             .collect();
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(self.label),
+            label: Some(&self.label),
             layout: &self.layout,
             entries: &entries,
         });
@@ -173,13 +175,13 @@ pub(crate) fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
 
 /// Every pipeline of the crate, built once per device.
 pub(crate) struct Kernels {
-    pub stats: stats::StatsKernels,
+    pub stats: common::WalkKernels,
     pub finalize: finalize::FinalizeKernels,
-    pub apply: apply::ApplyKernels,
-    pub backward_reduce: backward_reduce::BackwardReduceKernels,
+    pub apply: common::WalkKernels,
+    pub backward_reduce: common::WalkKernels,
     pub backward_finalize: backward_finalize::BackwardFinalizeKernels,
-    pub backward_dx: backward_dx::BackwardDxKernels,
-    pub copy: copy::CopyKernels,
+    pub backward_dx: common::WalkKernels,
+    pub copy: Kernel,
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
 }
 
@@ -234,13 +236,13 @@ impl Kernels {
                 .unwrap_or_default()
         };
         let kernels = Self {
-            stats: stats::StatsKernels::new(device, &module("bn.stats", src("stats.wgsl"))),
+            stats: stats::kernels(device, &module("bn.stats", src("stats.wgsl"))),
             finalize: finalize::FinalizeKernels::new(
                 device,
                 &module("bn.finalize", src("finalize.wgsl")),
             ),
-            apply: apply::ApplyKernels::new(device, &module("bn.apply", src("apply.wgsl"))),
-            backward_reduce: backward_reduce::BackwardReduceKernels::new(
+            apply: apply::kernels(device, &module("bn.apply", src("apply.wgsl"))),
+            backward_reduce: backward_reduce::kernels(
                 device,
                 &module("bn.backward_reduce", src("backward_reduce.wgsl")),
             ),
@@ -248,11 +250,11 @@ impl Kernels {
                 device,
                 &module("bn.backward_finalize", src("backward_finalize.wgsl")),
             ),
-            backward_dx: backward_dx::BackwardDxKernels::new(
+            backward_dx: backward_dx::kernels(
                 device,
                 &module("bn.backward_dx", src("backward_dx.wgsl")),
             ),
-            copy: copy::CopyKernels::new(device, &module("bn.copy", src("copy.wgsl"))),
+            copy: copy::kernel(device, &module("bn.copy", src("copy.wgsl"))),
             uniforms: Mutex::new(HashMap::new()),
         };
         if let Some(e) = pollster::block_on(scope.pop()) {

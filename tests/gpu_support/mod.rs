@@ -6,7 +6,9 @@ use std::sync::OnceLock;
 
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
-use wgpu_batchnorm::{BatchNorm, BatchNormConfig, BatchNormState, Convention, GpuContext};
+use wgpu_batchnorm::{
+    BatchNorm, BatchNormConfig, BatchNormState, Convention, Cut, GpuContext, Tuning,
+};
 
 /// The context every GPU test uses. With no adapter this fails, with the message
 /// of [`wgpu_batchnorm::Error::NoAdapter`] that says how to get one: GPU tests never
@@ -58,10 +60,43 @@ pub fn random_state(rng: &mut impl Rng, config: &BatchNormConfig) -> BatchNormSt
     s
 }
 
+/// The launch geometries every result must survive: the adapter's own, the GPU and
+/// CPU tunings whatever the adapter, and a cut as fine as it goes (one unit per
+/// invocation, many splits, narrow tiles, lane blocks of 4).
+pub fn tunings() -> Vec<(&'static str, GpuContext)> {
+    let finest = Cut {
+        target_workgroups: 4096,
+        min_units: 1,
+        lane_block: 4,
+        max_row_tile: 4,
+    };
+    vec![
+        ("adapter", ctx().clone()),
+        ("gpu", ctx().with_tuning(Tuning::gpu())),
+        ("cpu", ctx().with_tuning(Tuning::cpu(8))),
+        (
+            "finest",
+            ctx().with_tuning(Tuning {
+                reduce: finest,
+                elementwise: finest,
+            }),
+        ),
+    ]
+}
+
 /// The same layer on the GPU and in the reference, from the same random state.
 pub fn layer_pair(rng: &mut impl Rng, config: &BatchNormConfig) -> (BatchNorm, ReferenceBatchNorm) {
+    layer_pair_on(ctx(), rng, config)
+}
+
+/// [`layer_pair`] on a given context.
+pub fn layer_pair_on(
+    ctx: &GpuContext,
+    rng: &mut impl Rng,
+    config: &BatchNormConfig,
+) -> (BatchNorm, ReferenceBatchNorm) {
     let state = random_state(rng, config);
-    let gpu = BatchNorm::with_state(ctx(), config.clone(), &state).expect("valid layer");
+    let gpu = BatchNorm::with_state(ctx, config.clone(), &state).expect("valid layer");
     let cpu = ReferenceBatchNorm::with_state(config.clone(), state).expect("valid layer");
     (gpu, cpu)
 }

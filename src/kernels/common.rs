@@ -1,0 +1,254 @@
+//! Host side of `shaders/common.wgsl`: the walk every per-element kernel shares
+//! (how a tensor is cut into workgroups, after the context's [`Cut`]) and the entry
+//! points each of those kernels has.
+
+use super::{Access, Kernel, WORKGROUP_SIZE};
+use crate::{Cut, Layout, Shape};
+
+/// Mirrors `WalkParams` in common.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct WalkParams {
+    pub groups: u32,
+    pub splits: u32,
+    pub per_channel: u32,
+    pub chunk: u32,
+    pub len: u32,
+    pub stride: u32,
+    pub tile: u32,
+    pub block: u32,
+    pub block_len: u32,
+    pub step_n: u32,
+    pub step_s: u32,
+    pub padded: u32,
+    pub flags: u32,
+    pub count_index: u32,
+    pub runs: u32,
+    pub run: u32,
+    pub _pad: [u32; 3],
+}
+
+/// How a kernel reads the tensor: its entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Variant {
+    /// vec4 units inside one channel (channels-first, `S % 4 == 0`).
+    ChannelsFirstVec4,
+    /// Up to four f32 of one run as a unit (channels-first, `S % 4 != 0`).
+    ChannelsFirstQuad,
+    /// vec4 units of four adjacent channels (channels-last, `C % 4 == 0`).
+    ChannelsLastVec4,
+    /// f32 units (channels-last, `C % 4 != 0`).
+    Scalar,
+}
+
+/// A walk's launch: its parameters, entry point and workgroup count.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WalkPlan {
+    pub params: WalkParams,
+    pub variant: Variant,
+    pub workgroups: u32,
+}
+
+impl WalkPlan {
+    /// Partials a reduction over this walk writes: `C * splits`.
+    pub fn partial_count(&self, channels: usize) -> u64 {
+        channels as u64 * self.params.splits as u64
+    }
+}
+
+/// The walk of `shape`: vec4 units where the layout allows, then [`plan_units`].
+/// A channels-first tensor without spatial dims is the same memory as a
+/// channels-last one, and is walked as such. `padded` is the stride of the
+/// per-channel vectors (C rounded up to 4).
+pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut) -> WalkPlan {
+    let (n, c, s) = (
+        shape.n() as u32,
+        shape.c() as u32,
+        shape.spatial_size() as u32,
+    );
+    let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
+    let (variant, units) = if channels_last {
+        if c % 4 == 0 {
+            (Variant::ChannelsLastVec4, Units::rows(c / 4, n * s))
+        } else {
+            (Variant::Scalar, Units::rows(c, n * s))
+        }
+    } else if s % 4 == 0 {
+        (Variant::ChannelsFirstVec4, Units::runs(c, s / 4, n))
+    } else {
+        (Variant::ChannelsFirstQuad, Units::quads(c, s, n))
+    };
+    WalkPlan {
+        params: plan_units(units, padded, tuning),
+        variant,
+        workgroups: 0,
+    }
+    .with_workgroups()
+}
+
+/// The walk of a copy of `vec4s` vec4s: one channel unit of one run.
+pub(crate) fn plan_flat(vec4s: u32, tuning: Cut) -> WalkPlan {
+    WalkPlan {
+        params: plan_units(Units::runs(1, vec4s, 1), 4, tuning),
+        variant: Variant::ChannelsFirstVec4,
+        workgroups: 0,
+    }
+    .with_workgroups()
+}
+
+/// How a tensor's units are arranged: `groups` channel units of `per_channel`
+/// units each, in runs of `len`, `stride` apart.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Units {
+    groups: u32,
+    per_channel: u32,
+    len: u32,
+    stride: u32,
+    /// Elements per run of a quad walk (0 otherwise).
+    run: u32,
+    /// Channel units side by side in memory (channels-last rows).
+    interleaved: bool,
+}
+
+impl Units {
+    /// Channels-last: `rows` rows of `groups` units.
+    fn rows(groups: u32, rows: u32) -> Self {
+        Self {
+            groups,
+            per_channel: rows,
+            len: 1,
+            stride: groups,
+            run: 0,
+            interleaved: true,
+        }
+    }
+
+    /// Channels-first: `n` batch items of `groups` runs of `len` units.
+    fn runs(groups: u32, len: u32, n: u32) -> Self {
+        Self {
+            groups,
+            per_channel: n * len,
+            len,
+            stride: groups * len,
+            run: 0,
+            interleaved: false,
+        }
+    }
+
+    /// Channels-first in quads: `n` batch items of `groups` runs of `s` elements,
+    /// each run ceil(s / 4) units.
+    fn quads(groups: u32, s: u32, n: u32) -> Self {
+        Self {
+            stride: groups * s,
+            run: s,
+            ..Self::runs(groups, s.div_ceil(4), n)
+        }
+    }
+}
+
+/// Cuts `units` into workgroups: `tile` channel units per workgroup, the fewest that
+/// still give each invocation `tuning.min_units` units (channels-last tiles are at
+/// least a row segment wide, for contiguous loads); then each tile split into chunks
+/// until the launch has about `tuning.target_workgroups` workgroups.
+pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
+    let wg = WORKGROUP_SIZE;
+    let Units {
+        groups,
+        per_channel,
+        len,
+        stride,
+        run,
+        interleaved,
+    } = units;
+    let needed = (wg * tuning.min_units)
+        .div_ceil(per_channel.max(1))
+        .next_power_of_two()
+        .min(wg);
+    let tile = if interleaved {
+        needed.max(groups.next_power_of_two().min(tuning.max_row_tile))
+    } else {
+        needed.min(groups.next_power_of_two())
+    };
+    let tiles = groups.div_ceil(tile);
+    let rows_per_step = wg / tile;
+    let max_splits = per_channel
+        .div_ceil(rows_per_step * tuning.min_units)
+        .max(1);
+    let splits = tuning
+        .target_workgroups
+        .div_ceil(tiles)
+        .clamp(1, max_splits);
+    let chunk = per_channel.div_ceil(splits).max(1);
+    let splits = per_channel.div_ceil(chunk).max(1);
+    // A SIMD batch of `lane_block` consecutive invocations spans that many rows of
+    // one channel unit (runs), or lane_block / tile rows (interleaved).
+    let block = match (tuning.lane_block, interleaved) {
+        (0, _) => rows_per_step,
+        (b, true) => (b / tile).clamp(1, rows_per_step),
+        (b, false) => b.min(rows_per_step),
+    };
+    WalkParams {
+        groups,
+        splits,
+        per_channel,
+        chunk,
+        len,
+        stride,
+        tile,
+        block,
+        block_len: chunk.div_ceil(rows_per_step / block),
+        step_n: block / len,
+        step_s: block % len,
+        padded,
+        flags: 0,
+        count_index: 0,
+        runs: u32::from(!interleaved),
+        run,
+        _pad: [0; 3],
+    }
+}
+
+impl WalkPlan {
+    fn with_workgroups(mut self) -> Self {
+        let p = &self.params;
+        self.workgroups = p.groups.div_ceil(p.tile) * p.splits;
+        self
+    }
+}
+
+/// The entry points of a kernel that walks the tensor, one per [`Variant`].
+pub(crate) struct WalkKernels {
+    channels_first_vec4: Kernel,
+    channels_first_quad: Kernel,
+    channels_last_vec4: Kernel,
+    scalar: Kernel,
+}
+
+impl WalkKernels {
+    /// Pipelines for the entry points `channels_first_vec4`, `channels_first_quad`,
+    /// `channels_last_vec4` and `scalar` of `module`, labelled `{name}.{entry}`.
+    pub(crate) fn new(
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        name: &str,
+        bindings: &[Access],
+    ) -> Self {
+        let k =
+            |entry: &str| Kernel::new(device, module, format!("{name}.{entry}"), entry, bindings);
+        Self {
+            channels_first_vec4: k("channels_first_vec4"),
+            channels_first_quad: k("channels_first_quad"),
+            channels_last_vec4: k("channels_last_vec4"),
+            scalar: k("scalar"),
+        }
+    }
+
+    pub(crate) fn get(&self, variant: Variant) -> &Kernel {
+        match variant {
+            Variant::ChannelsFirstVec4 => &self.channels_first_vec4,
+            Variant::ChannelsFirstQuad => &self.channels_first_quad,
+            Variant::ChannelsLastVec4 => &self.channels_last_vec4,
+            Variant::Scalar => &self.scalar,
+        }
+    }
+}

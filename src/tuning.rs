@@ -1,0 +1,86 @@
+//! How the kernels cut a tensor into workgroups: chosen per adapter, adjustable.
+
+use crate::kernels::WORKGROUP_SIZE;
+
+/// How one kind of pass is cut into workgroups (see [`Tuning`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// Workgroups a launch aims for, when the tensor is large enough.
+    pub target_workgroups: u32,
+    /// Units (vec4 or f32) each invocation should get before a channel is split
+    /// over more workgroups.
+    pub min_units: u32,
+    /// Invocations that an adapter runs as one SIMD batch (a power of two), or 0 for
+    /// a GPU. With a batch size, each batch walks a contiguous block of its own;
+    /// with 0, each step of a workgroup reads one contiguous row.
+    pub lane_block: u32,
+    /// Widest channels-last tile, in channel units (a power of two).
+    pub max_row_tile: u32,
+}
+
+/// The launch geometry of the kernels: one [`Cut`] for the reductions (batch
+/// statistics, backward sums: every workgroup ends in a barrier tree and writes
+/// partial results that a second pass merges) and one for the elementwise passes
+/// (normalize, dx, and the copy kernel the benchmarks compare with).
+///
+/// Results do not depend on the tuning beyond float rounding (each tuning is
+/// deterministic on its own). [`GpuContext`](crate::GpuContext) picks
+/// [`Tuning::for_adapter`]; [`GpuContext::with_tuning`](crate::GpuContext::with_tuning)
+/// overrides it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Cut of the reductions.
+    pub reduce: Cut,
+    /// Cut of the elementwise passes.
+    pub elementwise: Cut,
+}
+
+impl Tuning {
+    /// For a GPU: many workgroups in flight (about 2048 per launch), at least 8
+    /// units per invocation, each step of a workgroup on one contiguous row.
+    pub fn gpu() -> Self {
+        let cut = Cut {
+            target_workgroups: 2048,
+            min_units: 8,
+            lane_block: 0,
+            max_row_tile: 64,
+        };
+        Self {
+            reduce: cut,
+            elementwise: cut,
+        }
+    }
+
+    /// For a CPU that runs the shaders (lavapipe, llvmpipe, WARP) in SIMD batches
+    /// of `simd_width` invocations: it has a few threads, runs a workgroup one batch
+    /// after another and pays for every barrier. Its reductions get few, long
+    /// workgroups (32, at least 64 units per invocation), its elementwise passes
+    /// about 1024 workgroups with wide channels-last tiles, and each batch streams
+    /// through a block of memory of its own.
+    pub fn cpu(simd_width: u32) -> Self {
+        let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
+        Self {
+            reduce: Cut {
+                target_workgroups: 32,
+                min_units: 64,
+                lane_block,
+                max_row_tile: 64,
+            },
+            elementwise: Cut {
+                target_workgroups: 1024,
+                min_units: 8,
+                lane_block,
+                max_row_tile: 256,
+            },
+        }
+    }
+
+    /// [`Tuning::cpu`] for CPU adapters (their SIMD width is the subgroup size),
+    /// [`Tuning::gpu`] for every other adapter.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+        match info.device_type {
+            wgpu::DeviceType::Cpu => Self::cpu(info.subgroup_min_size),
+            _ => Self::gpu(),
+        }
+    }
+}
