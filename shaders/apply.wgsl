@@ -6,6 +6,7 @@
 //   channels_first_vec4: a unit is 4 elements of one channel (S % 4 == 0).
 //   channels_first_quad: a unit is up to 4 elements of one run (S % 4 != 0).
 //   channels_last_vec4:  a unit is 4 adjacent channels (C % 4 == 0).
+//   channels_last_vec16: a unit is 16 adjacent channels (C % 16 == 0) as 4 vec4s.
 //   scalar:              a unit is one element (channels-last, C % 4 != 0).
 // Reads x and coef; writes y.
 
@@ -77,6 +78,33 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         y4[i] = (x4[i] - hi) * scale + shift;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let seg = p.padded / 4u;
+    let first = walk_begin(p, t, g);
+    let u = 4u * walk_group(p, first);
+    var hi: array<vec4<f32>, 4>;
+    var scale: array<vec4<f32>, 4>;
+    var shift: array<vec4<f32>, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        hi[k] = coef4[u + k];
+        scale[k] = coef4[seg + u + k];
+        shift[k] = coef4[2u * seg + u + k];
+    }
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = 4u * walk_index(p, w);
+        for (var k = 0u; k < 4u; k++) {
+            y4[i + k] = (x4[i + k] - hi[k]) * scale[k] + shift[k];
+        }
     }
 }
 

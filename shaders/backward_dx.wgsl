@@ -98,6 +98,39 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
 }
 
 @compute @workgroup_size(WG)
+fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let seg = p.padded / 4u;
+    let first = walk_begin(p, t, g);
+    let u = 4u * walk_group(p, first);
+    var hi: array<vec4<f32>, 4>;
+    var k_dy: array<vec4<f32>, 4>;
+    var k_x: array<vec4<f32>, 4>;
+    var k_c: array<vec4<f32>, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        hi[k] = coef4[u + k];
+        k_dy[k] = coef4[seg + u + k];
+        k_x[k] = coef4[2u * seg + u + k];
+        k_c[k] = coef4[3u * seg + u + k];
+    }
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = 4u * walk_index(p, w);
+        for (var k = 0u; k < 4u; k++) {
+            var r = dy4[i + k] * k_dy[k] + k_c[k];
+            if with_x() {
+                r += (x4[i + k] - hi[k]) * k_x[k];
+            }
+            dx4[i + k] = r;
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
 fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {

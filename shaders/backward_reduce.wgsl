@@ -147,6 +147,42 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
 }
 
 @compute @workgroup_size(WG)
+fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let first = walk_begin(p, t, g);
+    let u = 4u * walk_group(p, first);
+    var hi: array<vec4<f32>, 4>;
+    var acc: array<Sums, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        hi[k] = saved4[2u * p.padded / 4u + u + k];
+        acc[k] = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
+    }
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = 4u * walk_index(p, w);
+        for (var k = 0u; k < 4u; k++) {
+            var xv = hi[k];
+            if wants_x() {
+                xv = x4[i + k];
+            }
+            acc[k] = accumulate(acc[k], dy4[i + k], xv, hi[k]);
+        }
+    }
+    for (var k = 0u; k < 4u; k++) {
+        let r = reduce_rows(t, first.row, acc[k]);
+        if first.row == 0u && first.group < p.groups {
+            for (var lane = 0u; lane < 4u; lane++) {
+                write_partial(4u * (u + k) + lane, first.split, r.dy[lane], r.dyx[lane]);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
 fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {

@@ -9,6 +9,8 @@
 //   channels_first_vec4: a unit is 4 elements of one channel (S % 4 == 0).
 //   channels_first_quad: a unit is up to 4 elements of one run (S % 4 != 0).
 //   channels_last_vec4:  a unit is 4 adjacent channels (C % 4 == 0), one state each.
+//   channels_last_vec16: a unit is 16 adjacent channels (C % 16 == 0) as 4 vec4s:
+//                        a SIMD batch of a CPU adapter reads longer runs of a row.
 //   scalar:              a unit is one element (channels-last, C % 4 != 0).
 //
 // Reads x; writes partials[channel * splits + split]; when `flags & 1`, one
@@ -119,6 +121,39 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
     if first.row == 0u && first.group < p.groups {
         for (var lane = 0u; lane < 4u; lane++) {
             write_partial(4u * first.group + lane, first.split, r, lane, pivot[lane]);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    count_batch(g, t);
+    let first = walk_begin(p, t, g);
+    let u = 4u * walk_group(p, first);
+    var pivot: array<vec4<f32>, 4>;
+    var acc: array<Welford, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        pivot[k] = x4[u + k];
+        acc[k] = welford_empty();
+    }
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = 4u * walk_index(p, w);
+        for (var k = 0u; k < 4u; k++) {
+            acc[k] = welford_push(acc[k], x4[i + k] - pivot[k]);
+        }
+    }
+    for (var k = 0u; k < 4u; k++) {
+        let r = reduce_rows(t, first.row, acc[k]);
+        if first.row == 0u && first.group < p.groups {
+            for (var lane = 0u; lane < 4u; lane++) {
+                write_partial(4u * (u + k) + lane, first.split, r, lane, pivot[k][lane]);
+            }
         }
     }
 }

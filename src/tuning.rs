@@ -7,8 +7,8 @@ use crate::kernels::WORKGROUP_SIZE;
 pub struct Cut {
     /// Workgroups a launch aims for, when the tensor is large enough.
     pub target_workgroups: u32,
-    /// Units (vec4 or f32) each invocation should get before a channel is split
-    /// over more workgroups.
+    /// Work each invocation should get, in vec4s (16 bytes) of the tensor, before a
+    /// channel is split over more workgroups.
     pub min_units: u32,
     /// Invocations that an adapter runs as one SIMD batch (a power of two), or 0 for
     /// a GPU. With a batch size, each batch walks a contiguous block of its own;
@@ -16,6 +16,10 @@ pub struct Cut {
     pub lane_block: u32,
     /// Widest channels-last tile, in channel units (a power of two).
     pub max_row_tile: u32,
+    /// Channels-last tensors with `C % 16 == 0` are read 16 channels (four vec4) per
+    /// invocation instead of 4, so that a SIMD batch reads 512 contiguous bytes of a
+    /// row per step rather than 128 (what a CPU's prefetchers need).
+    pub wide_rows: bool,
 }
 
 /// The launch geometry of the kernels: one [`Cut`] for the reductions (batch
@@ -44,6 +48,7 @@ impl Tuning {
             min_units: 8,
             lane_block: 0,
             max_row_tile: 64,
+            wide_rows: false,
         };
         Self {
             reduce: cut,
@@ -54,8 +59,9 @@ impl Tuning {
     /// For a CPU that runs the shaders (lavapipe, llvmpipe, WARP) in SIMD batches
     /// of `simd_width` invocations: it has a few threads, runs a workgroup one batch
     /// after another and pays for every barrier. Its reductions get few, long
-    /// workgroups (32, at least 64 units per invocation), its elementwise passes
-    /// about 1024 workgroups with wide channels-last tiles, and each batch streams
+    /// workgroups (about 32, at least 64 vec4s per invocation); its elementwise
+    /// passes about 1024 workgroups of at least 32 vec4s per invocation, with wide
+    /// channels-last tiles read 16 channels per invocation; and each batch streams
     /// through a block of memory of its own.
     pub fn cpu(simd_width: u32) -> Self {
         let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
@@ -65,12 +71,14 @@ impl Tuning {
                 min_units: 64,
                 lane_block,
                 max_row_tile: 64,
+                wide_rows: false,
             },
             elementwise: Cut {
                 target_workgroups: 1024,
-                min_units: 8,
+                min_units: 32,
                 lane_block,
                 max_row_tile: 256,
+                wide_rows: true,
             },
         }
     }

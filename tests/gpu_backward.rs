@@ -189,7 +189,14 @@ fn backward_matches_reference_for_every_layout_and_option() {
 fn every_tuning_matches_reference() {
     let mut rng = rng("backward every_tuning_matches_reference");
     let mut worst = 0f64;
-    let split_shapes: &[&[usize]] = &[&[16, 8, 30, 30], &[7, 5, 33, 17], &[1000, 12], &[513, 7]];
+    let split_shapes: &[&[usize]] = &[
+        &[16, 8, 30, 30],
+        &[7, 5, 33, 17],
+        &[1000, 12],
+        &[513, 7],
+        &[6, 48, 5, 5],
+        &[300, 32],
+    ];
     for (name, ctx) in tunings() {
         for dims in split_shapes.iter().chain(SHAPES) {
             for layout in LAYOUTS {

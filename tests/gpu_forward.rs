@@ -129,7 +129,8 @@ fn forward_matches_reference_for_every_layout_and_option() {
     println!("largest error against the reference: {worst:.3e}");
 }
 
-/// Shapes big enough to be split over many workgroups, odd sizes among them.
+/// Shapes big enough to be split over many workgroups, odd sizes among them, and
+/// channel counts that are multiples of 16 (the wide channels-last rows).
 const SPLIT_SHAPES: &[&[usize]] = &[
     &[16, 8, 30, 30],
     &[7, 5, 33, 17],
@@ -137,6 +138,8 @@ const SPLIT_SHAPES: &[&[usize]] = &[
     &[1000, 12],
     &[513, 7],
     &[4, 2, 9, 9, 9],
+    &[6, 48, 5, 5],
+    &[300, 32],
 ];
 
 #[test]

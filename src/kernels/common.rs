@@ -37,6 +37,9 @@ pub(crate) enum Variant {
     ChannelsFirstQuad,
     /// vec4 units of four adjacent channels (channels-last, `C % 4 == 0`).
     ChannelsLastVec4,
+    /// Four vec4 of sixteen adjacent channels (channels-last, `C % 16 == 0`, when
+    /// the cut asks for wide rows).
+    ChannelsLastVec16,
     /// f32 units (channels-last, `C % 4 != 0`).
     Scalar,
 }
@@ -68,10 +71,12 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut) -> WalkPlan {
     );
     let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
     let (variant, units) = if channels_last {
-        if c % 4 == 0 {
-            (Variant::ChannelsLastVec4, Units::rows(c / 4, n * s))
+        if c % 16 == 0 && tuning.wide_rows {
+            (Variant::ChannelsLastVec16, Units::rows(c / 16, n * s, 16))
+        } else if c % 4 == 0 {
+            (Variant::ChannelsLastVec4, Units::rows(c / 4, n * s, 4))
         } else {
-            (Variant::Scalar, Units::rows(c, n * s))
+            (Variant::Scalar, Units::rows(c, n * s, 1))
         }
     } else if s % 4 == 0 {
         (Variant::ChannelsFirstVec4, Units::runs(c, s / 4, n))
@@ -106,24 +111,27 @@ pub(crate) struct Units {
     stride: u32,
     /// Elements per run of a quad walk (0 otherwise).
     run: u32,
+    /// Elements per unit: 1 (f32), 4 (vec4, quad) or 16 (four vec4).
+    elements: u32,
     /// Channel units side by side in memory (channels-last rows).
     interleaved: bool,
 }
 
 impl Units {
-    /// Channels-last: `rows` rows of `groups` units.
-    fn rows(groups: u32, rows: u32) -> Self {
+    /// Channels-last: `rows` rows of `groups` units of `elements` elements.
+    fn rows(groups: u32, rows: u32, elements: u32) -> Self {
         Self {
             groups,
             per_channel: rows,
             len: 1,
             stride: groups,
             run: 0,
+            elements,
             interleaved: true,
         }
     }
 
-    /// Channels-first: `n` batch items of `groups` runs of `len` units.
+    /// Channels-first: `n` batch items of `groups` runs of `len` vec4 units.
     fn runs(groups: u32, len: u32, n: u32) -> Self {
         Self {
             groups,
@@ -131,6 +139,7 @@ impl Units {
             len,
             stride: groups * len,
             run: 0,
+            elements: 4,
             interleaved: false,
         }
     }
@@ -147,7 +156,7 @@ impl Units {
 }
 
 /// Cuts `units` into workgroups: `tile` channel units per workgroup, the fewest that
-/// still give each invocation `tuning.min_units` units (channels-last tiles are at
+/// still give each invocation `tuning.min_units` vec4s' worth of units (channels-last tiles are at
 /// least a row segment wide, for contiguous loads); then each tile split into chunks
 /// until the launch has about `tuning.target_workgroups` workgroups.
 pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
@@ -158,9 +167,11 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         len,
         stride,
         run,
+        elements,
         interleaved,
     } = units;
-    let needed = (wg * tuning.min_units)
+    let min_units = (4 * tuning.min_units).div_ceil(elements).max(1);
+    let needed = (wg * min_units)
         .div_ceil(per_channel.max(1))
         .next_power_of_two()
         .min(wg);
@@ -171,9 +182,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     };
     let tiles = groups.div_ceil(tile);
     let rows_per_step = wg / tile;
-    let max_splits = per_channel
-        .div_ceil(rows_per_step * tuning.min_units)
-        .max(1);
+    let max_splits = per_channel.div_ceil(rows_per_step * min_units).max(1);
     let splits = tuning
         .target_workgroups
         .div_ceil(tiles)
@@ -221,12 +230,14 @@ pub(crate) struct WalkKernels {
     channels_first_vec4: Kernel,
     channels_first_quad: Kernel,
     channels_last_vec4: Kernel,
+    channels_last_vec16: Kernel,
     scalar: Kernel,
 }
 
 impl WalkKernels {
     /// Pipelines for the entry points `channels_first_vec4`, `channels_first_quad`,
-    /// `channels_last_vec4` and `scalar` of `module`, labelled `{name}.{entry}`.
+    /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`,
+    /// labelled `{name}.{entry}`.
     pub(crate) fn new(
         device: &wgpu::Device,
         module: &wgpu::ShaderModule,
@@ -239,6 +250,7 @@ impl WalkKernels {
             channels_first_vec4: k("channels_first_vec4"),
             channels_first_quad: k("channels_first_quad"),
             channels_last_vec4: k("channels_last_vec4"),
+            channels_last_vec16: k("channels_last_vec16"),
             scalar: k("scalar"),
         }
     }
@@ -248,6 +260,7 @@ impl WalkKernels {
             Variant::ChannelsFirstVec4 => &self.channels_first_vec4,
             Variant::ChannelsFirstQuad => &self.channels_first_quad,
             Variant::ChannelsLastVec4 => &self.channels_last_vec4,
+            Variant::ChannelsLastVec16 => &self.channels_last_vec16,
             Variant::Scalar => &self.scalar,
         }
     }

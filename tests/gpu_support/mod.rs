@@ -69,6 +69,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         min_units: 1,
         lane_block: 4,
         max_row_tile: 4,
+        wide_rows: true,
     };
     vec![
         ("adapter", ctx().clone()),
