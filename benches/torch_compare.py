@@ -20,16 +20,16 @@ bytes): forward-train 3Es, eval 2Es, backward 5Es, copy 2Es. Times are medians o
 several copies (``--rotate-mib``) so that repeated runs do not just hit the caches.
 
 Usage:
-  python3 benches/torch_compare.py                 # quick default table (ResNet at batch 8)
-  python3 benches/torch_compare.py --full          # the issue's table (batch 32)
+  python3 benches/torch_compare.py                 # the default table (ResNet-50 at batch 32)
+  python3 benches/torch_compare.py --batch 8       # ResNet-50 shapes at batch 8
   python3 benches/torch_compare.py --shapes 32x64x112x112,256x1024 --reps 20 --device cuda
   # the Rust report, then torch on the same table, side by side:
-  cargo run --release -- --full --out bench-results/full && python3 benches/torch_compare.py --rust-csv bench-results/full/results.csv
+  cargo run --release && python3 benches/torch_compare.py --rust-csv bench-results/results.csv
 
 With ``--rust-csv PATH`` (the Rust report's results.csv) the shapes, layouts and ops
-default to those of that report (unless --shapes/--full/--quick is given), and after
+default to those of that report (unless --shapes/--batch/--quick is given), and after
 the timings a second, side-by-side table joins both on (shape, layout, op): torch CPU
-vs the Rust CPU reference, and torch CUDA vs the Rust GPU when CUDA was timed
+vs the Rust fast CPU path, and torch CUDA vs the Rust GPU when CUDA was timed
 ('-' where one side has no row).
 
 Writes ``OUT/torch_results.csv`` (default OUT: bench-results/), and with --rust-csv
@@ -53,8 +53,7 @@ SIDE_FIELDS = ["shape", "layout", "op", "torch_cpu_ms", "rust_cpu_ms", "rust_cpu
                "rust_gpu_over_copy", "torch_cuda_over_copy"]
 ELEMENT_BYTES = 4
 WARMUP = 3
-DEFAULT_RESNET_BATCH = 8
-FULL_RESNET_BATCH = 32
+DEFAULT_RESNET_BATCH = 32
 
 
 def table(resnet_batch):
@@ -94,7 +93,7 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Usage:")[1] if "Usage:" in __doc__ else None)
     p.add_argument("--shapes", type=comma_list(parse_shape),
-                   help="comma-separated shapes NxC[xD][xH]xW (replaces --full/--quick)")
+                   help="comma-separated shapes NxC[xD][xH]xW (replaces the default table)")
     p.add_argument("--layouts", type=comma_list(str.strip, {"cf", "cl"}),
                    help="cf (channels-first) and/or cl (channels-last); "
                         "default cf,cl (with --rust-csv: those of the Rust report)")
@@ -110,7 +109,8 @@ def parse_args(argv=None):
                    help="the Rust report's results.csv: default the table to its shapes, layouts "
                         "and ops, and print and write (OUT/side_by_side.csv) a side-by-side table")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="the issue's table (ResNet-50 at batch 32)")
+    size.add_argument("--batch", type=int,
+                      help=f"batch of the ResNet-50 shapes of the default table (default {DEFAULT_RESNET_BATCH})")
     size.add_argument("--quick", action="store_true", help="only the tiny shape 8x16x8x8")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
@@ -384,11 +384,11 @@ def main(argv=None):
         shapes = args.shapes
     elif args.quick:
         shapes = [(8, 16, 8, 8)]
-    elif rust is not None and not args.full:
+    elif rust is not None and args.batch is None:
         shapes, rust_layouts, rust_ops = rust_table(rust)
         layouts, ops = args.layouts or rust_layouts, args.ops or rust_ops
     else:
-        shapes = table(FULL_RESNET_BATCH if args.full else DEFAULT_RESNET_BATCH)
+        shapes = table(args.batch or DEFAULT_RESNET_BATCH)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         print("--device cuda asked for, but torch.cuda.is_available() is False", file=sys.stderr)

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use wgpu_batchnorm::{GpuContext, Layout};
+use wgpu_batchnorm::{GpuContext, Layout, Tuning};
 
 use report::data::{quick_table, table, ShapeSpec};
 use report::measure::{Op, Row, ShapeBench, TOLERANCE};
@@ -49,14 +49,15 @@ impl From<LayoutArg> for Layout {
 /// copy, and the largest error of the GPU result against the CPU result (rows above
 /// 1e-4 are FAILED and get no GPU speed).
 ///
-/// The default table is a quick subset that runs in about two minutes on a 2-core
-/// machine with a software GPU: ResNet-50 shapes at batch 8 instead of 32. `--full`
-/// runs the table of the issue (batch 32), `--quick` only the tiny shape.
+/// The default table: (256, 1024), (4096, 256), the ResNet-50 batch-norm shapes at
+/// batch 32, a tiny (8, 16, 8, 8) and a 3-D (2, 32, 16, 32, 32), in both layouts;
+/// under a minute on a 2-core machine with a software GPU. `--batch` changes the
+/// ResNet batch, `--quick` runs only the tiny shape.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, after_help = AFTER_HELP)]
 struct Args {
     /// Shapes to run, comma-separated, dims joined by `x` (N, C, *spatial; 2 to 5
-    /// dims); replaces the table chosen by --full/--quick.
+    /// dims); replaces the default table.
     #[arg(long, value_delimiter = ',', value_name = "NxC[xD][xH]xW,...")]
     shapes: Option<Vec<ShapeSpec>>,
 
@@ -84,14 +85,19 @@ struct Args {
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
 
-    /// The full table of the issue (ResNet-50 shapes at batch 32; several minutes
-    /// on a software GPU).
-    #[arg(long, conflicts_with = "quick")]
-    full: bool,
+    /// Batch size of the ResNet-50 shapes of the default table.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
 
     /// Only the tiny shape 8x16x8x8 (for CI).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shapes")]
     quick: bool,
+
+    /// Launch geometry: `adapter` (the default for the adapter), `gpu` or `cpu`
+    /// (Tuning::gpu / Tuning::cpu with the adapter's subgroup size), whatever the
+    /// adapter.
+    #[arg(long, value_enum, default_value_t = TuningArg::Adapter)]
+    tuning: TuningArg,
 
     /// Inputs are generated in several copies, rotated between repetitions, so
     /// that together they span at least this many MiB (at most 8 copies; 0: one
@@ -106,15 +112,21 @@ Environment: WGPU_BACKEND, WGPU_ADAPTER_NAME, WGPU_POWER_PREF pick the adapter \
 times are CPU times: compare ratios within one run, never absolute speeds.
 
 Examples:
-  cargo run --release                                   # quick default table
-  cargo run --release -- --full --out bench-results/full
+  cargo run --release                                   # the default table
+  cargo run --release -- --batch 8 --out bench-results/b8
   cargo run --release -- --shapes 32x64x112x112,256x1024 --layouts cl --ops train --reps 10
   cargo run --release -- --quick --backend gl";
 
-/// Batch size of the ResNet-50 shapes in the default (not --full) table.
-const DEFAULT_RESNET_BATCH: usize = 8;
-/// Batch size of the ResNet-50 shapes in the issue's table (--full).
-const FULL_RESNET_BATCH: usize = 32;
+/// `--tuning`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TuningArg {
+    /// Tuning::for_adapter.
+    Adapter,
+    /// Tuning::gpu.
+    Gpu,
+    /// Tuning::cpu.
+    Cpu,
+}
 
 /// Repetitions by tensor size: fewer for big tensors (each run is long and its time
 /// steady), more for small ones (short, noisy runs).
@@ -142,7 +154,7 @@ fn layouts_for(spec: &ShapeSpec, requested: &[LayoutArg]) -> Vec<Layout> {
     layouts
 }
 
-fn header(ctx: &GpuContext, timer: &GpuTimer) -> Header {
+fn header(ctx: &GpuContext, timer: &GpuTimer, tuning: TuningArg) -> Header {
     let info = ctx.adapter_info();
     let gpu_timing = match timer.timestamp_period_ns() {
         Some(period) => format!(
@@ -159,6 +171,7 @@ fn header(ctx: &GpuContext, timer: &GpuTimer) -> Header {
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
         driver: format!("{} {}", info.driver, info.driver_info),
+        tuning: format!("{tuning:?} {:?}", ctx.tuning()).to_lowercase(),
         gpu_timing,
         timestamp_period_ns: timer.timestamp_period_ns(),
         cpu_threads: rayon::current_num_threads(),
@@ -208,11 +221,10 @@ fn main() -> BoxResult<()> {
         std::env::set_var("WGPU_BACKEND", backend);
     }
     let started = Instant::now();
-    let shapes = match (&args.shapes, args.full, args.quick) {
-        (Some(s), _, _) => s.clone(),
-        (None, _, true) => quick_table(),
-        (None, true, _) => table(FULL_RESNET_BATCH),
-        (None, false, false) => table(DEFAULT_RESNET_BATCH),
+    let shapes = match (&args.shapes, args.quick) {
+        (Some(s), _) => s.clone(),
+        (None, true) => quick_table(),
+        (None, false) => table(args.batch as usize),
     };
     let mut ops: Vec<Op> = Vec::new();
     for &op in &args.ops {
@@ -226,8 +238,16 @@ fn main() -> BoxResult<()> {
         .sum();
 
     let ctx = GpuContext::from_env()?;
+    let ctx = match args.tuning {
+        TuningArg::Adapter => ctx,
+        TuningArg::Gpu => ctx.with_tuning(Tuning::gpu()),
+        TuningArg::Cpu => {
+            let simd = ctx.adapter_info().subgroup_min_size;
+            ctx.with_tuning(Tuning::cpu(simd))
+        }
+    };
     let timer = GpuTimer::new(&ctx);
-    let header = header(&ctx, &timer);
+    let header = header(&ctx, &timer, args.tuning);
     print!("{}", output::header_lines(&header));
     println!();
 

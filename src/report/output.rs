@@ -15,6 +15,8 @@ pub struct Header {
     pub backend: String,
     pub device_type: String,
     pub driver: String,
+    /// The launch geometry (`--tuning`) and its parameters.
+    pub tuning: String,
     /// How GPU times were taken (and the fallback rule).
     pub gpu_timing: String,
     pub timestamp_period_ns: Option<f64>,
@@ -57,6 +59,7 @@ pub fn header_lines(h: &Header) -> String {
         "backend : {} ({}, driver {})",
         h.backend, h.device_type, h.driver
     );
+    let _ = writeln!(s, "tuning  : {}", h.tuning);
     let _ = writeln!(s, "GPU time: {}", h.gpu_timing);
     let _ = writeln!(
         s,

@@ -239,6 +239,7 @@ mod tests {
             backend: "Vulkan".into(),
             device_type: "Cpu".into(),
             driver: "none".into(),
+            tuning: "gpu".into(),
             gpu_timing: "wall time; details".into(),
             timestamp_period_ns: None,
             cpu_threads: 1,
