@@ -16,7 +16,12 @@
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> coef: array<f32>;
-@group(0) @binding(3) var<storage, read> coef4: array<vec4<f32>>;
+
+// Coefficient segment `seg` of the four channels `ch` (coef = segments `padded` apart).
+fn coef_of(seg: u32, ch: vec4<u32>) -> vec4<f32> {
+    let b = seg * p.padded;
+    return vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
+}
 
 @compute @workgroup_size(WG)
 fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
@@ -69,12 +74,11 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
     if g >= walk_workgroups(p) {
         return;
     }
-    let seg = p.padded / 4u;
     let first = walk_begin(p, t, g);
-    let c = walk_group(p, first);
-    let hi = coef4[c];
-    let scale = coef4[seg + c];
-    let shift = coef4[2u * seg + c];
+    let ch = row_channels(p, walk_group(p, first));
+    let hi = coef_of(0u, ch);
+    let scale = coef_of(1u, ch);
+    let shift = coef_of(2u, ch);
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         y4[i] = (x4[i] - hi) * scale + shift;
@@ -89,16 +93,16 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     if g >= walk_workgroups(p) {
         return;
     }
-    let seg = p.padded / 4u;
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
     var hi: array<vec4<f32>, 4>;
     var scale: array<vec4<f32>, 4>;
     var shift: array<vec4<f32>, 4>;
     for (var k = 0u; k < 4u; k++) {
-        hi[k] = coef4[u + k];
-        scale[k] = coef4[seg + u + k];
-        shift[k] = coef4[2u * seg + u + k];
+        let ch = row_channels(p, u + k);
+        hi[k] = coef_of(0u, ch);
+        scale[k] = coef_of(1u, ch);
+        shift[k] = coef_of(2u, ch);
     }
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);

@@ -14,10 +14,15 @@
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> coef: array<f32>;
-@group(0) @binding(4) var<storage, read> coef4: array<vec4<f32>>;
 
 fn with_x() -> bool {
     return (p.flags & 1u) != 0u;
+}
+
+// Coefficient segment `seg` of the four channels `ch` (coef = segments `padded` apart).
+fn coef_of(seg: u32, ch: vec4<u32>) -> vec4<f32> {
+    let b = seg * p.padded;
+    return vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
 }
 
 @compute @workgroup_size(WG)
@@ -80,13 +85,12 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
     if g >= walk_workgroups(p) {
         return;
     }
-    let seg = p.padded / 4u;
     let first = walk_begin(p, t, g);
-    let c = walk_group(p, first);
-    let hi = coef4[c];
-    let k_dy = coef4[seg + c];
-    let k_x = coef4[2u * seg + c];
-    let k_c = coef4[3u * seg + c];
+    let ch = row_channels(p, walk_group(p, first));
+    let hi = coef_of(0u, ch);
+    let k_dy = coef_of(1u, ch);
+    let k_x = coef_of(2u, ch);
+    let k_c = coef_of(3u, ch);
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         var r = dy4[i] * k_dy + k_c;
@@ -105,7 +109,6 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     if g >= walk_workgroups(p) {
         return;
     }
-    let seg = p.padded / 4u;
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
     var hi: array<vec4<f32>, 4>;
@@ -113,10 +116,11 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     var k_x: array<vec4<f32>, 4>;
     var k_c: array<vec4<f32>, 4>;
     for (var k = 0u; k < 4u; k++) {
-        hi[k] = coef4[u + k];
-        k_dy[k] = coef4[seg + u + k];
-        k_x[k] = coef4[2u * seg + u + k];
-        k_c[k] = coef4[3u * seg + u + k];
+        let ch = row_channels(p, u + k);
+        hi[k] = coef_of(0u, ch);
+        k_dy[k] = coef_of(1u, ch);
+        k_x[k] = coef_of(2u, ch);
+        k_c[k] = coef_of(3u, ch);
     }
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);

@@ -39,9 +39,9 @@ struct WalkParams {
     count_index: u32, // stats.wgsl: index of num_batches_tracked in `running`
     runs: u32,        // 1: a channel unit's rows are consecutive invocations
     run: u32,         // quad walks: elements per run (S)
+    rep: u32,         // channels-last walks: consecutive elements of a row per channel
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 // One invocation's place in the walk: its channel unit, row and split, the next unit
@@ -90,6 +90,13 @@ fn walk_group(p: WalkParams, w: Walk) -> u32 {
 // Index of the walk's current unit.
 fn walk_index(p: WalkParams, w: Walk) -> u32 {
     return w.n * p.stride + w.group * p.len + w.s;
+}
+
+// Channels of the four elements of vec4 `v` of a channels-last row, a channel being
+// `rep` consecutive elements (1; or S for a channels-first tensor with S % 4 != 0 read
+// as rows of C * S elements by the elementwise passes).
+fn row_channels(p: WalkParams, v: u32) -> vec4<u32> {
+    return (vec4<u32>(4u * v) + vec4<u32>(0u, 1u, 2u, 3u)) / p.rep;
 }
 
 // Quad walks (channels-first with S % 4 != 0): a unit is up to four consecutive

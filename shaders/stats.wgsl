@@ -136,20 +136,30 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
+    // Every channel of a row-walking invocation has seen the same number of
+    // elements, so the four Welford states share one count and one reciprocal.
     var pivot: array<vec4<f32>, 4>;
-    var acc: array<Welford, 4>;
+    var mean: array<vec4<f32>, 4>;
+    var m2: array<vec4<f32>, 4>;
     for (var k = 0u; k < 4u; k++) {
         pivot[k] = x4[u + k];
-        acc[k] = welford_empty();
+        mean[k] = vec4<f32>(0.0);
+        m2[k] = vec4<f32>(0.0);
     }
+    var n = 0.0;
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);
+        n += 1.0;
+        let inv = 1.0 / n;
         for (var k = 0u; k < 4u; k++) {
-            acc[k] = welford_push(acc[k], x4[i + k] - pivot[k]);
+            let d = x4[i + k] - pivot[k];
+            let delta = d - mean[k];
+            mean[k] += delta * inv;
+            m2[k] += delta * (d - mean[k]);
         }
     }
     for (var k = 0u; k < 4u; k++) {
-        let r = reduce_rows(t, first.row, acc[k]);
+        let r = reduce_rows(t, first.row, Welford(vec4<f32>(n), mean[k], m2[k]));
         if first.row == 0u && first.group < p.groups {
             for (var lane = 0u; lane < 4u; lane++) {
                 write_partial(4u * (u + k) + lane, first.split, r, lane, pivot[k][lane]);

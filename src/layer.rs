@@ -478,12 +478,22 @@ impl BatchNorm {
 
     /// How a reduction walks `shape` on this device.
     fn reduce_walk(&self, shape: &Shape) -> common::WalkPlan {
-        common::plan(shape, self.stride() as u32, self.ctx.tuning().reduce)
+        common::plan(
+            shape,
+            self.stride() as u32,
+            self.ctx.tuning().reduce,
+            common::Pass::Reduce,
+        )
     }
 
     /// How an elementwise pass walks `shape` on this device.
     fn elementwise_walk(&self, shape: &Shape) -> common::WalkPlan {
-        common::plan(shape, self.stride() as u32, self.ctx.tuning().elementwise)
+        common::plan(
+            shape,
+            self.stride() as u32,
+            self.ctx.tuning().elementwise,
+            common::Pass::Elementwise,
+        )
     }
 
     fn channel_workgroups(&self) -> u32 {

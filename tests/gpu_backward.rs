@@ -196,6 +196,8 @@ fn every_tuning_matches_reference() {
         &[513, 7],
         &[6, 48, 5, 5],
         &[300, 32],
+        &[5, 16, 7, 7],
+        &[3, 12, 7, 7],
     ];
     for (name, ctx) in tunings() {
         for dims in split_shapes.iter().chain(SHAPES) {

@@ -130,7 +130,8 @@ fn forward_matches_reference_for_every_layout_and_option() {
 }
 
 /// Shapes big enough to be split over many workgroups, odd sizes among them, and
-/// channel counts that are multiples of 16 (the wide channels-last rows).
+/// channel counts that are multiples of 16 (the wide channels-last rows), and odd
+/// planes whose batch items are whole vec4s (channels-first read as rows).
 const SPLIT_SHAPES: &[&[usize]] = &[
     &[16, 8, 30, 30],
     &[7, 5, 33, 17],
@@ -140,6 +141,7 @@ const SPLIT_SHAPES: &[&[usize]] = &[
     &[4, 2, 9, 9, 9],
     &[6, 48, 5, 5],
     &[300, 32],
+    &[5, 16, 7, 7],
 ];
 
 #[test]

@@ -25,7 +25,8 @@ pub(crate) struct WalkParams {
     pub count_index: u32,
     pub runs: u32,
     pub run: u32,
-    pub _pad: [u32; 3],
+    pub rep: u32,
+    pub _pad: [u32; 2],
 }
 
 /// How a kernel reads the tensor: its entry point.
@@ -59,18 +60,36 @@ impl WalkPlan {
     }
 }
 
+/// Which kind of kernel walks the tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pass {
+    /// stats, backward_reduce: partial results per channel.
+    Reduce,
+    /// apply, backward_dx: each element on its own.
+    Elementwise,
+}
+
 /// The walk of `shape`: vec4 units where the layout allows, then [`plan_units`].
 /// A channels-first tensor without spatial dims is the same memory as a
-/// channels-last one, and is walked as such. `padded` is the stride of the
+/// channels-last one, and is walked as such; so is, by the elementwise passes, one
+/// whose runs are not whole vec4s (S % 4 != 0) but whose batch items are (C * S %
+/// 4 == 0): rows of C * S elements, a channel every S. `padded` is the stride of the
 /// per-channel vectors (C rounded up to 4).
-pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut) -> WalkPlan {
+pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkPlan {
     let (n, c, s) = (
         shape.n() as u32,
         shape.c() as u32,
         shape.spatial_size() as u32,
     );
     let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
-    let (variant, units) = if channels_last {
+    let runs_as_rows = !channels_last && pass == Pass::Elementwise && s % 4 != 0;
+    let (variant, units) = if runs_as_rows && (c * s) % 16 == 0 && tuning.wide_rows {
+        let units = Units::rows(c * s / 16, n, 16);
+        (Variant::ChannelsLastVec16, Units { rep: s, ..units })
+    } else if runs_as_rows && (c * s) % 4 == 0 {
+        let units = Units::rows(c * s / 4, n, 4);
+        (Variant::ChannelsLastVec4, Units { rep: s, ..units })
+    } else if channels_last {
         if c % 16 == 0 && tuning.wide_rows {
             (Variant::ChannelsLastVec16, Units::rows(c / 16, n * s, 16))
         } else if c % 4 == 0 {
@@ -113,6 +132,9 @@ pub(crate) struct Units {
     run: u32,
     /// Elements per unit: 1 (f32), 4 (vec4, quad) or 16 (four vec4).
     elements: u32,
+    /// Consecutive elements of a row per channel (rows; 1 but for channels-first
+    /// tensors read as rows).
+    rep: u32,
     /// Channel units side by side in memory (channels-last rows).
     interleaved: bool,
 }
@@ -127,6 +149,7 @@ impl Units {
             stride: groups,
             run: 0,
             elements,
+            rep: 1,
             interleaved: true,
         }
     }
@@ -140,6 +163,7 @@ impl Units {
             stride: groups * len,
             run: 0,
             elements: 4,
+            rep: 1,
             interleaved: false,
         }
     }
@@ -168,6 +192,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         stride,
         run,
         elements,
+        rep,
         interleaved,
     } = units;
     let min_units = (4 * tuning.min_units).div_ceil(elements).max(1);
@@ -213,7 +238,8 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         count_index: 0,
         runs: u32::from(!interleaved),
         run,
-        _pad: [0; 3],
+        rep,
+        _pad: [0; 2],
     }
 }
 
