@@ -14,15 +14,10 @@
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> coef: array<f32>;
+@group(0) @binding(4) var<storage, read> coef4: array<vec4<f32>>;
 
 fn with_x() -> bool {
     return (p.flags & 1u) != 0u;
-}
-
-// Coefficient segment `seg` of the four channels `ch` (coef = segments `padded` apart).
-fn coef_of(seg: u32, ch: vec4<u32>) -> vec4<f32> {
-    let b = seg * p.padded;
-    return vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
 }
 
 @compute @workgroup_size(WG)
@@ -77,6 +72,64 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
     }
 }
 
+// dx coefficients of four channels (one vec4 lane each).
+struct Coef4 {
+    hi: vec4<f32>,
+    k_dy: vec4<f32>,
+    k_x: vec4<f32>,
+    k_c: vec4<f32>,
+}
+
+fn dx_of(k: Coef4, g: vec4<f32>, xv: vec4<f32>) -> vec4<f32> {
+    var r = g * k.k_dy + k.k_c;
+    if with_x() {
+        r += (xv - k.hi) * k.k_x;
+    }
+    return r;
+}
+
+// Coefficients of channel group `c` (channels 4c..4c+3).
+fn coef_group(c: u32) -> Coef4 {
+    let seg = p.padded / 4u;
+    return Coef4(coef4[c], coef4[seg + c], coef4[2u * seg + c], coef4[3u * seg + c]);
+}
+
+// Coefficients of the channels `ch`, gathered.
+fn coef_gather(ch: vec4<u32>) -> Coef4 {
+    var r: array<vec4<f32>, 4>;
+    for (var s = 0u; s < 4u; s++) {
+        let b = s * p.padded;
+        r[s] = vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
+    }
+    return Coef4(r[0], r[1], r[2], r[3]);
+}
+
+// The channels-last loop: one vec4 of coefficients per lane.
+fn rows_vec4(first: Walk, k: Coef4) {
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        var xv = k.hi;
+        if with_x() {
+            xv = x4[i];
+        }
+        dx4[i] = dx_of(k, dy4[i], xv);
+    }
+}
+
+// The channels-last loop over 16 channels (four vec4) per invocation.
+fn rows_vec16(first: Walk, k: array<Coef4, 4>) {
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = 4u * walk_index(p, w);
+        for (var q = 0u; q < 4u; q++) {
+            var xv = k[q].hi;
+            if with_x() {
+                xv = x4[i + q];
+            }
+            dx4[i + q] = dx_of(k[q], dy4[i + q], xv);
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
@@ -86,19 +139,7 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
         return;
     }
     let first = walk_begin(p, t, g);
-    let ch = row_channels(p, walk_group(p, first));
-    let hi = coef_of(0u, ch);
-    let k_dy = coef_of(1u, ch);
-    let k_x = coef_of(2u, ch);
-    let k_c = coef_of(3u, ch);
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = walk_index(p, w);
-        var r = dy4[i] * k_dy + k_c;
-        if with_x() {
-            r += (x4[i] - hi) * k_x;
-        }
-        dx4[i] = r;
-    }
+    rows_vec4(first, coef_group(walk_group(p, first)));
 }
 
 @compute @workgroup_size(WG)
@@ -111,27 +152,44 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     }
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
-    var hi: array<vec4<f32>, 4>;
-    var k_dy: array<vec4<f32>, 4>;
-    var k_x: array<vec4<f32>, 4>;
-    var k_c: array<vec4<f32>, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        let ch = row_channels(p, u + k);
-        hi[k] = coef_of(0u, ch);
-        k_dy[k] = coef_of(1u, ch);
-        k_x[k] = coef_of(2u, ch);
-        k_c[k] = coef_of(3u, ch);
+    var k: array<Coef4, 4>;
+    for (var q = 0u; q < 4u; q++) {
+        k[q] = coef_group(u + q);
     }
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = 4u * walk_index(p, w);
-        for (var k = 0u; k < 4u; k++) {
-            var r = dy4[i + k] * k_dy[k] + k_c[k];
-            if with_x() {
-                r += (x4[i + k] - hi[k]) * k_x[k];
-            }
-            dx4[i + k] = r;
-        }
+    rows_vec16(first, k);
+}
+
+// A channels-first tensor with S % 4 != 0 read as rows of C * S elements (a channel
+// every `rep` = S elements): channels_last_vec4 with each lane's coefficients
+// gathered once.
+@compute @workgroup_size(WG)
+fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
+                            @builtin(workgroup_id) wid: vec3<u32>,
+                            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
     }
+    let first = walk_begin(p, t, g);
+    rows_vec4(first, coef_gather(row_channels(p, walk_group(p, first))));
+}
+
+// channels_first_rows_vec4 with 16 channels per invocation.
+@compute @workgroup_size(WG)
+fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
+                             @builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    if g >= walk_workgroups(p) {
+        return;
+    }
+    let first = walk_begin(p, t, g);
+    let u = 4u * walk_group(p, first);
+    var k: array<Coef4, 4>;
+    for (var q = 0u; q < 4u; q++) {
+        k[q] = coef_gather(row_channels(p, u + q));
+    }
+    rows_vec16(first, k);
 }
 
 @compute @workgroup_size(WG)

@@ -1,6 +1,6 @@
 //! Host side of `shaders/apply.wgsl`: normalize + scale/shift over common.rs' walk.
 
-use super::common::WalkKernels;
+use super::common::{Pass, WalkKernels};
 use super::Access;
 
 /// params, x, y, coef.
@@ -13,5 +13,5 @@ const BINDINGS: &[Access] = &[
 
 /// The entry points of apply.wgsl.
 pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
-    WalkKernels::new(device, module, "bn.apply", BINDINGS)
+    WalkKernels::new(device, module, "bn.apply", BINDINGS, Pass::Elementwise)
 }

@@ -1,6 +1,6 @@
 //! Host side of `shaders/backward_dx.wgsl`: dx over common.rs' walk.
 
-use super::common::WalkKernels;
+use super::common::{Pass, WalkKernels};
 use super::Access;
 
 /// Bit of `WalkParams::flags`: the x term is used (batch statistics).
@@ -17,5 +17,11 @@ const BINDINGS: &[Access] = &[
 
 /// The entry points of backward_dx.wgsl.
 pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
-    WalkKernels::new(device, module, "bn.backward_dx", BINDINGS)
+    WalkKernels::new(
+        device,
+        module,
+        "bn.backward_dx",
+        BINDINGS,
+        Pass::Elementwise,
+    )
 }

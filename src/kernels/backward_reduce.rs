@@ -1,7 +1,7 @@
 //! Host side of `shaders/backward_reduce.wgsl`: per-channel partial sums of the
 //! backward over common.rs' walk (split as the forward statistics are).
 
-use super::common::WalkKernels;
+use super::common::{Pass, WalkKernels};
 use super::Access;
 
 /// Bit of `WalkParams::flags`: also sum dy * (x - mean).
@@ -18,5 +18,5 @@ const BINDINGS: &[Access] = &[
 
 /// The entry points of backward_reduce.wgsl.
 pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
-    WalkKernels::new(device, module, "bn.backward_reduce", BINDINGS)
+    WalkKernels::new(device, module, "bn.backward_reduce", BINDINGS, Pass::Reduce)
 }

@@ -41,6 +41,11 @@ pub(crate) enum Variant {
     /// Four vec4 of sixteen adjacent channels (channels-last, `C % 16 == 0`, when
     /// the cut asks for wide rows).
     ChannelsLastVec16,
+    /// Elementwise passes over channels-first tensors with `S % 4 != 0` but
+    /// `C * S % 4 == 0`: a batch item read as a channels-last row, a channel every S.
+    ChannelsFirstRowsVec4,
+    /// The same, 16 elements per invocation (`C * S % 16 == 0`, wide rows).
+    ChannelsFirstRowsVec16,
     /// f32 units (channels-last, `C % 4 != 0`).
     Scalar,
 }
@@ -85,10 +90,10 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     let runs_as_rows = !channels_last && pass == Pass::Elementwise && s % 4 != 0;
     let (variant, units) = if runs_as_rows && (c * s) % 16 == 0 && tuning.wide_rows {
         let units = Units::rows(c * s / 16, n, 16);
-        (Variant::ChannelsLastVec16, Units { rep: s, ..units })
+        (Variant::ChannelsFirstRowsVec16, Units { rep: s, ..units })
     } else if runs_as_rows && (c * s) % 4 == 0 {
         let units = Units::rows(c * s / 4, n, 4);
-        (Variant::ChannelsLastVec4, Units { rep: s, ..units })
+        (Variant::ChannelsFirstRowsVec4, Units { rep: s, ..units })
     } else if channels_last {
         if c % 16 == 0 && tuning.wide_rows {
             (Variant::ChannelsLastVec16, Units::rows(c / 16, n * s, 16))
@@ -258,17 +263,21 @@ pub(crate) struct WalkKernels {
     channels_last_vec4: Kernel,
     channels_last_vec16: Kernel,
     scalar: Kernel,
+    /// Elementwise kernels only.
+    rows: Option<[Kernel; 2]>,
 }
 
 impl WalkKernels {
     /// Pipelines for the entry points `channels_first_vec4`, `channels_first_quad`,
-    /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`,
-    /// labelled `{name}.{entry}`.
+    /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`, and for
+    /// an elementwise pass also `channels_first_rows_vec4` and
+    /// `channels_first_rows_vec16`; labelled `{name}.{entry}`.
     pub(crate) fn new(
         device: &wgpu::Device,
         module: &wgpu::ShaderModule,
         name: &str,
         bindings: &[Access],
+        pass: Pass,
     ) -> Self {
         let k =
             |entry: &str| Kernel::new(device, module, format!("{name}.{entry}"), entry, bindings);
@@ -278,6 +287,12 @@ impl WalkKernels {
             channels_last_vec4: k("channels_last_vec4"),
             channels_last_vec16: k("channels_last_vec16"),
             scalar: k("scalar"),
+            rows: (pass == Pass::Elementwise).then(|| {
+                [
+                    k("channels_first_rows_vec4"),
+                    k("channels_first_rows_vec16"),
+                ]
+            }),
         }
     }
 
@@ -288,6 +303,13 @@ impl WalkKernels {
             Variant::ChannelsLastVec4 => &self.channels_last_vec4,
             Variant::ChannelsLastVec16 => &self.channels_last_vec16,
             Variant::Scalar => &self.scalar,
+            Variant::ChannelsFirstRowsVec4 | Variant::ChannelsFirstRowsVec16 => {
+                let rows = self
+                    .rows
+                    .as_ref()
+                    .expect("plan() gives rows variants to elementwise passes only");
+                &rows[usize::from(variant == Variant::ChannelsFirstRowsVec16)]
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Host side of `shaders/stats.wgsl`: the first stage of the batch statistics, one
 //! partial Welford state per channel and split of common.rs' walk.
 
-use super::common::WalkKernels;
+use super::common::{Pass, WalkKernels};
 use super::Access;
 
 /// Bit of `WalkParams::flags`: count this batch in num_batches_tracked.
@@ -17,5 +17,5 @@ const BINDINGS: &[Access] = &[
 
 /// The entry points of stats.wgsl.
 pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
-    WalkKernels::new(device, module, "bn.stats", BINDINGS)
+    WalkKernels::new(device, module, "bn.stats", BINDINGS, Pass::Reduce)
 }
