@@ -2,7 +2,8 @@
 
 use crate::kernels::WORKGROUP_SIZE;
 
-/// How one kind of pass is cut into workgroups (see [`Tuning`]).
+/// How one kind of pass is cut into workgroups (see [`Tuning`]). Any values are
+/// accepted: zero and non-powers of two are rounded to what the kernels can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cut {
     /// Workgroups a launch aims for, when the tensor is large enough.

@@ -7,7 +7,7 @@
 //! per-channel finalize in f64 (statistics, folded coefficients), and an
 //! elementwise pass (`y = (x - hi) * scale + shift`, `dx = k1 * dy + k2 * (x - hi) + k3`).
 //!
-//! Numerics: the statistics are sums over blocks of up to [`BLOCK`] values (or
+//! Numerics: the statistics are sums over blocks of up to `BLOCK` (256) values (or
 //! rows) that stay in L1: a first look at a block gives a pivot close to its mean
 //! (exactly its value when the block is constant), and the block's sums of
 //! `d = x - pivot` and `d^2` run in f32, where `d` is exact on large-mean data. Each

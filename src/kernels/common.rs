@@ -200,13 +200,23 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         rep,
         interleaved,
     } = units;
-    let min_units = (4 * tuning.min_units).div_ceil(elements).max(1);
+    // Any Cut is accepted: the walk needs powers of two, which these round down to.
+    let floor_pow2 = |v: u32| 1u32 << (31 - v.clamp(1, wg).leading_zeros());
+    let max_row_tile = floor_pow2(tuning.max_row_tile);
+    let lane_block = if tuning.lane_block == 0 {
+        0
+    } else {
+        floor_pow2(tuning.lane_block)
+    };
+    let min_units = (4 * tuning.min_units.min(1 << 20))
+        .div_ceil(elements)
+        .max(1);
     let needed = (wg * min_units)
         .div_ceil(per_channel.max(1))
         .next_power_of_two()
         .min(wg);
     let tile = if interleaved {
-        needed.max(groups.next_power_of_two().min(tuning.max_row_tile))
+        needed.max(groups.next_power_of_two().min(max_row_tile))
     } else {
         needed.min(groups.next_power_of_two())
     };
@@ -221,7 +231,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let splits = per_channel.div_ceil(chunk).max(1);
     // A SIMD batch of `lane_block` consecutive invocations spans that many rows of
     // one channel unit (runs), or lane_block / tile rows (interleaved).
-    let block = match (tuning.lane_block, interleaved) {
+    let block = match (lane_block, interleaved) {
         (0, _) => rows_per_step,
         (b, true) => (b / tile).clamp(1, rows_per_step),
         (b, false) => b.min(rows_per_step),

@@ -61,14 +61,23 @@ pub fn random_state(rng: &mut impl Rng, config: &BatchNormConfig) -> BatchNormSt
 }
 
 /// The launch geometries every result must survive: the adapter's own, the GPU and
-/// CPU tunings whatever the adapter, and a cut as fine as it goes (one unit per
-/// invocation, many splits, narrow tiles, lane blocks of 4).
+/// CPU tunings whatever the adapter, a cut as fine as it goes (one unit per
+/// invocation, many splits, narrow tiles, lane blocks of 4), and one of values the
+/// walk has to round.
 pub fn tunings() -> Vec<(&'static str, GpuContext)> {
     let finest = Cut {
         target_workgroups: 4096,
         min_units: 1,
         lane_block: 4,
         max_row_tile: 4,
+        wide_rows: true,
+    };
+    // Values the walk cannot use as they are (zero, not powers of two): rounded.
+    let odd = Cut {
+        target_workgroups: 0,
+        min_units: 0,
+        lane_block: 6,
+        max_row_tile: 48,
         wide_rows: true,
     };
     vec![
@@ -80,6 +89,13 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
             ctx().with_tuning(Tuning {
                 reduce: finest,
                 elementwise: finest,
+            }),
+        ),
+        (
+            "odd",
+            ctx().with_tuning(Tuning {
+                reduce: odd,
+                elementwise: odd,
             }),
         ),
     ]
