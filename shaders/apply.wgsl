@@ -50,9 +50,6 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let c = walk_group(p, first);
     let hi = coef[c];
@@ -69,9 +66,6 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let c = walk_group(p, first);
     let hi = coef[c];
@@ -93,9 +87,6 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let seg = p.padded / 4u;
     let first = walk_begin(p, t, g);
     let c = walk_group(p, first);
@@ -110,9 +101,6 @@ fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let ch = row_channels(p, walk_group(p, first));
     rows_vec4(first, coef_of(0u, ch), coef_of(1u, ch), coef_of(2u, ch));
@@ -123,9 +111,6 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let seg = p.padded / 4u;
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
@@ -146,9 +131,6 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
     var hi: array<vec4<f32>, 4>;
@@ -168,9 +150,6 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let c = walk_group(p, first);
     let hi = coef[c];

@@ -25,9 +25,6 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let c = walk_group(p, first);
     let hi = coef[c];
@@ -49,9 +46,6 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let c = walk_group(p, first);
     let hi = coef[c];
@@ -135,9 +129,6 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     rows_vec4(first, coef_group(walk_group(p, first)));
 }
@@ -147,9 +138,6 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
     var k: array<Coef4, 4>;
@@ -167,9 +155,6 @@ fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     rows_vec4(first, coef_gather(row_channels(p, walk_group(p, first))));
 }
@@ -180,9 +165,6 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
     var k: array<Coef4, 4>;
@@ -197,9 +179,6 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let c = walk_group(p, first);
     let hi = coef[c];

@@ -70,9 +70,6 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let hi = vec4<f32>(saved[2u * p.padded + walk_group(p, first)]);
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
@@ -96,9 +93,6 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let hi = vec4<f32>(saved[2u * p.padded + walk_group(p, first)]);
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
@@ -124,9 +118,6 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let hi = saved4[2u * p.padded / 4u + walk_group(p, first)];
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
@@ -151,9 +142,6 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
     var hi: array<vec4<f32>, 4>;
@@ -187,9 +175,6 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     let first = walk_begin(p, t, g);
     let hi = vec4<f32>(saved[2u * p.padded + walk_group(p, first)]);
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));

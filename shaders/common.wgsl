@@ -56,13 +56,9 @@ struct Walk {
     s: u32,
 }
 
-// Workgroups of the walk; any beyond (a folded dispatch's padding) do nothing.
-fn walk_workgroups(p: WalkParams) -> u32 {
-    return (p.groups + p.tile - 1u) / p.tile * p.splits;
-}
-
 // Start of invocation t of workgroup g. An invocation past the last channel unit
-// gets an empty range (it still takes part in workgroup reductions).
+// (or in a workgroup past the last, padding a folded dispatch) gets an empty range;
+// it still takes part in workgroup reductions, and writes nothing.
 fn walk_begin(p: WalkParams, t: u32, g: u32) -> Walk {
     let rows = WG / p.tile;
     let in_tile = select(t % p.tile, t / rows, p.runs != 0u);

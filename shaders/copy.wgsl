@@ -12,9 +12,6 @@ fn main(@builtin(local_invocation_index) t: u32,
         @builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     for (var w = walk_begin(p, t, g); w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         dst[i] = src[i];

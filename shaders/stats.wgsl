@@ -63,9 +63,6 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let pivot = x4[walk_group(p, first) * p.len].x;
@@ -84,9 +81,6 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let pivot = x[walk_group(p, first) * p.run];
@@ -107,9 +101,6 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let pivot = x4[walk_group(p, first)];
@@ -130,9 +121,6 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let u = 4u * walk_group(p, first);
@@ -173,9 +161,6 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = workgroup_linear(wid, nwg);
-    if g >= walk_workgroups(p) {
-        return;
-    }
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let pivot = x[walk_group(p, first) * p.len];
