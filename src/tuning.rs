@@ -17,9 +17,10 @@ pub struct Cut {
     pub lane_block: u32,
     /// Widest channels-last tile, in channel units (a power of two).
     pub max_row_tile: u32,
-    /// Channels-last tensors with `C % 16 == 0` are read 16 channels (four vec4) per
-    /// invocation instead of 4, so that a SIMD batch reads 512 contiguous bytes of a
-    /// row per step rather than 128 (what a CPU's prefetchers need).
+    /// Channels-last tensors with `C % 16 == 0` (and, in the elementwise passes,
+    /// channels-first ones read as rows, `C * S % 16 == 0`) are read 16 elements (four
+    /// vec4) per invocation instead of 4, so that a SIMD batch reads 512 contiguous
+    /// bytes of a row per step rather than 128 (what a CPU's prefetchers need).
     pub wide_rows: bool,
 }
 
