@@ -20,27 +20,52 @@
 @group(0) @binding(3) var<storage, read> coef: array<f32>;
 @group(0) @binding(3) var<storage, read> coef4: array<vec4<f32>>;
 
-// Coefficient segment `seg` (coef = segments `padded` apart) of the channels `ch`.
-fn coef_of(seg: u32, ch: vec4<u32>) -> vec4<f32> {
-    let b = seg * p.padded;
-    return vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
+// The coefficients of four lanes: one channel each, or one channel splatted.
+struct Coef {
+    hi: vec4<f32>,
+    scale: vec4<f32>,
+    shift: vec4<f32>,
 }
 
-// The channels-last loop: one vec4 of coefficients per lane.
-fn rows_vec4(first: Walk, hi: vec4<f32>, scale: vec4<f32>, shift: vec4<f32>) {
+fn normalize(k: Coef, v: vec4<f32>) -> vec4<f32> {
+    return (v - k.hi) * k.scale + k.shift;
+}
+
+// Channel c's coefficients in every lane.
+fn coef_channel(c: u32) -> Coef {
+    return Coef(vec4<f32>(coef[c]), vec4<f32>(coef[p.padded + c]), vec4<f32>(coef[2u * p.padded + c]));
+}
+
+// The coefficients of channels 4c..4c+3.
+fn coef_group(c: u32) -> Coef {
+    let seg = p.padded / 4u;
+    return Coef(coef4[c], coef4[seg + c], coef4[2u * seg + c]);
+}
+
+// The coefficients of the channels `ch`, gathered.
+fn coef_gather(ch: vec4<u32>) -> Coef {
+    var r: array<vec4<f32>, 3>;
+    for (var s = 0u; s < 3u; s++) {
+        let b = s * p.padded;
+        r[s] = vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
+    }
+    return Coef(r[0], r[1], r[2]);
+}
+
+// The vec4 loop (channels-first runs, channels-last rows).
+fn loop_vec4(first: Walk, k: Coef) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y4[i] = (x4[i] - hi) * scale + shift;
+        y4[i] = normalize(k, x4[i]);
     }
 }
 
 // The channels-last loop over 16 channels (four vec4) per invocation.
-fn rows_vec16(first: Walk, hi: array<vec4<f32>, 4>, scale: array<vec4<f32>, 4>,
-              shift: array<vec4<f32>, 4>) {
+fn loop_vec16(first: Walk, k: array<Coef, 4>) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);
-        for (var k = 0u; k < 4u; k++) {
-            y4[i + k] = (x4[i + k] - hi[k]) * scale[k] + shift[k];
+        for (var q = 0u; q < 4u; q++) {
+            y4[i + q] = normalize(k[q], x4[i + q]);
         }
     }
 }
@@ -49,31 +74,19 @@ fn rows_vec16(first: Walk, hi: array<vec4<f32>, 4>, scale: array<vec4<f32>, 4>,
 fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    let c = walk_group(p, first);
-    let hi = coef[c];
-    let scale = coef[p.padded + c];
-    let shift = coef[2u * p.padded + c];
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = walk_index(p, w);
-        y4[i] = (x4[i] - hi) * scale + shift;
-    }
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    loop_vec4(first, coef_channel(walk_group(p, first)));
 }
 
 @compute @workgroup_size(WG)
 fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    let c = walk_group(p, first);
-    let hi = coef[c];
-    let scale = coef[p.padded + c];
-    let shift = coef[2u * p.padded + c];
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let k = coef_channel(walk_group(p, first));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = (vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]) - hi) * scale + shift;
+        let v = normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
         // Past the run, indices repeat the last element and write its same value.
         y[i.x] = v.x;
         y[i.y] = v.y;
@@ -86,11 +99,8 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let seg = p.padded / 4u;
-    let first = walk_begin(p, t, g);
-    let c = walk_group(p, first);
-    rows_vec4(first, coef4[c], coef4[seg + c], coef4[2u * seg + c]);
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    loop_vec4(first, coef_group(walk_group(p, first)));
 }
 
 // A channels-first tensor with S % 4 != 0 read as rows of C * S elements (a channel
@@ -100,29 +110,21 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
 fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    let ch = row_channels(p, walk_group(p, first));
-    rows_vec4(first, coef_of(0u, ch), coef_of(1u, ch), coef_of(2u, ch));
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    loop_vec4(first, coef_gather(row_channels(p, walk_group(p, first))));
 }
 
 @compute @workgroup_size(WG)
 fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let seg = p.padded / 4u;
-    let first = walk_begin(p, t, g);
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var hi: array<vec4<f32>, 4>;
-    var scale: array<vec4<f32>, 4>;
-    var shift: array<vec4<f32>, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        hi[k] = coef4[u + k];
-        scale[k] = coef4[seg + u + k];
-        shift[k] = coef4[2u * seg + u + k];
+    var k: array<Coef, 4>;
+    for (var q = 0u; q < 4u; q++) {
+        k[q] = coef_group(u + q);
     }
-    rows_vec16(first, hi, scale, shift);
+    loop_vec16(first, k);
 }
 
 // channels_first_rows_vec4 with 16 channels per invocation.
@@ -130,33 +132,23 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
 fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var hi: array<vec4<f32>, 4>;
-    var scale: array<vec4<f32>, 4>;
-    var shift: array<vec4<f32>, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        let ch = row_channels(p, u + k);
-        hi[k] = coef_of(0u, ch);
-        scale[k] = coef_of(1u, ch);
-        shift[k] = coef_of(2u, ch);
+    var k: array<Coef, 4>;
+    for (var q = 0u; q < 4u; q++) {
+        k[q] = coef_gather(row_channels(p, u + q));
     }
-    rows_vec16(first, hi, scale, shift);
+    loop_vec16(first, k);
 }
 
 @compute @workgroup_size(WG)
 fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    let c = walk_group(p, first);
-    let hi = coef[c];
-    let scale = coef[p.padded + c];
-    let shift = coef[2u * p.padded + c];
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let k = coef_channel(walk_group(p, first));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y[i] = (x[i] - hi) * scale + shift;
+        y[i] = (x[i] - k.hi.x) * k.scale.x + k.shift.x;
     }
 }

@@ -65,22 +65,35 @@ fn write_partial(c: u32, split: u32, sdy: f32, sdyx: f32) {
     partials[c * p.splits + split] = vec4<f32>(sdy, sdyx, 0.0, 0.0);
 }
 
-@compute @workgroup_size(WG)
-fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
-                       @builtin(workgroup_id) wid: vec3<u32>,
-                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    let hi = vec4<f32>(saved[2u * p.padded + walk_group(p, first)]);
+// The high part of the mean: channel c's in every lane, or channels 4v..4v+3's.
+fn hi_channel(c: u32) -> vec4<f32> {
+    return vec4<f32>(saved[2u * p.padded + c]);
+}
+
+fn hi_group(v: u32) -> vec4<f32> {
+    return saved4[2u * p.padded / 4u + v];
+}
+
+// x4[i] when the x sum is wanted (else not read).
+fn x4_if_wanted(i: u32, hi: vec4<f32>) -> vec4<f32> {
+    if wants_x() {
+        return x4[i];
+    }
+    return hi;
+}
+
+// The vec4 loop (channels-first runs, channels-last rows).
+fn loop_vec4(first: Walk, hi: vec4<f32>) -> Sums {
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        var xv = hi;
-        if wants_x() {
-            xv = x4[i];
-        }
-        acc = accumulate(acc, dy4[i], xv, hi);
+        acc = accumulate(acc, dy4[i], x4_if_wanted(i, hi), hi);
     }
+    return acc;
+}
+
+// Sums the lanes (all of one channel), merges over the workgroup, writes the partial.
+fn finish_channel(t: u32, first: Walk, acc: Sums) {
     let one = Sums(vec4<f32>(lane_sum(acc.dy), 0.0, 0.0, 0.0), vec4<f32>(lane_sum(acc.dyx), 0.0, 0.0, 0.0));
     let r = reduce_rows(t, first.row, one);
     if first.row == 0u && first.group < p.groups {
@@ -88,13 +101,30 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
     }
 }
 
+// Merges the sums of channels 4v..4v+3 (one per lane) and writes their partials.
+fn finish_lanes(t: u32, first: Walk, v: u32, acc: Sums) {
+    let r = reduce_rows(t, first.row, acc);
+    if first.row == 0u && first.group < p.groups {
+        for (var lane = 0u; lane < 4u; lane++) {
+            write_partial(4u * v + lane, first.split, r.dy[lane], r.dyx[lane]);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    finish_channel(t, first, loop_vec4(first, hi_channel(walk_group(p, first))));
+}
+
 @compute @workgroup_size(WG)
 fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    let hi = vec4<f32>(saved[2u * p.padded + walk_group(p, first)]);
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let hi = hi_channel(walk_group(p, first));
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
@@ -106,67 +136,38 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
         let g = select(vec4<f32>(0.0), vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]), valid);
         acc = accumulate(acc, g, xv, hi);
     }
-    let one = Sums(vec4<f32>(lane_sum(acc.dy), 0.0, 0.0, 0.0), vec4<f32>(lane_sum(acc.dyx), 0.0, 0.0, 0.0));
-    let r = reduce_rows(t, first.row, one);
-    if first.row == 0u && first.group < p.groups {
-        write_partial(first.group, first.split, r.dy.x, r.dyx.x);
-    }
+    finish_channel(t, first, acc);
 }
 
 @compute @workgroup_size(WG)
 fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    let hi = saved4[2u * p.padded / 4u + walk_group(p, first)];
-    var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = walk_index(p, w);
-        var xv = hi;
-        if wants_x() {
-            xv = x4[i];
-        }
-        acc = accumulate(acc, dy4[i], xv, hi);
-    }
-    let r = reduce_rows(t, first.row, acc);
-    if first.row == 0u && first.group < p.groups {
-        for (var lane = 0u; lane < 4u; lane++) {
-            write_partial(4u * first.group + lane, first.split, r.dy[lane], r.dyx[lane]);
-        }
-    }
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let v = walk_group(p, first);
+    finish_lanes(t, first, first.group, loop_vec4(first, hi_group(v)));
 }
 
 @compute @workgroup_size(WG)
 fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
     var hi: array<vec4<f32>, 4>;
     var acc: array<Sums, 4>;
     for (var k = 0u; k < 4u; k++) {
-        hi[k] = saved4[2u * p.padded / 4u + u + k];
+        hi[k] = hi_group(u + k);
         acc[k] = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     }
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);
         for (var k = 0u; k < 4u; k++) {
-            var xv = hi[k];
-            if wants_x() {
-                xv = x4[i + k];
-            }
-            acc[k] = accumulate(acc[k], dy4[i + k], xv, hi[k]);
+            acc[k] = accumulate(acc[k], dy4[i + k], x4_if_wanted(i + k, hi[k]), hi[k]);
         }
     }
     for (var k = 0u; k < 4u; k++) {
-        let r = reduce_rows(t, first.row, acc[k]);
-        if first.row == 0u && first.group < p.groups {
-            for (var lane = 0u; lane < 4u; lane++) {
-                write_partial(4u * (u + k) + lane, first.split, r.dy[lane], r.dyx[lane]);
-            }
-        }
+        finish_lanes(t, first, 4u * first.group + k, acc[k]);
     }
 }
 
@@ -174,9 +175,8 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
 fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    let hi = vec4<f32>(saved[2u * p.padded + walk_group(p, first)]);
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let hi = hi_channel(walk_group(p, first));
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
@@ -186,8 +186,6 @@ fn scalar(@builtin(local_invocation_index) t: u32,
         }
         acc = accumulate(acc, vec4<f32>(dy[i], 0.0, 0.0, 0.0), xv, hi);
     }
-    let r = reduce_rows(t, first.row, acc);
-    if first.row == 0u && first.group < p.groups {
-        write_partial(first.group, first.split, r.dy.x, r.dyx.x);
-    }
+    // Lanes 1..3 hold zeros, so the lane sum is lane 0 exactly.
+    finish_channel(t, first, acc);
 }

@@ -58,6 +58,34 @@ fn write_partial(c: u32, split: u32, w: Welford, lane: u32, pivot: f32) {
     partials[c * p.splits + split] = vec4<f32>(w.n[lane], w.mean[lane], w.m2[lane], pivot);
 }
 
+// The vec4 loop (channels-first runs, channels-last rows): Welford states of x - pivot.
+fn loop_vec4(first: Walk, pivot: vec4<f32>) -> Welford {
+    var acc = welford_empty();
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        acc = welford_push(acc, x4[walk_index(p, w)] - pivot);
+    }
+    return acc;
+}
+
+// Merges the workgroup's states of one channel (lane 0 of `w`) and writes its partial.
+fn finish_channel(t: u32, first: Walk, w: Welford, pivot: f32) {
+    let r = reduce_rows(t, first.row, w);
+    if first.row == 0u && first.group < p.groups {
+        write_partial(first.group, first.split, r, 0u, pivot);
+    }
+}
+
+// Merges the workgroup's states of channels 4v..4v+3 (one per lane of `w`) and
+// writes their partials.
+fn finish_lanes(t: u32, first: Walk, v: u32, w: Welford, pivot: vec4<f32>) {
+    let r = reduce_rows(t, first.row, w);
+    if first.row == 0u && first.group < p.groups {
+        for (var lane = 0u; lane < 4u; lane++) {
+            write_partial(4u * v + lane, first.split, r, lane, pivot[lane]);
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
@@ -66,14 +94,7 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let pivot = x4[walk_group(p, first) * p.len].x;
-    var acc = welford_empty();
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        acc = welford_push(acc, x4[walk_index(p, w)] - pivot);
-    }
-    let r = reduce_rows(t, first.row, welford_collapse(acc));
-    if first.row == 0u && first.group < p.groups {
-        write_partial(first.group, first.split, r, 0u, pivot);
-    }
+    finish_channel(t, first, welford_collapse(loop_vec4(first, vec4<f32>(pivot))), pivot);
 }
 
 @compute @workgroup_size(WG)
@@ -90,10 +111,7 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
         let v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
         acc = welford_push_where(acc, v - pivot, quad_valid(p, w));
     }
-    let r = reduce_rows(t, first.row, welford_collapse(acc));
-    if first.row == 0u && first.group < p.groups {
-        write_partial(first.group, first.split, r, 0u, pivot);
-    }
+    finish_channel(t, first, welford_collapse(acc), pivot);
 }
 
 @compute @workgroup_size(WG)
@@ -104,16 +122,7 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let pivot = x4[walk_group(p, first)];
-    var acc = welford_empty();
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        acc = welford_push(acc, x4[walk_index(p, w)] - pivot);
-    }
-    let r = reduce_rows(t, first.row, acc);
-    if first.row == 0u && first.group < p.groups {
-        for (var lane = 0u; lane < 4u; lane++) {
-            write_partial(4u * first.group + lane, first.split, r, lane, pivot[lane]);
-        }
-    }
+    finish_lanes(t, first, first.group, loop_vec4(first, pivot), pivot);
 }
 
 @compute @workgroup_size(WG)
@@ -147,12 +156,7 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
         }
     }
     for (var k = 0u; k < 4u; k++) {
-        let r = reduce_rows(t, first.row, Welford(vec4<f32>(n), mean[k], m2[k]));
-        if first.row == 0u && first.group < p.groups {
-            for (var lane = 0u; lane < 4u; lane++) {
-                write_partial(4u * (u + k) + lane, first.split, r, lane, pivot[k][lane]);
-            }
-        }
+        finish_lanes(t, first, 4u * first.group + k, Welford(vec4<f32>(n), mean[k], m2[k]), pivot[k]);
     }
 }
 
@@ -168,8 +172,5 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         acc = welford_push_where(acc, vec4<f32>(x[walk_index(p, w)] - pivot), vec4<bool>(true, false, false, false));
     }
-    let r = reduce_rows(t, first.row, acc);
-    if first.row == 0u && first.group < p.groups {
-        write_partial(first.group, first.split, r, 0u, pivot);
-    }
+    finish_channel(t, first, acc, pivot);
 }

@@ -151,22 +151,8 @@ impl GpuContext {
                 got: bytes as usize,
             });
         }
-        for (name, b) in [("src", src), ("dst", dst)] {
-            if b.size() < bytes {
-                return Err(Error::BufferTooSmall {
-                    name,
-                    needed: bytes,
-                    got: b.size(),
-                });
-            }
-            if !b.usage().contains(wgpu::BufferUsages::STORAGE) {
-                return Err(Error::BufferUsage {
-                    name,
-                    needed: wgpu::BufferUsages::STORAGE,
-                    got: b.usage(),
-                });
-            }
-        }
+        self.check_storage("src", src, bytes)?;
+        self.check_storage("dst", dst, bytes)?;
         if src == dst {
             return Err(Error::AliasedBuffers { a: "src", b: "dst" });
         }
@@ -181,8 +167,37 @@ impl GpuContext {
                 crate::kernels::binding(src, bytes),
                 crate::kernels::binding(dst, bytes),
             ],
-            plan.workgroups,
+            plan.workgroups(),
         );
+        Ok(())
+    }
+
+    /// Checks that the first `bytes` of `buffer` can be bound as a storage buffer on
+    /// this device: within the binding limit, inside the buffer, with `STORAGE`.
+    pub(crate) fn check_storage(
+        &self,
+        name: &'static str,
+        buffer: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<()> {
+        let limit = self.max_binding_size();
+        if bytes > limit {
+            return Err(Error::TooLargeForDevice { name, bytes, limit });
+        }
+        if buffer.size() < bytes {
+            return Err(Error::BufferTooSmall {
+                name,
+                needed: bytes,
+                got: buffer.size(),
+            });
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::BufferUsage {
+                name,
+                needed: wgpu::BufferUsages::STORAGE,
+                got: buffer.usage(),
+            });
+        }
         Ok(())
     }
 

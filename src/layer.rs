@@ -276,28 +276,6 @@ impl BatchNorm {
         Ok(())
     }
 
-    fn check_buffer(&self, name: &'static str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
-        let limit = self.ctx.max_binding_size();
-        if bytes > limit {
-            return Err(Error::TooLargeForDevice { name, bytes, limit });
-        }
-        if buffer.size() < bytes {
-            return Err(Error::BufferTooSmall {
-                name,
-                needed: bytes,
-                got: buffer.size(),
-            });
-        }
-        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-            return Err(Error::BufferUsage {
-                name,
-                needed: wgpu::BufferUsages::STORAGE,
-                got: buffer.usage(),
-            });
-        }
-        Ok(())
-    }
-
     fn check_saved(&self, saved: &SavedStats) -> Result<()> {
         if saved.channels != self.config.num_features {
             return Err(Error::ChannelMismatch {
@@ -330,8 +308,8 @@ impl BatchNorm {
         batch_stats: bool,
     ) -> Result<()> {
         self.check_shape(shape, batch_stats)?;
-        self.check_buffer("x", x, shape.bytes())?;
-        self.check_buffer("y", y, shape.bytes())?;
+        self.ctx.check_storage("x", x, shape.bytes())?;
+        self.ctx.check_storage("y", y, shape.bytes())?;
         Self::check_aliasing(&[("x", Some(x), false), ("y", Some(y), true)])
     }
 
@@ -535,7 +513,7 @@ impl BatchNorm {
                 whole(&partials),
                 whole(&self.running),
             ],
-            plan.workgroups,
+            plan.workgroups(),
         );
         let flags = if update_running {
             finalize::UPDATE_RUNNING
@@ -599,7 +577,7 @@ impl BatchNorm {
                 binding(y, shape.bytes()),
                 whole(&self.coef),
             ],
-            plan.workgroups,
+            plan.workgroups(),
         );
     }
 
@@ -666,17 +644,17 @@ impl BatchNorm {
             ));
         }
         let bytes = shape.bytes();
-        self.check_buffer("x", x, bytes)?;
-        self.check_buffer("dy", dy, bytes)?;
+        self.ctx.check_storage("x", x, bytes)?;
+        self.ctx.check_storage("dy", dy, bytes)?;
         let c_bytes = self.config.num_features as u64 * 4;
         if let Some(b) = grads.dx {
-            self.check_buffer("dx", b, bytes)?;
+            self.ctx.check_storage("dx", b, bytes)?;
         }
         if let Some(b) = grads.dgamma {
-            self.check_buffer("dgamma", b, c_bytes)?;
+            self.ctx.check_storage("dgamma", b, c_bytes)?;
         }
         if let Some(b) = grads.dbeta {
-            self.check_buffer("dbeta", b, c_bytes)?;
+            self.ctx.check_storage("dbeta", b, c_bytes)?;
         }
         Self::check_aliasing(&[
             ("x", Some(x), false),
@@ -728,7 +706,7 @@ impl BatchNorm {
                     whole(&stats_buffer),
                     whole(&partials),
                 ],
-                plan.workgroups,
+                plan.workgroups(),
             );
         }
         let mut flags = 0;
@@ -783,7 +761,7 @@ impl BatchNorm {
                     binding(dx, shape.bytes()),
                     whole(&self.coef),
                 ],
-                ep.workgroups,
+                ep.workgroups(),
             );
         }
     }

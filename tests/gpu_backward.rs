@@ -6,10 +6,11 @@ mod gpu_support;
 
 use common::{assert_close, assert_sums_close, normal, rng};
 use gpu_support::{ctx, describe, layer_pair, layer_pair_on, tunings};
+use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
 use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, GradBuffers, GradMask, Layout, Shape, StatsSource,
+    BatchNorm, BatchNormConfig, GpuContext, GradBuffers, GradMask, Layout, Shape, StatsSource,
 };
 
 const TOL: f64 = 1e-5;
@@ -143,6 +144,32 @@ impl BatchStats for ReferenceBatchNorm {
     }
 }
 
+/// [`check_backward`] (every output) on a fresh layer pair (random state, on `ctx`)
+/// with random x around `mean` and random dy.
+fn check_random(
+    ctx: &GpuContext,
+    rng: &mut StdRng,
+    shape: &Shape,
+    config: &BatchNormConfig,
+    mean: f32,
+    source: StatsSource,
+    what: &str,
+) -> f64 {
+    let (mut gpu, cpu) = layer_pair_on(ctx, rng, config);
+    let x = normal(rng, shape, mean, 1.5);
+    let dy = normal(rng, shape, 0.1, 1.0);
+    check_backward(
+        &mut gpu,
+        &cpu,
+        shape,
+        &x,
+        &dy,
+        source,
+        GradMask::default(),
+        what,
+    )
+}
+
 #[test]
 fn backward_matches_reference_for_every_layout_and_option() {
     let mut rng = rng("backward_matches_reference_for_every_layout_and_option");
@@ -163,19 +190,15 @@ fn backward_matches_reference_for_every_layout_and_option() {
                     &[StatsSource::Batch]
                 };
                 for &source in sources {
-                    let (mut gpu, cpu) = layer_pair(&mut rng, &config);
                     let mean = rng.random_range(-2.0..2.0);
-                    let x = normal(&mut rng, &shape, mean, 1.5);
-                    let dy = normal(&mut rng, &shape, 0.1, 1.0);
                     let what = format!("{dims:?} {layout:?} {} {source:?}", describe(&config));
-                    worst = worst.max(check_backward(
-                        &mut gpu,
-                        &cpu,
+                    worst = worst.max(check_random(
+                        ctx(),
+                        &mut rng,
                         &shape,
-                        &x,
-                        &dy,
+                        &config,
+                        mean,
                         source,
-                        GradMask::default(),
                         &what,
                     ));
                 }
@@ -205,19 +228,9 @@ fn every_tuning_matches_reference() {
                 let shape = Shape::new(dims, layout).unwrap();
                 let config = BatchNormConfig::new(shape.c());
                 for source in [StatsSource::Batch, StatsSource::Running] {
-                    let (mut gpu, cpu) = layer_pair_on(&ctx, &mut rng, &config);
-                    let x = normal(&mut rng, &shape, 0.5, 1.5);
-                    let dy = normal(&mut rng, &shape, 0.1, 1.0);
                     let what = format!("tuning {name} {dims:?} {layout:?} {source:?}");
-                    worst = worst.max(check_backward(
-                        &mut gpu,
-                        &cpu,
-                        &shape,
-                        &x,
-                        &dy,
-                        source,
-                        GradMask::default(),
-                        &what,
+                    worst = worst.max(check_random(
+                        &ctx, &mut rng, &shape, &config, 0.5, source, &what,
                     ));
                 }
             }

@@ -6,9 +6,10 @@ mod gpu_support;
 
 use common::{assert_close, normal, rng};
 use gpu_support::{configs, ctx, describe, f64s, layer_pair, layer_pair_on, tunings};
+use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
-use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Layout, SavedStats, Shape};
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Layout, SavedStats, Shape};
 
 /// Elementwise outputs and statistics (SEMANTICS.md).
 const TOL: f64 = 1e-5;
@@ -106,6 +107,21 @@ fn check_train_eval(
     worst
 }
 
+/// [`check_train_eval`] on a fresh layer pair (random state, on `ctx`) with two
+/// random batches around a random mean.
+fn check_random(
+    ctx: &GpuContext,
+    rng: &mut StdRng,
+    shape: &Shape,
+    config: &BatchNormConfig,
+    what: &str,
+) -> f64 {
+    let (mut gpu, mut cpu) = layer_pair_on(ctx, rng, config);
+    let mean = rng.random_range(-3.0..3.0);
+    let xs: Vec<Vec<f32>> = (0..2).map(|_| normal(rng, shape, mean, 2.0)).collect();
+    check_train_eval(&mut gpu, &mut cpu, shape, &xs, TOL, what)
+}
+
 #[test]
 fn forward_matches_reference_for_every_layout_and_option() {
     let mut rng = rng("forward_matches_reference_for_every_layout_and_option");
@@ -114,15 +130,8 @@ fn forward_matches_reference_for_every_layout_and_option() {
         for layout in LAYOUTS {
             let shape = Shape::new(dims, layout).unwrap();
             for config in configs(shape.c()) {
-                let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
-                let mean = rng.random_range(-3.0..3.0);
-                let xs: Vec<Vec<f32>> = (0..2)
-                    .map(|_| normal(&mut rng, &shape, mean, 2.0))
-                    .collect();
                 let what = format!("{dims:?} {layout:?} {}", describe(&config));
-                worst = worst.max(check_train_eval(
-                    &mut gpu, &mut cpu, &shape, &xs, TOL, &what,
-                ));
+                worst = worst.max(check_random(ctx(), &mut rng, &shape, &config, &what));
             }
         }
     }
@@ -153,15 +162,8 @@ fn every_tuning_matches_reference() {
             for layout in LAYOUTS {
                 let shape = Shape::new(dims, layout).unwrap();
                 let config = BatchNormConfig::new(shape.c());
-                let (mut gpu, mut cpu) = layer_pair_on(&ctx, &mut rng, &config);
-                let mean = rng.random_range(-3.0..3.0);
-                let xs: Vec<Vec<f32>> = (0..2)
-                    .map(|_| normal(&mut rng, &shape, mean, 2.0))
-                    .collect();
                 let what = format!("tuning {name} {dims:?} {layout:?}");
-                worst = worst.max(check_train_eval(
-                    &mut gpu, &mut cpu, &shape, &xs, TOL, &what,
-                ));
+                worst = worst.max(check_random(&ctx, &mut rng, &shape, &config, &what));
             }
         }
     }

@@ -50,15 +50,20 @@ pub(crate) enum Variant {
     Scalar,
 }
 
-/// A walk's launch: its parameters, entry point and workgroup count.
+/// A walk's launch: its parameters and entry point.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct WalkPlan {
     pub params: WalkParams,
     pub variant: Variant,
-    pub workgroups: u32,
 }
 
 impl WalkPlan {
+    /// Workgroups of the launch: every tile of channel units, split.
+    pub fn workgroups(&self) -> u32 {
+        let p = &self.params;
+        p.groups.div_ceil(p.tile) * p.splits
+    }
+
     /// Partials a reduction over this walk writes: `C * splits`.
     pub fn partial_count(&self, channels: usize) -> u64 {
         channels as u64 * self.params.splits as u64
@@ -110,9 +115,7 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     WalkPlan {
         params: plan_units(units, padded, tuning),
         variant,
-        workgroups: 0,
     }
-    .with_workgroups()
 }
 
 /// The walk of a copy of `vec4s` vec4s: one channel unit of one run.
@@ -120,9 +123,7 @@ pub(crate) fn plan_flat(vec4s: u32, tuning: Cut) -> WalkPlan {
     WalkPlan {
         params: plan_units(Units::runs(1, vec4s, 1), 4, tuning),
         variant: Variant::ChannelsFirstVec4,
-        workgroups: 0,
     }
-    .with_workgroups()
 }
 
 /// How a tensor's units are arranged: `groups` channel units of `per_channel`
@@ -255,14 +256,6 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         run,
         rep,
         _pad: [0; 2],
-    }
-}
-
-impl WalkPlan {
-    fn with_workgroups(mut self) -> Self {
-        let p = &self.params;
-        self.workgroups = p.groups.div_ceil(p.tile) * p.splits;
-        self
     }
 }
 
