@@ -4,7 +4,7 @@
 mod common;
 mod gpu_support;
 
-use common::{assert_close, assert_sums_close, normal, rng};
+use common::{assert_close, assert_sums_close, dbeta_scale, dgamma_scale, dx_scale, normal, rng};
 use gpu_support::{ctx, describe, layer_pair, layer_pair_on, tunings};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -27,24 +27,6 @@ const SHAPES: &[&[usize]] = &[
 ];
 
 const LAYOUTS: [Layout; 2] = [Layout::ChannelsFirst, Layout::ChannelsLast];
-
-/// Per-channel scales of the sums: sum |dy * xhat| and sum |dy|.
-fn sum_scales(
-    shape: &Shape,
-    x: &[f32],
-    dy: &[f32],
-    mean: &[f64],
-    invstd: &[f64],
-) -> (Vec<f64>, Vec<f64>) {
-    let (mut sg, mut sb) = (vec![0.0; shape.c()], vec![0.0; shape.c()]);
-    for i in 0..shape.numel() {
-        let c = shape.channel_of(i);
-        let g = dy[i] as f64;
-        sb[c] += g.abs();
-        sg[c] += (g * (x[i] as f64 - mean[c]) * invstd[c]).abs();
-    }
-    (sg, sb)
-}
 
 /// Runs one backward on both sides and compares every output asked for.
 #[allow(clippy::too_many_arguments)]
@@ -77,7 +59,10 @@ fn check_backward(
         StatsSource::Batch => cpu.forward_eval_batch(shape, x),
         StatsSource::Running => cpu.forward_eval(shape, x).expect("reference eval"),
     };
-    let (sg, sb) = sum_scales(shape, x, dy, &stats.mean, &stats.invstd);
+    let (sg, sb) = (
+        dgamma_scale(shape, x, dy, &stats.mean, &stats.invstd),
+        dbeta_scale(shape, dy),
+    );
     let affine = gpu.config().affine;
     let mut worst = 0f64;
     assert_eq!(g.dx.is_some(), mask.dx, "{what}: dx presence");
@@ -92,7 +77,27 @@ fn check_backward(
         "{what}: dbeta presence"
     );
     if let (Some(dx), Some(rdx)) = (&g.dx, &r.dx) {
-        worst = worst.max(assert_close(&format!("{what} dx"), dx, rdx, TOL));
+        // With a large gamma * invstd (large mean with a tiny spread), dx is a small
+        // difference of terms of size |gamma * invstd * dy|: rounding one input
+        // (6e-8) already moves it by more than 1e-5 once that factor passes ~100.
+        // There it is bounded relative to the size of its terms (the bound stated
+        // for ill-conditioned data); elsewhere by the plain rule.
+        let gamma = cpu.state.gamma.as_slice();
+        let gain = |c: usize| (gamma.get(c).map_or(1.0, |&g| f64::from(g)) * stats.invstd[c]).abs();
+        worst = worst.max(if (0..shape.c()).any(|c| gain(c) > 8.0) {
+            let scale = dx_scale(
+                shape,
+                x,
+                dy,
+                gamma,
+                &stats.mean,
+                &stats.invstd,
+                source == StatsSource::Batch,
+            );
+            assert_sums_close(&format!("{what} dx (x terms)"), dx, rdx, &scale, TOL)
+        } else {
+            assert_close(&format!("{what} dx"), dx, rdx, TOL)
+        });
     }
     if let (Some(dg), Some(rdg)) = (&g.dgamma, &r.dgamma) {
         worst = worst.max(assert_sums_close(
@@ -308,7 +313,10 @@ fn large_mean_large_channel_and_many_channels() {
             println!("{dims:?} {layout:?} {source:?}: largest error {e:.3e}");
         }
     }
-    println!("large-mean inputs, training backward: largest error {worst_large_mean:.3e} (bound asserted {TOL:e})");
+    println!(
+        "large-mean inputs, training backward: largest error {worst_large_mean:.3e} \
+         (dx relative to its terms; bound asserted {TOL:e})"
+    );
 }
 
 #[test]
