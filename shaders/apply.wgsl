@@ -20,40 +20,29 @@
 @group(0) @binding(3) var<storage, read> coef: array<f32>;
 @group(0) @binding(3) var<storage, read> coef4: array<vec4<f32>>;
 
-// The coefficients of four lanes: one channel each, or one channel splatted.
-struct Coef {
-    hi: vec4<f32>,
-    scale: vec4<f32>,
-    shift: vec4<f32>,
-}
-
-fn normalize(k: Coef, v: vec4<f32>) -> vec4<f32> {
-    return (v - k.hi) * k.scale + k.shift;
-}
-
 // Channel c's coefficients in every lane.
-fn coef_channel(c: u32) -> Coef {
-    return Coef(vec4<f32>(coef[c]), vec4<f32>(coef[p.padded + c]), vec4<f32>(coef[2u * p.padded + c]));
+fn coef_channel(c: u32) -> Norm {
+    return Norm(vec4<f32>(coef[c]), vec4<f32>(coef[p.padded + c]), vec4<f32>(coef[2u * p.padded + c]));
 }
 
 // The coefficients of channels 4c..4c+3.
-fn coef_group(c: u32) -> Coef {
+fn coef_group(c: u32) -> Norm {
     let seg = p.padded / 4u;
-    return Coef(coef4[c], coef4[seg + c], coef4[2u * seg + c]);
+    return Norm(coef4[c], coef4[seg + c], coef4[2u * seg + c]);
 }
 
 // The coefficients of the channels `ch`, gathered.
-fn coef_gather(ch: vec4<u32>) -> Coef {
+fn coef_gather(ch: vec4<u32>) -> Norm {
     var r: array<vec4<f32>, 3>;
     for (var s = 0u; s < 3u; s++) {
         let b = s * p.padded;
         r[s] = vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
     }
-    return Coef(r[0], r[1], r[2]);
+    return Norm(r[0], r[1], r[2]);
 }
 
 // The vec4 loop (channels-first runs, channels-last rows).
-fn loop_vec4(first: Walk, k: Coef) {
+fn loop_vec4(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         y4[i] = normalize(k, x4[i]);
@@ -61,7 +50,7 @@ fn loop_vec4(first: Walk, k: Coef) {
 }
 
 // The channels-last loop over 16 channels (four vec4) per invocation.
-fn loop_vec16(first: Walk, k: array<Coef, 4>) {
+fn loop_vec16(first: Walk, k: array<Norm, 4>) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);
         for (var q = 0u; q < 4u; q++) {
@@ -120,7 +109,7 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var k: array<Coef, 4>;
+    var k: array<Norm, 4>;
     for (var q = 0u; q < 4u; q++) {
         k[q] = coef_group(u + q);
     }
@@ -134,7 +123,7 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var k: array<Coef, 4>;
+    var k: array<Norm, 4>;
     for (var q = 0u; q < 4u; q++) {
         k[q] = coef_gather(row_channels(p, u + q));
     }

@@ -174,3 +174,78 @@ fn welford_collapse(w: Welford) -> Welford {
 fn workgroup_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
+
+// The normalize coefficients of four lanes (one channel each, or one channel
+// splatted): y = (x - hi) * scale + shift.
+struct Norm {
+    hi: vec4<f32>,
+    scale: vec4<f32>,
+    shift: vec4<f32>,
+}
+
+fn normalize(k: Norm, v: vec4<f32>) -> vec4<f32> {
+    return (v - k.hi) * k.scale + k.shift;
+}
+
+// How a channel's merged batch statistics become its saved statistics, coefficients
+// and running statistics (finalize.wgsl, and stats.wgsl's fused forward).
+struct FinalizeParams {
+    channels: u32,
+    splits: u32,
+    padded: u32,
+    flags: u32,       // FINALIZE_* bits
+    eps: f32,
+    momentum: f32,    // weight of the batch statistic (when not cumulative)
+    count: f32,       // m, elements per channel
+    unbias: f32,      // m / (m - 1)
+    count_index: u32, // index of num_batches_tracked in `running`
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+const FINALIZE_AFFINE: u32 = 1u;
+const FINALIZE_UPDATE_RUNNING: u32 = 2u;
+const FINALIZE_CUMULATIVE: u32 = 4u;
+const FINALIZE_UNBIASED: u32 = 8u;
+
+// A channel's statistics: mean = hi + lo, with hi = the pivot (a data value) and
+// lo = the Welford mean of x - pivot, both exact to f32 (x - hi is exact for x near
+// the mean, and lo is folded into the shift); the biased variance and invstd.
+struct BatchStats {
+    hi: f32,
+    lo: f32,
+    variance: f32,
+    invstd: f32,
+}
+
+fn inv_sqrt_or_zero(v: f32) -> f32 {
+    return select(0.0, 1.0 / sqrt(v), v > 0.0);
+}
+
+// The statistics of a channel whose merged Welford state of x - pivot has mean `lo`
+// and sum of squared deviations `m2`.
+fn batch_stats(fp: FinalizeParams, pivot: f32, lo: f32, m2: f32) -> BatchStats {
+    let v = max(m2 / fp.count, 0.0);
+    return BatchStats(pivot, lo, v, inv_sqrt_or_zero(v + fp.eps));
+}
+
+// (hi, scale, shift) of y = (x - hi) * scale + shift.
+fn coefficients(b: BatchStats, gamma: f32, beta: f32) -> vec3<f32> {
+    let scale = gamma * b.invstd;
+    return vec3<f32>(b.hi, scale, beta - b.lo * scale);
+}
+
+// Running mean and variance after this batch; `batches` is num_batches_tracked
+// (already counting this batch), used by the cumulative average.
+fn running_after(fp: FinalizeParams, mean: f32, variance: f32, b: BatchStats, batches: u32) -> vec2<f32> {
+    var f = fp.momentum;
+    if (fp.flags & FINALIZE_CUMULATIVE) != 0u {
+        f = 1.0 / f32(batches);
+    }
+    var batch_var = b.variance;
+    if (fp.flags & FINALIZE_UNBIASED) != 0u {
+        batch_var = b.variance * fp.unbias;
+    }
+    return vec2<f32>((1.0 - f) * mean + f * (b.hi + b.lo), (1.0 - f) * variance + f * batch_var);
+}

@@ -18,21 +18,6 @@
 //   affine  = [gamma | beta]                 running = [mean | var | num_batches_tracked]
 // `running` is read as u32 so the counter's bits never pass through float registers.
 
-struct FinalizeParams {
-    channels: u32,
-    splits: u32,
-    padded: u32,
-    flags: u32,       // 1: affine, 2: update running stats, 4: cumulative average, 8: unbiased running var
-    eps: f32,
-    momentum: f32,    // weight of the batch statistic (when not cumulative)
-    count: f32,       // m, elements per channel
-    unbias: f32,      // m / (m - 1)
-    count_index: u32, // index of num_batches_tracked in `running`
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(0) var<uniform> p: FinalizeParams;
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> saved: array<f32>;
@@ -40,26 +25,17 @@ struct FinalizeParams {
 @group(0) @binding(4) var<storage, read> affine: array<f32>;
 @group(0) @binding(5) var<storage, read_write> running: array<u32>;
 
-const AFFINE: u32 = 1u;
-const UPDATE_RUNNING: u32 = 2u;
-const CUMULATIVE: u32 = 4u;
-const UNBIASED: u32 = 8u;
-
-fn inv_sqrt_or_zero(v: f32) -> f32 {
-    return select(0.0, 1.0 / sqrt(v), v > 0.0);
-}
-
-fn write_coef(c: u32, hi: f32, invstd: f32, lo: f32) {
+fn write_coef(c: u32, b: BatchStats) {
     var gamma = 1.0;
     var beta = 0.0;
-    if (p.flags & AFFINE) != 0u {
+    if (p.flags & FINALIZE_AFFINE) != 0u {
         gamma = affine[c];
         beta = affine[p.padded + c];
     }
-    let scale = gamma * invstd;
-    coef[c] = hi;
-    coef[p.padded + c] = scale;
-    coef[2u * p.padded + c] = beta - lo * scale;
+    let k = coefficients(b, gamma, beta);
+    coef[c] = k.x;
+    coef[p.padded + c] = k.y;
+    coef[2u * p.padded + c] = k.z;
 }
 
 fn scalar_state(v: vec4<f32>) -> Welford {
@@ -78,30 +54,18 @@ fn train(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var s = 1u; s < p.splits; s++) {
         acc = welford_merge(acc, scalar_state(partials[c * p.splits + s]));
     }
-    let hi = pivot;
-    let lo = acc.mean.x;
-    let v = max(acc.m2.x / p.count, 0.0);
-    let invstd = inv_sqrt_or_zero(v + p.eps);
+    let b = batch_stats(p, pivot, acc.mean.x, acc.m2.x);
+    saved[c] = b.hi + b.lo;
+    saved[p.padded + c] = b.invstd;
+    saved[2u * p.padded + c] = b.hi;
+    saved[3u * p.padded + c] = b.lo;
+    write_coef(c, b);
 
-    saved[c] = hi + lo;
-    saved[p.padded + c] = invstd;
-    saved[2u * p.padded + c] = hi;
-    saved[3u * p.padded + c] = lo;
-    write_coef(c, hi, invstd, lo);
-
-    if (p.flags & UPDATE_RUNNING) != 0u {
-        var f = p.momentum;
-        if (p.flags & CUMULATIVE) != 0u {
-            f = 1.0 / f32(running[p.count_index]);
-        }
-        var batch_var = v;
-        if (p.flags & UNBIASED) != 0u {
-            batch_var = v * p.unbias;
-        }
-        let rm = bitcast<f32>(running[c]);
-        let rv = bitcast<f32>(running[p.padded + c]);
-        running[c] = bitcast<u32>((1.0 - f) * rm + f * (hi + lo));
-        running[p.padded + c] = bitcast<u32>((1.0 - f) * rv + f * batch_var);
+    if (p.flags & FINALIZE_UPDATE_RUNNING) != 0u {
+        let r = running_after(p, bitcast<f32>(running[c]), bitcast<f32>(running[p.padded + c]), b,
+                              running[p.count_index]);
+        running[c] = bitcast<u32>(r.x);
+        running[p.padded + c] = bitcast<u32>(r.y);
     }
 }
 
@@ -117,5 +81,5 @@ fn eval(@builtin(global_invocation_id) gid: vec3<u32>) {
     saved[p.padded + c] = invstd;
     saved[2u * p.padded + c] = rm;
     saved[3u * p.padded + c] = 0.0;
-    write_coef(c, rm, invstd, 0.0);
+    write_coef(c, BatchStats(rm, 0.0, 0.0, invstd));
 }

@@ -15,12 +15,27 @@
 //
 // Reads x; writes partials[channel * splits + split]; when `flags & 1`, one
 // invocation also adds 1 to num_batches_tracked (running[count_index]).
+//
+// The fused training forward (`fused_*`, for launches whose workgroups each hold
+// whole channels: splits == 1) goes on where the others write their partials: row 0
+// of each channel unit finalizes its channels as finalize.wgsl's `train` does (saved
+// statistics, running statistics; not the cumulative average, which reads the batch
+// count that workgroup 0 is incrementing), the workgroup shares their coefficients
+// through workgroup memory, and walks its channels again to write y, as apply.wgsl
+// does. One dispatch instead of three, and a workgroup's second read of its channels
+// finds them in cache when they are small.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> running: array<u32>;
+// The fused forward's own bindings (binding 2 is y instead of partials).
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> saved: array<f32>;
+@group(0) @binding(5) var<storage, read> affine: array<f32>;
+@group(0) @binding(6) var<uniform> fp: FinalizeParams;
 
 var<workgroup> sh_n: array<vec4<f32>, WG>;
 var<workgroup> sh_mean: array<vec4<f32>, WG>;
@@ -67,6 +82,27 @@ fn loop_vec4(first: Walk, pivot: vec4<f32>) -> Welford {
     return acc;
 }
 
+// The quad loop (channels-first, S % 4 != 0): Welford states of x - pivot, a lane
+// per element of a quad.
+fn loop_quad(first: Walk, pivot: f32) -> Welford {
+    var acc = welford_empty();
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = quad_indices(p, w);
+        let v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
+        acc = welford_push_where(acc, v - pivot, quad_valid(p, w));
+    }
+    return acc;
+}
+
+// The scalar loop (channels-last, C % 4 != 0): the Welford state in lane 0.
+fn loop_scalar(first: Walk, pivot: f32) -> Welford {
+    var acc = welford_empty();
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        acc = welford_push_where(acc, vec4<f32>(x[walk_index(p, w)] - pivot), vec4<bool>(true, false, false, false));
+    }
+    return acc;
+}
+
 // Merges the workgroup's states of one channel (lane 0 of `w`) and writes its partial.
 fn finish_channel(t: u32, first: Walk, w: Welford, pivot: f32) {
     let r = reduce_rows(t, first.row, w);
@@ -105,13 +141,7 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let pivot = x[walk_group(p, first) * p.run];
-    var acc = welford_empty();
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = quad_indices(p, w);
-        let v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
-        acc = welford_push_where(acc, v - pivot, quad_valid(p, w));
-    }
-    finish_channel(t, first, welford_collapse(acc), pivot);
+    finish_channel(t, first, welford_collapse(loop_quad(first, pivot)), pivot);
 }
 
 @compute @workgroup_size(WG)
@@ -168,9 +198,120 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     count_batch(g, t);
     let first = walk_begin(p, t, g);
     let pivot = x[walk_group(p, first) * p.len];
-    var acc = welford_empty();
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        acc = welford_push_where(acc, vec4<f32>(x[walk_index(p, w)] - pivot), vec4<bool>(true, false, false, false));
+    finish_channel(t, first, loop_scalar(first, pivot), pivot);
+}
+
+// ----- fused training forward ---------------------------------------------------
+
+// Channel c's statistics from lane `lane` of its merged state: writes its saved and
+// (when asked) running statistics, returns its coefficients (hi, scale, shift).
+fn finalize_channel(c: u32, r: Welford, lane: u32, pivot: f32) -> vec3<f32> {
+    let b = batch_stats(fp, pivot, r.mean[lane], r.m2[lane]);
+    saved[c] = b.hi + b.lo;
+    saved[fp.padded + c] = b.invstd;
+    saved[2u * fp.padded + c] = b.hi;
+    saved[3u * fp.padded + c] = b.lo;
+    if (fp.flags & FINALIZE_UPDATE_RUNNING) != 0u {
+        let m = running_after(fp, bitcast<f32>(running[c]), bitcast<f32>(running[fp.padded + c]), b, 0u);
+        running[c] = bitcast<u32>(m.x);
+        running[fp.padded + c] = bitcast<u32>(m.y);
     }
-    finish_channel(t, first, acc, pivot);
+    var gamma = 1.0;
+    var beta = 0.0;
+    if (fp.flags & FINALIZE_AFFINE) != 0u {
+        gamma = affine[c];
+        beta = affine[fp.padded + c];
+    }
+    return coefficients(b, gamma, beta);
+}
+
+// Merges the workgroup's states of each channel unit (`lanes` channels: 4 for the
+// channels-last vec4 units, whose lanes are adjacent channels; else 1, in lane 0),
+// finalizes them, and gives every invocation its channel unit's coefficients.
+fn fused_norm(t: u32, first: Walk, w: Welford, pivot: vec4<f32>, lanes: u32) -> Norm {
+    let r = reduce_rows(t, first.row, w);
+    workgroupBarrier();
+    let slot = first.group % p.tile;
+    if first.row == 0u && first.group < p.groups {
+        var k: array<vec4<f32>, 3>;
+        for (var lane = 0u; lane < lanes; lane++) {
+            let v = finalize_channel(lanes * first.group + lane, r, lane, pivot[lane]);
+            for (var q = 0u; q < 3u; q++) {
+                k[q][lane] = v[q];
+            }
+        }
+        for (var q = 0u; q < 3u; q++) {
+            k[q] = select(k[q], vec4<f32>(k[q].x), lanes == 1u);
+        }
+        sh_n[slot] = k[0];
+        sh_mean[slot] = k[1];
+        sh_m2[slot] = k[2];
+    }
+    workgroupBarrier();
+    return Norm(sh_n[slot], sh_mean[slot], sh_m2[slot]);
+}
+
+fn normalize_vec4(first: Walk, k: Norm) {
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        y4[i] = normalize(k, x4[i]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn fused_channels_first_vec4(@builtin(local_invocation_index) t: u32,
+                             @builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    count_batch(g, t);
+    let first = walk_begin(p, t, g);
+    let pivot = x4[walk_group(p, first) * p.len].x;
+    let w = welford_collapse(loop_vec4(first, vec4<f32>(pivot)));
+    normalize_vec4(first, fused_norm(t, first, w, vec4<f32>(pivot), 1u));
+}
+
+@compute @workgroup_size(WG)
+fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
+                             @builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    count_batch(g, t);
+    let first = walk_begin(p, t, g);
+    let pivot = x[walk_group(p, first) * p.run];
+    let k = fused_norm(t, first, welford_collapse(loop_quad(first, pivot)), vec4<f32>(pivot), 1u);
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = quad_indices(p, w);
+        let v = normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
+        // Past the run, indices repeat the last element and write its same value.
+        y[i.x] = v.x;
+        y[i.y] = v.y;
+        y[i.z] = v.z;
+        y[i.w] = v.w;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn fused_channels_last_vec4(@builtin(local_invocation_index) t: u32,
+                            @builtin(workgroup_id) wid: vec3<u32>,
+                            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    count_batch(g, t);
+    let first = walk_begin(p, t, g);
+    let pivot = x4[walk_group(p, first)];
+    normalize_vec4(first, fused_norm(t, first, loop_vec4(first, pivot), pivot, 4u));
+}
+
+@compute @workgroup_size(WG)
+fn fused_scalar(@builtin(local_invocation_index) t: u32,
+                @builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    count_batch(g, t);
+    let first = walk_begin(p, t, g);
+    let pivot = x[walk_group(p, first) * p.len];
+    let k = fused_norm(t, first, loop_scalar(first, pivot), vec4<f32>(pivot), 1u);
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        y[i] = normalize(k, vec4<f32>(x[i])).x;
+    }
 }

@@ -401,8 +401,7 @@ impl BatchNorm {
         saved: &SavedStats,
     ) {
         let update = self.config.track_running_stats;
-        self.record_batch_stats(pass, shape, x, &saved.buffer, update);
-        self.record_apply(pass, shape, x, y);
+        self.record_batch_forward(pass, shape, x, y, &saved.buffer, update);
     }
 
     fn record_forward_eval(
@@ -417,14 +416,68 @@ impl BatchNorm {
             self.record_fold_running(pass);
         } else {
             let target = saved.unwrap_or(&self.scratch_saved).buffer.clone();
-            self.record_batch_stats(pass, shape, x, &target, false);
+            self.record_batch_forward(pass, shape, x, y, &target, false);
+            return;
         }
         self.record_apply(pass, shape, x, y);
     }
 
-    fn finalize_params(&self, splits: u32, m: usize, flags: u32) -> finalize::FinalizeParams {
+    /// A forward with batch statistics: in one dispatch where the tuning asks for
+    /// it (`fused_forward_max_elements`) and the fused kernel serves the walk (every
+    /// workgroup holds whole channels, and the running statistics, if updated, are
+    /// not a cumulative average, which reads the batch count); else statistics,
+    /// finalize and normalize.
+    fn record_batch_forward(
+        &mut self,
+        pass: &mut wgpu::ComputePass<'_>,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        saved: &wgpu::Buffer,
+        update_running: bool,
+    ) {
+        let plan = self.stats_walk(shape, update_running);
+        let fusable = shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements
+            && !(update_running && self.config.momentum.is_none());
+        let kernels = self.ctx.kernels();
+        if let Some(fused) = kernels.stats.fused(&plan).filter(|_| fusable) {
+            let device = self.ctx.device();
+            let fp = self.finalize_params(1, shape.per_channel(), update_running);
+            let (params, fparams) = (
+                kernels.uniform(device, &plan.params),
+                kernels.uniform(device, &fp),
+            );
+            fused.dispatch(
+                device,
+                pass,
+                &[
+                    whole(&params),
+                    binding(x, shape.bytes()),
+                    binding(y, shape.bytes()),
+                    whole(&self.running),
+                    whole(saved),
+                    whole(&self.affine),
+                    whole(&fparams),
+                ],
+                plan.workgroups(),
+            );
+        } else {
+            self.record_batch_stats(pass, shape, x, saved, update_running);
+            self.record_apply(pass, shape, x, y);
+        }
+    }
+
+    fn finalize_params(
+        &self,
+        splits: u32,
+        m: usize,
+        update_running: bool,
+    ) -> finalize::FinalizeParams {
         let cfg = &self.config;
-        let mut flags = flags;
+        let mut flags = 0;
+        if update_running {
+            flags |= finalize::UPDATE_RUNNING;
+        }
         if cfg.affine {
             flags |= finalize::AFFINE;
         }
@@ -474,6 +527,17 @@ impl BatchNorm {
         )
     }
 
+    /// The statistics pass's walk of `shape`, counting the batch when the running
+    /// statistics are updated.
+    fn stats_walk(&self, shape: &Shape, update_running: bool) -> common::WalkPlan {
+        let mut plan = self.reduce_walk(shape);
+        if update_running {
+            plan.params.flags = stats::COUNT_BATCH;
+        }
+        plan.params.count_index = 2 * self.stride() as u32;
+        plan
+    }
+
     fn channel_workgroups(&self) -> u32 {
         (self.config.num_features as u32).div_ceil(WORKGROUP_SIZE)
     }
@@ -495,16 +559,12 @@ impl BatchNorm {
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
-        let mut plan = self.reduce_walk(shape);
-        if update_running {
-            plan.params.flags = stats::COUNT_BATCH;
-        }
-        plan.params.count_index = 2 * self.stride() as u32;
+        let plan = self.stats_walk(shape, update_running);
         let partials = self.partials(plan.partial_count(self.config.num_features));
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
         let params = kernels.uniform(device, &plan.params);
-        kernels.stats.get(plan.variant).dispatch(
+        kernels.stats.partial.get(plan.variant).dispatch(
             device,
             pass,
             &[
@@ -515,12 +575,7 @@ impl BatchNorm {
             ],
             plan.workgroups(),
         );
-        let flags = if update_running {
-            finalize::UPDATE_RUNNING
-        } else {
-            0
-        };
-        let fp = self.finalize_params(plan.params.splits, shape.per_channel(), flags);
+        let fp = self.finalize_params(plan.params.splits, shape.per_channel(), update_running);
         let fparams = kernels.uniform(device, &fp);
         kernels.finalize.train.dispatch(
             device,
@@ -541,7 +596,7 @@ impl BatchNorm {
     fn record_fold_running(&mut self, pass: &mut wgpu::ComputePass<'_>) {
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
-        let fparams = kernels.uniform(device, &self.finalize_params(0, 2, 0));
+        let fparams = kernels.uniform(device, &self.finalize_params(0, 2, false));
         kernels.finalize.eval.dispatch(
             device,
             pass,

@@ -99,6 +99,12 @@ struct Args {
     #[arg(long, value_enum, default_value_t = TuningArg::Adapter)]
     tuning: TuningArg,
 
+    /// Forward passes with batch statistics as three dispatches (statistics,
+    /// finalize, normalize) even where the fused one-dispatch kernel applies
+    /// (Tuning::fused_forward_max_elements = 0).
+    #[arg(long)]
+    unfused: bool,
+
     /// Inputs are generated in several copies, rotated between repetitions, so
     /// that together they span at least this many MiB (at most 8 copies; 0: one
     /// copy) and repeated runs do not just hit the caches.
@@ -245,6 +251,15 @@ fn main() -> BoxResult<()> {
             let simd = ctx.adapter_info().subgroup_min_size;
             ctx.with_tuning(Tuning::cpu(simd))
         }
+    };
+    let ctx = if args.unfused {
+        let tuning = ctx.tuning();
+        ctx.with_tuning(Tuning {
+            fused_forward_max_elements: 0,
+            ..tuning
+        })
+    } else {
+        ctx
     };
     let timer = GpuTimer::new(&ctx);
     let header = header(&ctx, &timer, args.tuning);

@@ -39,11 +39,21 @@ pub struct Tuning {
     pub reduce: Cut,
     /// Cut of the elementwise passes.
     pub elementwise: Cut,
+    /// A forward with batch statistics on a tensor of at most this many elements
+    /// runs as one dispatch (statistics, finalize and normalize; `stats.wgsl`'s
+    /// fused kernel) where the reduction's cut gives every workgroup whole
+    /// channels; larger ones, and every one when 0, as three. The fused kernel
+    /// saves two launches and re-reads a workgroup's channels from cache, but
+    /// normalizes along the reduction's walk, after its barriers.
+    pub fused_forward_max_elements: u64,
 }
 
 impl Tuning {
     /// For a GPU: many workgroups in flight (about 2048 per launch), at least 8
-    /// units per invocation, each step of a workgroup on one contiguous row.
+    /// units per invocation, each step of a workgroup on one contiguous row; one
+    /// fused dispatch for forwards of up to 2^20 elements (4 MiB, about where the
+    /// traffic of a memory-bound pass on a current GPU takes as long as launching
+    /// one).
     pub fn gpu() -> Self {
         let cut = Cut {
             target_workgroups: 2048,
@@ -55,6 +65,7 @@ impl Tuning {
         Self {
             reduce: cut,
             elementwise: cut,
+            fused_forward_max_elements: 1 << 20,
         }
     }
 
@@ -64,7 +75,9 @@ impl Tuning {
     /// workgroups (about 32, at least 64 vec4s per invocation); its elementwise
     /// passes about 1024 workgroups of at least 32 vec4s per invocation, with wide
     /// channels-last tiles read 16 channels per invocation; and each batch streams
-    /// through a block of memory of its own.
+    /// through a block of memory of its own. Forwards of up to 2^16 elements run
+    /// as one fused dispatch: past that, normalizing after a barrier (which such
+    /// adapters run as coroutines) costs more than the two launches it saves.
     pub fn cpu(simd_width: u32) -> Self {
         let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
         Self {
@@ -82,6 +95,7 @@ impl Tuning {
                 max_row_tile: 256,
                 wide_rows: true,
             },
+            fused_forward_max_elements: 1 << 16,
         }
     }
 

@@ -2,7 +2,8 @@
 
 use super::{Access, Kernel};
 
-/// Mirrors `FinalizeParams` in finalize.wgsl.
+/// Mirrors `FinalizeParams` in common.wgsl (used by finalize.wgsl and the fused
+/// forward of stats.wgsl).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct FinalizeParams {
@@ -18,7 +19,7 @@ pub(crate) struct FinalizeParams {
     pub _pad: [u32; 3],
 }
 
-/// `FinalizeParams::flags` bits.
+/// `FinalizeParams::flags` bits (`FINALIZE_*` in common.wgsl).
 pub(crate) const AFFINE: u32 = 1;
 pub(crate) const UPDATE_RUNNING: u32 = 2;
 pub(crate) const CUMULATIVE: u32 = 4;

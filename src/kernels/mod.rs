@@ -175,7 +175,7 @@ pub(crate) fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
 
 /// Every pipeline of the crate, built once per device.
 pub(crate) struct Kernels {
-    pub stats: common::WalkKernels,
+    pub stats: stats::StatsKernels,
     pub finalize: finalize::FinalizeKernels,
     pub apply: common::WalkKernels,
     pub backward_reduce: common::WalkKernels,
@@ -236,7 +236,7 @@ impl Kernels {
                 .unwrap_or_default()
         };
         let kernels = Self {
-            stats: stats::kernels(device, &module("bn.stats", src("stats.wgsl"))),
+            stats: stats::StatsKernels::new(device, &module("bn.stats", src("stats.wgsl"))),
             finalize: finalize::FinalizeKernels::new(
                 device,
                 &module("bn.finalize", src("finalize.wgsl")),

@@ -61,9 +61,9 @@ pub fn random_state(rng: &mut impl Rng, config: &BatchNormConfig) -> BatchNormSt
 }
 
 /// The launch geometries every result must survive: the adapter's own, the GPU and
-/// CPU tunings whatever the adapter, a cut as fine as it goes (one unit per
-/// invocation, many splits, narrow tiles, lane blocks of 4), and one of values the
-/// walk has to round.
+/// CPU tunings whatever the adapter (the CPU one also with the fused forward at any
+/// size), a cut as fine as it goes (one unit per invocation, many splits, narrow
+/// tiles, lane blocks of 4), and one of values the walk has to round.
 pub fn tunings() -> Vec<(&'static str, GpuContext)> {
     let finest = Cut {
         target_workgroups: 4096,
@@ -85,10 +85,18 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         ("gpu", ctx().with_tuning(Tuning::gpu())),
         ("cpu", ctx().with_tuning(Tuning::cpu(8))),
         (
+            "cpu, fused at any size",
+            ctx().with_tuning(Tuning {
+                fused_forward_max_elements: u64::MAX,
+                ..Tuning::cpu(8)
+            }),
+        ),
+        (
             "finest",
             ctx().with_tuning(Tuning {
                 reduce: finest,
                 elementwise: finest,
+                fused_forward_max_elements: u64::MAX,
             }),
         ),
         (
@@ -96,6 +104,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
             ctx().with_tuning(Tuning {
                 reduce: odd,
                 elementwise: odd,
+                fused_forward_max_elements: 0,
             }),
         ),
     ]
