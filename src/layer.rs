@@ -300,17 +300,28 @@ impl BatchNorm {
         Ok(())
     }
 
+    /// Checks a forward's arguments; `saved` (checked when given) is written, and
+    /// so must not alias x or y, when batch statistics are used.
     fn check_forward(
         &self,
         shape: &Shape,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
+        saved: Option<&SavedStats>,
         batch_stats: bool,
     ) -> Result<()> {
         self.check_shape(shape, batch_stats)?;
         self.ctx.check_storage("x", x, shape.bytes())?;
         self.ctx.check_storage("y", y, shape.bytes())?;
-        Self::check_aliasing(&[("x", Some(x), false), ("y", Some(y), true)])
+        if let Some(s) = saved {
+            self.check_saved(s)?;
+        }
+        let written_saved = saved.filter(|_| batch_stats).map(|s| &s.buffer);
+        Self::check_aliasing(&[
+            ("x", Some(x), false),
+            ("y", Some(y), true),
+            ("saved", written_saved, true),
+        ])
     }
 
     // ----- forward ----------------------------------------------------------------
@@ -327,8 +338,7 @@ impl BatchNorm {
         y: &wgpu::Buffer,
         saved: &SavedStats,
     ) -> Result<()> {
-        self.check_forward(shape, x, y, true)?;
-        self.check_saved(saved)?;
+        self.check_forward(shape, x, y, Some(saved), true)?;
         let mut pass = begin(encoder, "bn.forward_train");
         self.record_forward_train(&mut pass, shape, x, y, saved);
         Ok(())
@@ -344,8 +354,7 @@ impl BatchNorm {
         y: &wgpu::Buffer,
         saved: &SavedStats,
     ) -> Result<()> {
-        self.check_forward(shape, x, y, true)?;
-        self.check_saved(saved)?;
+        self.check_forward(shape, x, y, Some(saved), true)?;
         self.record_forward_train(pass, shape, x, y, saved);
         Ok(())
     }
@@ -388,8 +397,7 @@ impl BatchNorm {
         y: &wgpu::Buffer,
         saved: Option<&SavedStats>,
     ) -> Result<()> {
-        self.check_forward(shape, x, y, !self.config.track_running_stats)?;
-        saved.map_or(Ok(()), |s| self.check_saved(s))
+        self.check_forward(shape, x, y, saved, !self.config.track_running_stats)
     }
 
     fn record_forward_train(

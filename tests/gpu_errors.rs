@@ -145,6 +145,15 @@ fn the_same_buffer_for_input_and_output_is_refused() {
         f.bn.forward_train(&mut enc, &f.shape, &f.y, &f.y, &f.saved)
             .unwrap_err();
     assert!(matches!(e, Error::AliasedBuffers { .. }), "{e}");
+    // The saved statistics are written in the same dispatch that reads x.
+    let small = Shape::new(&[2, 3], Layout::ChannelsLast).unwrap();
+    let e =
+        f.bn.forward_train(&mut enc, &small, f.saved.buffer(), &f.y, &f.saved)
+            .unwrap_err();
+    assert!(
+        matches!(e, Error::AliasedBuffers { a: "x", b: "saved" }),
+        "{e}"
+    );
     let dg = ctx().storage_buffer("dg", 12);
     let grads = GradBuffers {
         dgamma: Some(&dg),
