@@ -72,7 +72,7 @@ struct Args {
     ops: Vec<Op>,
 
     /// Timed repetitions per measurement (after 2 warm-up runs). Default: by size,
-    /// 5 for tensors of 4M elements or more, up to 50 for tiny ones.
+    /// 11 for tensors of 4M elements or more, up to 101 for tiny ones.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     reps: Option<u64>,
 
@@ -134,14 +134,14 @@ enum TuningArg {
     Cpu,
 }
 
-/// Repetitions by tensor size: fewer for big tensors (each run is long and its time
-/// steady), more for small ones (short, noisy runs).
+/// Repetitions by tensor size: fewer for big tensors (each run is long), more for
+/// small ones (short, noisy runs); odd, so that the median is one run.
 fn default_reps(numel: usize) -> usize {
     match numel {
-        n if n >= 4 << 20 => 5,
-        n if n >= 256 << 10 => 10,
-        n if n >= 16 << 10 => 20,
-        _ => 50,
+        n if n >= 4 << 20 => 11,
+        n if n >= 256 << 10 => 21,
+        n if n >= 16 << 10 => 41,
+        _ => 101,
     }
 }
 
