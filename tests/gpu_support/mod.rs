@@ -16,8 +16,10 @@ use wgpu_batchnorm::{
 pub fn ctx() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
     CTX.get_or_init(|| {
-        let ctx =
-            GpuContext::from_env().unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
+        let ctx = GpuContext::from_env().unwrap_or_else(|e| match e {
+            wgpu_batchnorm::Error::NoAdapter { .. } => panic!("GPU tests need an adapter: {e}"),
+            e => panic!("GPU context could not be set up on this adapter: {e}"),
+        });
         eprintln!("GPU tests run on: {}", ctx.describe());
         ctx
     })
