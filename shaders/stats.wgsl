@@ -63,10 +63,14 @@ fn reduce_rows(t: u32, row: u32, w: Welford) -> Welford {
     return Welford(sh_n[t], sh_mean[t], sh_m2[t]);
 }
 
-fn count_batch(g: u32, t: u32) {
+// Start of invocation t's walk; the first invocation of the launch also counts the
+// batch in num_batches_tracked when asked (`flags & 1`).
+fn begin(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Walk {
+    let g = workgroup_linear(wid, nwg);
     if g == 0u && t == 0u && (p.flags & 1u) != 0u {
         running[p.count_index] += 1u;
     }
+    return walk_begin(p, t, g);
 }
 
 fn write_partial(c: u32, split: u32, w: Welford, lane: u32, pivot: f32) {
@@ -126,9 +130,7 @@ fn finish_lanes(t: u32, first: Walk, v: u32, w: Welford, pivot: vec4<f32>) {
 fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let pivot = x4[walk_group(p, first) * p.len].x;
     finish_channel(t, first, welford_collapse(loop_vec4(first, vec4<f32>(pivot))), pivot);
 }
@@ -137,9 +139,7 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
 fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let pivot = x[walk_group(p, first) * p.run];
     finish_channel(t, first, welford_collapse(loop_quad(first, pivot)), pivot);
 }
@@ -148,9 +148,7 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let pivot = x4[walk_group(p, first)];
     finish_lanes(t, first, first.group, loop_vec4(first, pivot), pivot);
 }
@@ -159,9 +157,7 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
 fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let u = 4u * walk_group(p, first);
     // Every channel of a row-walking invocation has seen the same number of
     // elements, so the four Welford states share one count and one reciprocal.
@@ -194,9 +190,7 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
 fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let pivot = x[walk_group(p, first) * p.len];
     finish_channel(t, first, loop_scalar(first, pivot), pivot);
 }
@@ -262,9 +256,7 @@ fn normalize_vec4(first: Walk, k: Norm) {
 fn fused_channels_first_vec4(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let pivot = x4[walk_group(p, first) * p.len].x;
     let w = welford_collapse(loop_vec4(first, vec4<f32>(pivot)));
     normalize_vec4(first, fused_norm(t, first, w, vec4<f32>(pivot), 1u));
@@ -274,9 +266,7 @@ fn fused_channels_first_vec4(@builtin(local_invocation_index) t: u32,
 fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let pivot = x[walk_group(p, first) * p.run];
     let k = fused_norm(t, first, welford_collapse(loop_quad(first, pivot)), vec4<f32>(pivot), 1u);
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
@@ -294,9 +284,7 @@ fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn fused_channels_last_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let pivot = x4[walk_group(p, first)];
     normalize_vec4(first, fused_norm(t, first, loop_vec4(first, pivot), pivot, 4u));
 }
@@ -305,9 +293,7 @@ fn fused_channels_last_vec4(@builtin(local_invocation_index) t: u32,
 fn fused_scalar(@builtin(local_invocation_index) t: u32,
                 @builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    count_batch(g, t);
-    let first = walk_begin(p, t, g);
+    let first = begin(t, wid, nwg);
     let pivot = x[walk_group(p, first) * p.len];
     let k = fused_norm(t, first, loop_scalar(first, pivot), vec4<f32>(pivot), 1u);
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {

@@ -68,9 +68,8 @@ pub struct CpuBatchNorm {
 impl CpuBatchNorm {
     /// A layer in its initial state.
     pub fn new(config: BatchNormConfig) -> Result<Self> {
-        config.validate()?;
         let state = BatchNormState::new(&config);
-        Ok(Self { config, state })
+        Self::with_state(config, state)
     }
 
     /// A layer with the given state (e.g. from a checkpoint).

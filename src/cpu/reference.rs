@@ -164,9 +164,8 @@ impl ReferenceBatchNorm {
     /// A layer in its initial state (`gamma = 1`, `beta = 0`, `running_mean = 0`,
     /// `running_var = 1`).
     pub fn new(config: BatchNormConfig) -> Result<Self> {
-        config.validate()?;
         let state = BatchNormState::new(&config);
-        Ok(Self { config, state })
+        Self::with_state(config, state)
     }
 
     /// A layer with the given state (e.g. from a checkpoint).
