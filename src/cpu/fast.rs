@@ -1,4 +1,4 @@
-//! The fast CPU path: multi-threaded (rayon), cache-friendly, f32 data with f64
+//! The fast CPU path: multi-threaded (the rayon pool, with the calling thread working too), cache-friendly, f32 data with f64
 //! per-channel bookkeeping. It is the baseline the GPU kernels are benchmarked
 //! against, so it is written to be a real competitor, and it meets the same
 //! tolerances as the GPU kernels against [`super::reference`].
@@ -16,7 +16,8 @@
 //! results do not depend on thread scheduling: the same input gives the same bits
 //! on every run, whatever the thread count.
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use super::reference::{check_input, check_len, invstd, update_running_stats, NO_RUNNING_STATS};
 use crate::{
@@ -555,39 +556,36 @@ fn block_grad(x: &[f32], dy: &[f32], p: f32) -> [f32; 2] {
 /// memory order; each returns the sums of every plane run it covers, tagged with the
 /// run's channel, and the runs are merged per channel in memory order.
 fn reduce_planes(x: &[f32], sums: Sums, center: &[f32], c: usize, s: usize) -> Vec<[f64; 2]> {
-    let parts: Vec<Vec<(usize, [f64; 2])>> = x
-        .par_chunks(ITEM)
-        .enumerate()
-        .map(|(k, xi)| {
-            let base = k * ITEM;
-            let gi = match sums {
-                Sums::Grad(dy) => &dy[base..base + xi.len()],
-                Sums::Moments => &[][..],
-            };
-            let mut runs = Vec::with_capacity(xi.len() / s + 2);
-            for (i, len, ch) in plane_runs(base, xi.len(), s, c) {
-                let mut acc = [0.0f64; 2];
-                for b in (i..i + len).step_by(BLOCK) {
-                    let e = (b + BLOCK).min(i + len);
-                    prefetch::<false>(xi, b + PREFETCH, BLOCK);
-                    match sums {
-                        Sums::Moments => {
-                            let (p, a) = block_moments(&xi[b..e]);
-                            let delta = f64::from(p) - f64::from(center[ch]);
-                            fold_moments(&mut acc, a, e - b, delta);
-                        }
-                        Sums::Grad(_) => {
-                            prefetch::<false>(gi, b + PREFETCH, BLOCK);
-                            let a = block_grad(&xi[b..e], &gi[b..e], center[ch]);
-                            fold_sums(&mut acc, a);
-                        }
+    let parts: Vec<Vec<(usize, [f64; 2])>> = items(x.len().div_ceil(ITEM), |k| {
+        let base = k * ITEM;
+        let xi = &x[base..(base + ITEM).min(x.len())];
+        let gi = match sums {
+            Sums::Grad(dy) => &dy[base..base + xi.len()],
+            Sums::Moments => &[][..],
+        };
+        let mut runs = Vec::with_capacity(xi.len() / s + 2);
+        for (i, len, ch) in plane_runs(base, xi.len(), s, c) {
+            let mut acc = [0.0f64; 2];
+            for b in (i..i + len).step_by(BLOCK) {
+                let e = (b + BLOCK).min(i + len);
+                prefetch::<false>(xi, b + PREFETCH, BLOCK);
+                match sums {
+                    Sums::Moments => {
+                        let (p, a) = block_moments(&xi[b..e]);
+                        let delta = f64::from(p) - f64::from(center[ch]);
+                        fold_moments(&mut acc, a, e - b, delta);
+                    }
+                    Sums::Grad(_) => {
+                        prefetch::<false>(gi, b + PREFETCH, BLOCK);
+                        let a = block_grad(&xi[b..e], &gi[b..e], center[ch]);
+                        fold_sums(&mut acc, a);
                     }
                 }
-                runs.push((ch, acc));
             }
-            runs
-        })
-        .collect();
+            runs.push((ch, acc));
+        }
+        runs
+    });
     let mut total = vec![[0.0; 2]; c];
     for &(ch, a) in parts.iter().flatten() {
         total[ch] = add2(total[ch], a);
@@ -611,48 +609,45 @@ fn reduce_rows(
     let block_len = block_rows * width;
     let item_len = ITEM.div_ceil(block_len) * block_len;
     let center_col: Vec<f32> = (0..width).map(|j| center[j / rep]).collect();
-    let parts: Vec<Vec<[f64; 2]>> = x
-        .par_chunks(item_len)
-        .enumerate()
-        .map(|(k, xi)| {
-            let gi = match sums {
-                Sums::Grad(dy) => &dy[k * item_len..k * item_len + xi.len()],
-                Sums::Moments => &[][..],
+    let parts: Vec<Vec<[f64; 2]>> = items(x.len().div_ceil(item_len), |k| {
+        let xi = &x[k * item_len..((k + 1) * item_len).min(x.len())];
+        let gi = match sums {
+            Sums::Grad(dy) => &dy[k * item_len..k * item_len + xi.len()],
+            Sums::Moments => &[][..],
+        };
+        let mut acc = vec![[0.0f64; 2]; width];
+        let mut scratch = vec![[0.0f32; 2]; width];
+        for b in (0..xi.len()).step_by(block_len) {
+            let e = (b + block_len).min(xi.len());
+            let next = e..(e + block_len).min(xi.len());
+            let block = RowBlock {
+                x: &xi[b..e],
+                next_x: &xi[next.clone()],
+                width,
+                center: &center_col,
             };
-            let mut acc = vec![[0.0f64; 2]; width];
-            let mut scratch = vec![[0.0f32; 2]; width];
-            for b in (0..xi.len()).step_by(block_len) {
-                let e = (b + block_len).min(xi.len());
-                let next = e..(e + block_len).min(xi.len());
-                let block = RowBlock {
-                    x: &xi[b..e],
-                    next_x: &xi[next.clone()],
-                    width,
-                    center: &center_col,
-                };
-                match sums {
-                    Sums::Moments => {
-                        let mut j0 = 0;
-                        while j0 < width {
-                            j0 += match width - j0 {
-                                16.. => block.moments::<16>(j0, &mut acc),
-                                4.. => block.moments::<4>(j0, &mut acc),
-                                _ => block.moments::<1>(j0, &mut acc),
-                            };
-                        }
-                    }
-                    Sums::Grad(_) => {
-                        block.grad(&gi[b..e], &gi[next], &mut scratch, &mut acc);
+            match sums {
+                Sums::Moments => {
+                    let mut j0 = 0;
+                    while j0 < width {
+                        j0 += match width - j0 {
+                            16.. => block.moments::<16>(j0, &mut acc),
+                            4.. => block.moments::<4>(j0, &mut acc),
+                            _ => block.moments::<1>(j0, &mut acc),
+                        };
                     }
                 }
+                Sums::Grad(_) => {
+                    block.grad(&gi[b..e], &gi[next], &mut scratch, &mut acc);
+                }
             }
-            let mut out = vec![[0.0; 2]; c];
-            for (j, &a) in acc.iter().enumerate() {
-                out[j / rep] = add2(out[j / rep], a);
-            }
-            out
-        })
-        .collect();
+        }
+        let mut out = vec![[0.0; 2]; c];
+        for (j, &a) in acc.iter().enumerate() {
+            out[j / rep] = add2(out[j / rep], a);
+        }
+        out
+    });
     let mut total = vec![[0.0; 2]; c];
     for part in &parts {
         for (t, &p) in total.iter_mut().zip(part) {
@@ -749,7 +744,7 @@ where
     };
     match traversal(shape, PLANE_MIN_ELEMENTWISE) {
         Traversal::Planes { c, s } => {
-            out.par_chunks_mut(ITEM).enumerate().for_each(|(k, oi)| {
+            chunk_items(out, ITEM, |k, oi| {
                 let base = k * ITEM;
                 for (i, len, ch) in plane_runs(base, oi.len(), s, c) {
                     let kk = k_of(ch);
@@ -768,26 +763,70 @@ where
             let cols: [Vec<f32>; 4] =
                 std::array::from_fn(|t| (0..width).map(|j| coef[t][j / rep]).collect());
             let item_len = ITEM.div_ceil(width) * width;
-            out.par_chunks_mut(item_len)
-                .enumerate()
-                .for_each(|(k, oi)| {
-                    let base = k * item_len;
-                    for (r, row) in oi.chunks_mut(width).enumerate() {
-                        let start = base + r * width;
-                        ahead(start, width);
-                        let (ar, br) = (&a[start..start + width], &b[start..start + width]);
-                        let (k0, k1, k2, k3) = (
-                            &cols[0][..width],
-                            &cols[1][..width],
-                            &cols[2][..width],
-                            &cols[3][..width],
-                        );
-                        let row = &mut row[..width];
-                        for j in 0..width {
-                            row[j] = f(ar[j], br[j], [k0[j], k1[j], k2[j], k3[j]]);
-                        }
+            chunk_items(out, item_len, |k, oi| {
+                let base = k * item_len;
+                for (r, row) in oi.chunks_mut(width).enumerate() {
+                    let start = base + r * width;
+                    ahead(start, width);
+                    let (ar, br) = (&a[start..start + width], &b[start..start + width]);
+                    let (k0, k1, k2, k3) = (
+                        &cols[0][..width],
+                        &cols[1][..width],
+                        &cols[2][..width],
+                        &cols[3][..width],
+                    );
+                    let row = &mut row[..width];
+                    for j in 0..width {
+                        row[j] = f(ar[j], br[j], [k0[j], k1[j], k2[j], k3[j]]);
                     }
-                });
+                }
+            });
         }
     }
+}
+
+/// `work(k)` for every `k` in `0..n`, in parallel: the calling thread and the
+/// pool's other threads each take the next unclaimed index until none is left.
+/// Returns the results in index order.
+///
+/// The caller works from the start instead of handing the whole job to the pool
+/// and sleeping until it is done, so a small tensor does not wait on a thread
+/// wake-up before any work begins (and workers that wake late take fewer items).
+fn items<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = rayon::current_num_threads().min(n);
+    if threads <= 1 {
+        return (0..n).map(work).collect();
+    }
+    let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let run = || loop {
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        if k >= n {
+            break;
+        }
+        let v = work(k);
+        *slots[k].lock().unwrap_or_else(PoisonError::into_inner) = Some(v);
+    };
+    rayon::in_place_scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| run());
+        }
+        run();
+    });
+    slots
+        .into_iter()
+        .map(|slot| {
+            let v = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
+            v.expect("every item ran before the scope ended")
+        })
+        .collect()
+}
+
+/// `work(k, chunk)` for the chunks of `len` values of `out`, in parallel as [`items`].
+fn chunk_items(out: &mut [f32], len: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
+    let chunks: Vec<Mutex<&mut [f32]>> = out.chunks_mut(len).map(Mutex::new).collect();
+    items(chunks.len(), |k| {
+        let mut chunk = chunks[k].lock().unwrap_or_else(PoisonError::into_inner);
+        work(k, &mut chunk);
+    });
 }
