@@ -1,7 +1,7 @@
-//! The fast CPU path: multi-threaded (the rayon pool, with the calling thread working too), cache-friendly, f32 data with f64
-//! per-channel bookkeeping. It is the baseline the GPU kernels are benchmarked
-//! against, so it is written to be a real competitor, and it meets the same
-//! tolerances as the GPU kernels against [`super::reference`].
+//! The fast CPU path: multi-threaded (the rayon pool, the calling thread working
+//! too), cache-friendly, f32 data with f64 per-channel bookkeeping. It is the
+//! baseline the GPU kernels are benchmarked against, so it is written to be a real
+//! competitor, and it meets the same tolerances as the GPU kernels against [`super::reference`].
 //!
 //! Data flow, mirroring the kernels: a reduction pass (per-channel sums), a
 //! per-channel finalize in f64 (statistics, folded coefficients), and an
