@@ -3,7 +3,7 @@
 //
 // Walks the tensor as apply.wgsl does (same WalkParams and entry points); each
 // invocation stays on one channel unit and loads its coefficients once.
-// With running statistics k_x = 0 and x is not read (flags & 1 == 0).
+// With running statistics k_x = 0 and x is not read (no BACKWARD_DX_WITH_X).
 // Reads x, dy, coef; writes dx.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
@@ -17,7 +17,7 @@
 @group(0) @binding(4) var<storage, read> coef4: array<vec4<f32>>;
 
 fn with_x() -> bool {
-    return (p.flags & 1u) != 0u;
+    return (p.flags & BACKWARD_DX_WITH_X) != 0u;
 }
 
 // The dx coefficients of four lanes: one channel each, or one channel splatted.

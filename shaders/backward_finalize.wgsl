@@ -5,10 +5,11 @@
 // backward_reduce.wgsl in index order, then, with xhat = (x - hi - lo) * invstd:
 //   dbeta  = sum dy
 //   dgamma = sum dy * xhat = invstd * (sum dy * (x - hi) - lo * sum dy)
-// Batch statistics (flags & 8): dx = gamma * invstd / m * (m dy - dbeta - xhat dgamma).
+// Batch statistics (BACKWARD_BATCH_STATS):
+//   dx = gamma * invstd / m * (m dy - dbeta - xhat dgamma).
 // Running statistics: dx = gamma * invstd * dy.
-// dgamma/dbeta are written when asked (flags 2, 4), added to the buffer's
-// contents when accumulating (flags 16).
+// dgamma/dbeta are written when asked (BACKWARD_WANT_DGAMMA, _DBETA), added to
+// the buffer's contents when accumulating (BACKWARD_ACCUMULATE).
 //
 // Reads partials, saved = [mean | invstd | hi | lo], affine = [gamma | beta];
 // writes coef = [hi | k_dy | k_x | k_c] (segments `padded` apart), dgamma, dbeta.
@@ -17,7 +18,7 @@ struct BackwardFinalizeParams {
     channels: u32,
     splits: u32,   // 0 when the sums were not needed (running statistics, dx only)
     padded: u32,
-    flags: u32,    // 1: affine, 2: dgamma, 4: dbeta, 8: batch statistics, 16: accumulate
+    flags: u32,    // BACKWARD_* bits (constants from the host)
     count: f32,    // m
     _pad0: u32,
     _pad1: u32,
@@ -32,15 +33,9 @@ struct BackwardFinalizeParams {
 @group(0) @binding(5) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dbeta: array<f32>;
 
-const AFFINE: u32 = 1u;
-const WANT_DGAMMA: u32 = 2u;
-const WANT_DBETA: u32 = 4u;
-const BATCH_STATS: u32 = 8u;
-const ACCUMULATE: u32 = 16u;
-
 fn store(c: u32, v: f32, which: u32) {
-    let acc = (p.flags & ACCUMULATE) != 0u;
-    if which == WANT_DGAMMA {
+    let acc = (p.flags & BACKWARD_ACCUMULATE) != 0u;
+    if which == BACKWARD_WANT_DGAMMA {
         dgamma[c] = select(v, dgamma[c] + v, acc);
     } else {
         dbeta[c] = select(v, dbeta[c] + v, acc);
@@ -63,21 +58,21 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let sum_dy = sum.x;
     let sum_dyx = invstd * (sum.y - lo * sum_dy);
 
-    if (p.flags & WANT_DGAMMA) != 0u {
-        store(c, sum_dyx, WANT_DGAMMA);
+    if (p.flags & BACKWARD_WANT_DGAMMA) != 0u {
+        store(c, sum_dyx, BACKWARD_WANT_DGAMMA);
     }
-    if (p.flags & WANT_DBETA) != 0u {
-        store(c, sum_dy, WANT_DBETA);
+    if (p.flags & BACKWARD_WANT_DBETA) != 0u {
+        store(c, sum_dy, BACKWARD_WANT_DBETA);
     }
 
     var gamma = 1.0;
-    if (p.flags & AFFINE) != 0u {
+    if (p.flags & BACKWARD_AFFINE) != 0u {
         gamma = affine[c];
     }
     let k_dy = gamma * invstd;
     var k_x = 0.0;
     var k_c = 0.0;
-    if (p.flags & BATCH_STATS) != 0u {
+    if (p.flags & BACKWARD_BATCH_STATS) != 0u {
         k_x = -k_dy * invstd * sum_dyx / p.count;
         k_c = k_dy * (lo * invstd * sum_dyx - sum_dy) / p.count;
     }

@@ -5,7 +5,7 @@
 // (sum dy, sum dy * (x - hi), 0, 0), where hi is the high part of the saved mean
 // pair (x - hi is exact near the mean; the low part is applied by
 // backward_finalize.wgsl). Sums run in a fixed order: deterministic.
-// When `flags & 1 == 0` only sum dy is needed and x is not read.
+// Without BACKWARD_REDUCE_WITH_X only sum dy is needed and x is not read.
 //
 // Reads x, dy, saved = [mean | invstd | hi | lo]; writes partials[channel * splits + split].
 
@@ -28,7 +28,7 @@ struct Sums {
 }
 
 fn wants_x() -> bool {
-    return (p.flags & 1u) != 0u;
+    return (p.flags & BACKWARD_REDUCE_WITH_X) != 0u;
 }
 
 fn accumulate(acc: Sums, g: vec4<f32>, xv: vec4<f32>, hi: vec4<f32>) -> Sums {

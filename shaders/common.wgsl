@@ -35,7 +35,7 @@ struct WalkParams {
     step_n: u32,      // block / len
     step_s: u32,      // block % len
     padded: u32,      // C rounded up to 4: stride of per-channel vectors
-    flags: u32,       // the kernel's own switches
+    flags: u32,       // the kernel's own switches (constants from the host)
     count_index: u32, // stats.wgsl: index of num_batches_tracked in `running`
     runs: u32,        // 1: a channel unit's rows are consecutive invocations
     run: u32,         // quad walks: elements per run (S)
@@ -193,7 +193,7 @@ struct FinalizeParams {
     channels: u32,
     splits: u32,
     padded: u32,
-    flags: u32,       // FINALIZE_* bits
+    flags: u32,       // FINALIZE_* bits (constants from the host)
     eps: f32,
     momentum: f32,    // weight of the batch statistic (when not cumulative)
     count: f32,       // m, elements per channel
@@ -203,11 +203,6 @@ struct FinalizeParams {
     _pad1: u32,
     _pad2: u32,
 }
-
-const FINALIZE_AFFINE: u32 = 1u;
-const FINALIZE_UPDATE_RUNNING: u32 = 2u;
-const FINALIZE_CUMULATIVE: u32 = 4u;
-const FINALIZE_UNBIASED: u32 = 8u;
 
 // A channel's statistics: mean = hi + lo, with hi = the pivot (a data value) and
 // lo = the Welford mean of x - pivot, both exact to f32 (x - hi is exact for x near

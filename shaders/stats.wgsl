@@ -13,7 +13,7 @@
 //                        a SIMD batch of a CPU adapter reads longer runs of a row.
 //   scalar:              a unit is one element (channels-last, C % 4 != 0).
 //
-// Reads x; writes partials[channel * splits + split]; when `flags & 1`, one
+// Reads x; writes partials[channel * splits + split]; with STATS_COUNT_BATCH, one
 // invocation also adds 1 to num_batches_tracked (running[count_index]).
 //
 // The fused training forward (`fused_*`, for launches whose workgroups each hold
@@ -64,10 +64,10 @@ fn reduce_rows(t: u32, row: u32, w: Welford) -> Welford {
 }
 
 // Start of invocation t's walk; the first invocation of the launch also counts the
-// batch in num_batches_tracked when asked (`flags & 1`).
+// batch in num_batches_tracked when asked (STATS_COUNT_BATCH).
 fn begin(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Walk {
     let g = workgroup_linear(wid, nwg);
-    if g == 0u && t == 0u && (p.flags & 1u) != 0u {
+    if g == 0u && t == 0u && (p.flags & STATS_COUNT_BATCH) != 0u {
         running[p.count_index] += 1u;
     }
     return walk_begin(p, t, g);

@@ -1,7 +1,7 @@
 //! Every WGSL kernel parses and validates with naga: a shader error fails here on
 //! any machine, GPU or not.
 
-use wgpu_batchnorm::shader_sources::{full, COMMON, KERNELS};
+use wgpu_batchnorm::shader_sources::{full, COMMON, FLAGS, KERNELS};
 
 fn validate(name: &str, source: &str) -> naga::Module {
     let module = naga::front::wgsl::parse_str(source)
@@ -51,6 +51,30 @@ fn workgroup_size_is_a_pipeline_constant() {
     for (file, source) in KERNELS {
         for line in source.lines().filter(|l| l.contains("@workgroup_size")) {
             assert!(line.contains("@workgroup_size(WG)"), "{file}: {line}");
+        }
+    }
+}
+
+#[test]
+fn flag_bits_are_defined_by_the_host_only() {
+    // Every flag a kernel tests comes from the host's constants (prepended by
+    // `full`): no WGSL file declares a constant of its own or tests a literal bit.
+    let mut names: Vec<&str> = FLAGS.iter().map(|(name, _)| *name).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), FLAGS.len(), "a flag name is listed twice");
+    for (name, value) in FLAGS {
+        assert!(value.is_power_of_two(), "{name} = {value} is not one bit");
+    }
+    for (file, source) in [("common.wgsl", COMMON)].iter().chain(KERNELS) {
+        for line in source.lines().map(str::trim) {
+            assert!(!line.starts_with("const "), "{file}: {line}");
+            if let Some((_, tested)) = line.split_once("flags & ") {
+                assert!(
+                    FLAGS.iter().any(|(name, _)| tested.starts_with(name)),
+                    "{file}: `{line}` tests a bit that is not one of the host's flags"
+                );
+            }
         }
     }
 }

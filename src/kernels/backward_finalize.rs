@@ -14,7 +14,8 @@ pub(crate) struct BackwardFinalizeParams {
     pub _pad: [u32; 3],
 }
 
-/// `BackwardFinalizeParams::flags` bits.
+/// `BackwardFinalizeParams::flags` bits (reach WGSL as `BACKWARD_*`, see
+/// `sources::FLAGS`).
 pub(crate) const AFFINE: u32 = 1;
 pub(crate) const WANT_DGAMMA: u32 = 2;
 pub(crate) const WANT_DBETA: u32 = 4;

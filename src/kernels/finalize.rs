@@ -19,7 +19,7 @@ pub(crate) struct FinalizeParams {
     pub _pad: [u32; 3],
 }
 
-/// `FinalizeParams::flags` bits (`FINALIZE_*` in common.wgsl).
+/// `FinalizeParams::flags` bits (reach WGSL as `FINALIZE_*`, see `sources::FLAGS`).
 pub(crate) const AFFINE: u32 = 1;
 pub(crate) const UPDATE_RUNNING: u32 = 2;
 pub(crate) const CUMULATIVE: u32 = 4;

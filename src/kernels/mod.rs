@@ -47,9 +47,37 @@ pub mod sources {
         ("copy.wgsl", include_str!("../../shaders/copy.wgsl")),
     ];
 
-    /// Full source of a kernel file (shared piece included).
+    /// The flag bits the host sets in the kernels' parameters, as `(WGSL name,
+    /// value)`: the host's constants are the only definition, and reach WGSL as
+    /// `const` declarations prepended to every kernel (see [`full`]).
+    pub const FLAGS: &[(&str, u32)] = &[
+        ("STATS_COUNT_BATCH", super::stats::COUNT_BATCH),
+        ("FINALIZE_AFFINE", super::finalize::AFFINE),
+        ("FINALIZE_UPDATE_RUNNING", super::finalize::UPDATE_RUNNING),
+        ("FINALIZE_CUMULATIVE", super::finalize::CUMULATIVE),
+        ("FINALIZE_UNBIASED", super::finalize::UNBIASED),
+        ("BACKWARD_REDUCE_WITH_X", super::backward_reduce::WITH_X),
+        ("BACKWARD_AFFINE", super::backward_finalize::AFFINE),
+        (
+            "BACKWARD_WANT_DGAMMA",
+            super::backward_finalize::WANT_DGAMMA,
+        ),
+        ("BACKWARD_WANT_DBETA", super::backward_finalize::WANT_DBETA),
+        (
+            "BACKWARD_BATCH_STATS",
+            super::backward_finalize::BATCH_STATS,
+        ),
+        ("BACKWARD_ACCUMULATE", super::backward_finalize::ACCUMULATE),
+        ("BACKWARD_DX_WITH_X", super::backward_dx::WITH_X),
+    ];
+
+    /// Full source of a kernel file: the flag constants, the shared piece, the kernel.
     pub fn full(kernel: &str) -> String {
-        format!("{COMMON}\n{kernel}")
+        let flags: String = FLAGS
+            .iter()
+            .map(|(name, value)| format!("const {name}: u32 = {value}u;\n"))
+            .collect();
+        format!("{flags}\n{COMMON}\n{kernel}")
     }
 }
 

@@ -6,7 +6,8 @@
 use super::common::{Pass, Variant, WalkKernels, WalkPlan};
 use super::{Access, Kernel};
 
-/// Bit of `WalkParams::flags`: count this batch in num_batches_tracked.
+/// Bit of `WalkParams::flags`: count this batch in num_batches_tracked
+/// (`STATS_COUNT_BATCH` in WGSL, see `sources::FLAGS`).
 pub(crate) const COUNT_BATCH: u32 = 1;
 
 /// params, x, partials, running (for num_batches_tracked).
