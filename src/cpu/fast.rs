@@ -1,7 +1,8 @@
 //! The fast CPU path: multi-threaded (the rayon pool, the calling thread working
 //! too), cache-friendly, f32 data with f64 per-channel bookkeeping. It is the
 //! baseline the GPU kernels are benchmarked against, so it is written to be a real
-//! competitor, and it meets the same tolerances as the GPU kernels against [`super::reference`].
+//! competitor, and it meets the same tolerances as the GPU kernels against
+//! [`super::reference`].
 //!
 //! Data flow, mirroring the kernels: a reduction pass (per-channel sums), a
 //! per-channel finalize in f64 (statistics, folded coefficients), and an
@@ -556,9 +557,8 @@ fn block_grad(x: &[f32], dy: &[f32], p: f32) -> [f32; 2] {
 /// memory order; each returns the sums of every plane run it covers, tagged with the
 /// run's channel, and the runs are merged per channel in memory order.
 fn reduce_planes(x: &[f32], sums: Sums, center: &[f32], c: usize, s: usize) -> Vec<[f64; 2]> {
-    let parts: Vec<Vec<(usize, [f64; 2])>> = items(x.len().div_ceil(ITEM), |k| {
+    let parts: Vec<Vec<(usize, [f64; 2])>> = chunk_results(x, ITEM, |k, xi| {
         let base = k * ITEM;
-        let xi = &x[base..(base + ITEM).min(x.len())];
         let gi = match sums {
             Sums::Grad(dy) => &dy[base..base + xi.len()],
             Sums::Moments => &[][..],
@@ -609,8 +609,7 @@ fn reduce_rows(
     let block_len = block_rows * width;
     let item_len = ITEM.div_ceil(block_len) * block_len;
     let center_col: Vec<f32> = (0..width).map(|j| center[j / rep]).collect();
-    let parts: Vec<Vec<[f64; 2]>> = items(x.len().div_ceil(item_len), |k| {
-        let xi = &x[k * item_len..((k + 1) * item_len).min(x.len())];
+    let parts: Vec<Vec<[f64; 2]>> = chunk_results(x, item_len, |k, xi| {
         let gi = match sums {
             Sums::Grad(dy) => &dy[k * item_len..k * item_len + xi.len()],
             Sums::Moments => &[][..],
@@ -820,6 +819,17 @@ fn items<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
             v.expect("every item ran before the scope ended")
         })
         .collect()
+}
+
+/// `work(k, chunk)` for the chunks of `len` values of `x`, in parallel as [`items`];
+/// returns the results in chunk order.
+fn chunk_results<T: Send>(
+    x: &[f32],
+    len: usize,
+    work: impl Fn(usize, &[f32]) -> T + Sync,
+) -> Vec<T> {
+    let chunks: Vec<&[f32]> = x.chunks(len).collect();
+    items(chunks.len(), |k| work(k, chunks[k]))
 }
 
 /// `work(k, chunk)` for the chunks of `len` values of `out`, in parallel as [`items`].
