@@ -1,7 +1,11 @@
 // Backward, first stage: per-channel partial sums of dy and dy * (x - mean).
 //
-// Walks and splits the tensor exactly as stats.wgsl (same WalkParams and entry
-// points); one workgroup writes one partial per channel and split:
+// Walks and splits the tensor as stats.wgsl (the same WalkParams and entry points,
+// and one more: channels_first_packed, for S % 4 != 0 and C % 4 == 0, where a unit
+// is 4 elements of the runs of 4 consecutive channels, 4 * S elements read as S
+// vec4s, each element summed into its channel's lane; the statistics pass reads such
+// tensors in quads, as its Welford update per element would cost more than the
+// loads save); one workgroup writes one partial per channel and split:
 // (sum dy, sum dy * (x - hi), 0, 0), where hi is the high part of the saved mean
 // pair (x - hi is exact near the mean; the low part is applied by
 // backward_finalize.wgsl). Sums run in a fixed order: deterministic.
@@ -38,6 +42,30 @@ fn accumulate(acc: Sums, g: vec4<f32>, xv: vec4<f32>, hi: vec4<f32>) -> Sums {
         r.dyx += g * (xv - hi);
     }
     return r;
+}
+
+// The packed walk (channels-first with S % 4 != 0 and C % 4 == 0): a channel unit is four consecutive channels, whose runs in a batch
+// item are 4 * S consecutive elements, read as len = S vec4s; component e of the
+// unit's vec4 s belongs to its channel (4s + e) / S, found by comparisons (an integer
+// division per element would cost CPU adapters more than the load).
+fn packed_channels(p: WalkParams, w: Walk) -> vec4<u32> {
+    let k = vec4<u32>(4u * w.s) + vec4<u32>(0u, 1u, 2u, 3u);
+    let one = vec4<u32>(1u);
+    let zero = vec4<u32>(0u);
+    return select(zero, one, k >= vec4<u32>(p.rep)) + select(zero, one, k >= vec4<u32>(2u * p.rep))
+         + select(zero, one, k >= vec4<u32>(3u * p.rep));
+}
+
+// One-hot masks over the unit's four channels (lanes) of the four components of the
+// current vec4 of a packed walk.
+fn packed_masks(p: WalkParams, w: Walk) -> array<vec4<f32>, 4> {
+    let ch = packed_channels(p, w);
+    let lanes = vec4<u32>(0u, 1u, 2u, 3u);
+    var m: array<vec4<f32>, 4>;
+    for (var e = 0u; e < 4u; e++) {
+        m[e] = select(vec4<f32>(0.0), vec4<f32>(1.0), lanes == vec4<u32>(ch[e]));
+    }
+    return m;
 }
 
 // Tree-sums each channel unit's rows in a fixed order (deterministic); row 0 ends
@@ -137,6 +165,27 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
         acc = accumulate(acc, g, xv, hi);
     }
     finish_channel(t, first, acc);
+}
+
+// Channels 4v..4v+3 packed (channels-first, S % 4 != 0, C % 4 == 0): each element
+// summed into its channel's lane.
+@compute @workgroup_size(WG)
+fn channels_first_packed(@builtin(local_invocation_index) t: u32,
+                         @builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let hi = hi_group(walk_group(p, first));
+    var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        let g = dy4[i];
+        let xv = x4_if_wanted(i, hi);
+        let m = packed_masks(p, w);
+        for (var e = 0u; e < 4u; e++) {
+            acc = accumulate(acc, m[e] * g[e], vec4<f32>(xv[e]), hi);
+        }
+    }
+    finish_lanes(t, first, first.group, acc);
 }
 
 @compute @workgroup_size(WG)

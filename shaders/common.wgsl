@@ -39,7 +39,7 @@ struct WalkParams {
     count_index: u32, // stats.wgsl: index of num_batches_tracked in `running`
     runs: u32,        // 1: a channel unit's rows are consecutive invocations
     run: u32,         // quad walks: elements per run (S)
-    rep: u32,         // channels-last walks: consecutive elements of a row per channel
+    rep: u32,         // row and packed walks: consecutive elements per channel (S)
     _pad0: u32,
     _pad1: u32,
 }

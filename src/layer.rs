@@ -515,14 +515,10 @@ impl BatchNorm {
         }
     }
 
-    /// How a reduction walks `shape` on this device.
-    fn reduce_walk(&self, shape: &Shape) -> common::WalkPlan {
-        common::plan(
-            shape,
-            self.stride() as u32,
-            self.ctx.tuning().reduce,
-            common::Pass::Reduce,
-        )
+    /// How a reduction (`pass`: the statistics or the backward sums) walks `shape`
+    /// on this device.
+    fn reduce_walk(&self, shape: &Shape, pass: common::Pass) -> common::WalkPlan {
+        common::plan(shape, self.stride() as u32, self.ctx.tuning().reduce, pass)
     }
 
     /// How an elementwise pass walks `shape` on this device.
@@ -538,7 +534,7 @@ impl BatchNorm {
     /// The statistics pass's walk of `shape`, counting the batch when the running
     /// statistics are updated.
     fn stats_walk(&self, shape: &Shape, update_running: bool) -> common::WalkPlan {
-        let mut plan = self.reduce_walk(shape);
+        let mut plan = self.reduce_walk(shape, common::Pass::Statistics);
         if update_running {
             plan.params.flags = stats::COUNT_BATCH;
         }
@@ -748,7 +744,7 @@ impl BatchNorm {
             return;
         }
         let stride = self.stride() as u32;
-        let mut plan = self.reduce_walk(shape);
+        let mut plan = self.reduce_walk(shape, common::Pass::Sums);
         plan.params.flags = if batch || want_dgamma {
             backward_reduce::WITH_X
         } else {

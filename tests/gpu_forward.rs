@@ -14,8 +14,8 @@ use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Layout, SavedStats,
 /// Elementwise outputs and statistics (SEMANTICS.md).
 const TOL: f64 = 1e-5;
 
-/// Odd and even sizes for every rank: C = 1, 3, 17; 7x7; N = 1 with spatial > 1;
-/// element counts that are not multiples of 4 or of the workgroup.
+/// Odd and even sizes for every rank: C = 1, 3, 8, 17; 7x7 and 5x3 planes; N = 1
+/// with spatial > 1; element counts that are not multiples of 4 or of the workgroup.
 const SHAPES: &[&[usize]] = &[
     &[33, 17],
     &[64, 4],
@@ -25,6 +25,7 @@ const SHAPES: &[&[usize]] = &[
     &[4, 3, 7, 7],
     &[8, 16, 8, 8],
     &[1, 3, 5, 3],
+    &[3, 8, 5, 3],
     &[2, 17, 4, 4],
     &[2, 3, 3, 4, 5],
     &[3, 4, 2, 2, 2],
@@ -180,6 +181,7 @@ fn large_mean_tiny_variance_normalizes_exactly() {
         (&[16, 8, 12, 12][..], Layout::ChannelsLast),
         (&[300, 5][..], Layout::ChannelsFirst),
         (&[3, 3, 7, 7][..], Layout::ChannelsFirst),
+        (&[5, 8, 7, 7][..], Layout::ChannelsFirst),
         (&[4, 6, 5, 5][..], Layout::ChannelsLast),
     ] {
         let shape = Shape::new(dims, layout).unwrap();
@@ -203,14 +205,19 @@ fn large_mean_tiny_variance_normalizes_exactly() {
 #[test]
 fn constant_channels_give_beta() {
     let mut rng = rng("constant_channels_give_beta");
-    for layout in LAYOUTS {
-        let shape = Shape::new(&[4, 5, 3, 3], layout).unwrap();
-        let values: Vec<f32> = (0..5).map(|c| [0.0, 1.0, -7.5, 1e4, 3.25][c]).collect();
+    // C = 8 with S = 15: channels-first planes that are not whole vec4s in batch
+    // items that are (the normalize pass reads them as rows).
+    for (dims, layout) in [&[4usize, 5, 3, 3][..], &[3, 8, 5, 3]]
+        .into_iter()
+        .flat_map(|d| LAYOUTS.map(|l| (d, l)))
+    {
+        let shape = Shape::new(dims, layout).unwrap();
+        let values = [0.0, 1.0, -7.5, 1e4, 3.25, -2.0, 0.5, 1e-3][..shape.c()].to_vec();
         let x: Vec<f32> = (0..shape.numel())
             .map(|i| values[shape.channel_of(i)])
             .collect();
         for eps in [1e-5f32, 0.0] {
-            let config = BatchNormConfig::new(5).eps(eps);
+            let config = BatchNormConfig::new(shape.c()).eps(eps);
             let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
             let out = gpu.forward_train_host(&shape, &x).unwrap();
             let r = cpu.forward_train(&shape, &x).unwrap();

@@ -18,5 +18,5 @@ const BINDINGS: &[Access] = &[
 
 /// The entry points of backward_reduce.wgsl.
 pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
-    WalkKernels::new(device, module, "bn.backward_reduce", BINDINGS, Pass::Reduce)
+    WalkKernels::new(device, module, "bn.backward_reduce", BINDINGS, Pass::Sums)
 }

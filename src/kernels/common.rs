@@ -36,6 +36,10 @@ pub(crate) enum Variant {
     ChannelsFirstVec4,
     /// Up to four f32 of one run as a unit (channels-first, `S % 4 != 0`).
     ChannelsFirstQuad,
+    /// The backward sums over channels-first tensors with `S % 4 != 0` but `C % 4 == 0`:
+    /// a channel unit is four consecutive channels, whose runs in a batch item are
+    /// `S` vec4s; each element's channel follows from its place in them.
+    ChannelsFirstPacked,
     /// vec4 units of four adjacent channels (channels-last, `C % 4 == 0`).
     ChannelsLastVec4,
     /// Four vec4 of sixteen adjacent channels (channels-last, `C % 16 == 0`, when
@@ -73,8 +77,10 @@ impl WalkPlan {
 /// Which kind of kernel walks the tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pass {
-    /// stats, backward_reduce: partial results per channel.
-    Reduce,
+    /// stats: partial Welford states per channel.
+    Statistics,
+    /// backward_reduce: partial sums per channel.
+    Sums,
     /// apply, backward_dx: each element on its own.
     Elementwise,
 }
@@ -83,8 +89,10 @@ pub(crate) enum Pass {
 /// A channels-first tensor without spatial dims is the same memory as a
 /// channels-last one, and is walked as such; so is, by the elementwise passes, one
 /// whose runs are not whole vec4s (S % 4 != 0) but whose batch items are (C * S %
-/// 4 == 0): rows of C * S elements, a channel every S. `padded` is the stride of the
-/// per-channel vectors (C rounded up to 4).
+/// 4 == 0): rows of C * S elements, a channel every S. The backward sums read such
+/// a tensor in vec4s too where C % 4 == 0, four channels' runs (S vec4s) per channel
+/// unit (the statistics pass stays on quads: its Welford update would cost more per
+/// element with the channel masks than the loads save). `padded` is the stride of the per-channel vectors (C rounded up to 4).
 pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkPlan {
     let (n, c, s) = (
         shape.n() as u32,
@@ -109,6 +117,9 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
         }
     } else if s % 4 == 0 {
         (Variant::ChannelsFirstVec4, Units::runs(c, s / 4, n))
+    } else if pass == Pass::Sums && c % 4 == 0 {
+        let units = Units::runs(c / 4, s, n);
+        (Variant::ChannelsFirstPacked, Units { rep: s, ..units })
     } else {
         (Variant::ChannelsFirstQuad, Units::quads(c, s, n))
     };
@@ -138,8 +149,8 @@ pub(crate) struct Units {
     run: u32,
     /// Elements per unit: 1 (f32), 4 (vec4, quad) or 16 (four vec4).
     elements: u32,
-    /// Consecutive elements of a row per channel (rows; 1 but for channels-first
-    /// tensors read as rows).
+    /// Consecutive elements per channel in a run or row (S for channels-first
+    /// tensors read as rows or packed; else 1).
     rep: u32,
     /// Channel units side by side in memory (channels-last rows).
     interleaved: bool,
@@ -266,15 +277,18 @@ pub(crate) struct WalkKernels {
     channels_last_vec4: Kernel,
     channels_last_vec16: Kernel,
     scalar: Kernel,
+    /// Backward sums only.
+    packed: Option<Kernel>,
     /// Elementwise kernels only.
     rows: Option<[Kernel; 2]>,
 }
 
 impl WalkKernels {
     /// Pipelines for the entry points `channels_first_vec4`, `channels_first_quad`,
-    /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`, and for
-    /// an elementwise pass also `channels_first_rows_vec4` and
-    /// `channels_first_rows_vec16`; labelled `{name}.{entry}`.
+    /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`; for the
+    /// backward sums also `channels_first_packed`, for an elementwise pass
+    /// `channels_first_rows_vec4` and `channels_first_rows_vec16`; labelled
+    /// `{name}.{entry}`.
     pub(crate) fn new(
         device: &wgpu::Device,
         module: &wgpu::ShaderModule,
@@ -290,6 +304,7 @@ impl WalkKernels {
             channels_last_vec4: k("channels_last_vec4"),
             channels_last_vec16: k("channels_last_vec16"),
             scalar: k("scalar"),
+            packed: (pass == Pass::Sums).then(|| k("channels_first_packed")),
             rows: (pass == Pass::Elementwise).then(|| {
                 [
                     k("channels_first_rows_vec4"),
@@ -306,6 +321,10 @@ impl WalkKernels {
             Variant::ChannelsLastVec4 => &self.channels_last_vec4,
             Variant::ChannelsLastVec16 => &self.channels_last_vec16,
             Variant::Scalar => &self.scalar,
+            Variant::ChannelsFirstPacked => self
+                .packed
+                .as_ref()
+                .expect("plan() gives the packed variant to the backward sums only"),
             Variant::ChannelsFirstRowsVec4 | Variant::ChannelsFirstRowsVec16 => {
                 let rows = self
                     .rows

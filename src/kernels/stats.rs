@@ -49,7 +49,7 @@ impl StatsKernels {
             )
         };
         Self {
-            partial: WalkKernels::new(device, module, "bn.stats", BINDINGS, Pass::Reduce),
+            partial: WalkKernels::new(device, module, "bn.stats", BINDINGS, Pass::Statistics),
             fused: [
                 fused("channels_first_vec4"),
                 fused("channels_first_quad"),
