@@ -8,12 +8,18 @@
 // order, so the result is the same bits on every run.
 //   channels_first_vec4: a unit is 4 elements of one channel (S % 4 == 0).
 //   channels_first_quad: a unit is up to 4 elements of one run (S % 4 != 0).
+//   channels_first_rows_vec4: S % 4 != 0 but C * S % 4 == 0, large batches: a batch
+//                        item read as a row of C * S elements (apply.wgsl's rows view),
+//                        one state per element position of the row, whose partials
+//                        (C * S per split, position-major) finalize.wgsl merges per
+//                        channel; no per-element channel lookup, and vec4 loads.
 //   channels_last_vec4:  a unit is 4 adjacent channels (C % 4 == 0), one state each.
 //   channels_last_vec16: a unit is 16 adjacent channels (C % 16 == 0) as 4 vec4s:
 //                        a SIMD batch of a CPU adapter reads longer runs of a row.
 //   scalar:              a unit is one element (channels-last, C % 4 != 0).
 //
-// Reads x; writes partials[channel * splits + split]; with STATS_COUNT_BATCH, one
+// Reads x; writes partials[channel * splits + split] (rows view: [position * splits +
+// split]); with STATS_COUNT_BATCH, one
 // invocation also adds 1 to num_batches_tracked (running[count_index]).
 //
 // The fused training forward (`fused_*`, for launches whose workgroups each hold
@@ -142,6 +148,18 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
     let first = begin(t, wid, nwg);
     let pivot = x[walk_group(p, first) * p.run];
     finish_channel(t, first, welford_collapse(loop_quad(first, pivot)), pivot);
+}
+
+// The rows view: each lane stays on one element position of a batch item, whose
+// channel's first element is its pivot; partials per position.
+@compute @workgroup_size(WG)
+fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
+                            @builtin(workgroup_id) wid: vec3<u32>,
+                            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = begin(t, wid, nwg);
+    let r = row_channels(p, walk_group(p, first)) * p.rep;
+    let pivot = vec4<f32>(x4[r.x / 4u][r.x % 4u], x4[r.y / 4u][r.y % 4u], x4[r.z / 4u][r.z % 4u], x4[r.w / 4u][r.w % 4u]);
+    finish_lanes(t, first, first.group, loop_vec4(first, pivot), pivot);
 }
 
 @compute @workgroup_size(WG)

@@ -444,7 +444,7 @@ impl BatchNorm {
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
-        let plan = self.stats_walk(shape, update_running);
+        let plan = self.stats_walk(shape, update_running, common::Pass::FusedForward);
         let fusable = shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements
             && !(update_running && self.config.momentum.is_none());
         let kernels = self.ctx.kernels();
@@ -531,10 +531,16 @@ impl BatchNorm {
         )
     }
 
-    /// The statistics pass's walk of `shape`, counting the batch when the running
-    /// statistics are updated.
-    fn stats_walk(&self, shape: &Shape, update_running: bool) -> common::WalkPlan {
-        let mut plan = self.reduce_walk(shape, common::Pass::Statistics);
+    /// The statistics pass's walk of `shape` (`pass`: `Statistics`, or `FusedForward`
+    /// for the fused kernel), counting the batch when the running statistics are
+    /// updated.
+    fn stats_walk(
+        &self,
+        shape: &Shape,
+        update_running: bool,
+        pass: common::Pass,
+    ) -> common::WalkPlan {
+        let mut plan = self.reduce_walk(shape, pass);
         if update_running {
             plan.params.flags = stats::COUNT_BATCH;
         }
@@ -563,7 +569,7 @@ impl BatchNorm {
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
-        let plan = self.stats_walk(shape, update_running);
+        let plan = self.stats_walk(shape, update_running, common::Pass::Statistics);
         let partials = self.partials(plan.partial_count(self.config.num_features));
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
@@ -579,7 +585,11 @@ impl BatchNorm {
             ],
             plan.workgroups(),
         );
-        let fp = self.finalize_params(plan.params.splits, shape.per_channel(), update_running);
+        let fp = self.finalize_params(
+            plan.partials_per_channel(),
+            shape.per_channel(),
+            update_running,
+        );
         let fparams = kernels.uniform(device, &fp);
         kernels.finalize.train.dispatch(
             device,
@@ -782,7 +792,11 @@ impl BatchNorm {
         }
         let fp = backward_finalize::BackwardFinalizeParams {
             channels: self.config.num_features as u32,
-            splits: if need_sums { plan.params.splits } else { 0 },
+            splits: if need_sums {
+                plan.partials_per_channel()
+            } else {
+                0
+            },
             padded: stride,
             flags,
             count: shape.per_channel() as f32,

@@ -227,6 +227,8 @@ fn every_tuning_matches_reference() {
         &[300, 32],
         &[5, 16, 7, 7],
         &[3, 12, 7, 7],
+        &[256, 4, 3, 3],
+        &[32, 64, 7, 7],
     ];
     for (name, ctx) in tunings() {
         for dims in split_shapes.iter().chain(SHAPES) {

@@ -141,7 +141,9 @@ fn forward_matches_reference_for_every_layout_and_option() {
 
 /// Shapes big enough to be split over many workgroups, odd sizes among them, and
 /// channel counts that are multiples of 16 (the wide channels-last rows), and odd
-/// planes whose batch items are whole vec4s (channels-first read as rows).
+/// planes whose batch items are whole vec4s (channels-first read as rows; by the
+/// statistics too from a batch of 16 per split: 256x4x3x3 split, 32x64x7x7 past the
+/// fused size).
 const SPLIT_SHAPES: &[&[usize]] = &[
     &[16, 8, 30, 30],
     &[7, 5, 33, 17],
@@ -152,6 +154,8 @@ const SPLIT_SHAPES: &[&[usize]] = &[
     &[6, 48, 5, 5],
     &[300, 32],
     &[5, 16, 7, 7],
+    &[256, 4, 3, 3],
+    &[32, 64, 7, 7],
 ];
 
 #[test]
@@ -182,6 +186,7 @@ fn large_mean_tiny_variance_normalizes_exactly() {
         (&[300, 5][..], Layout::ChannelsFirst),
         (&[3, 3, 7, 7][..], Layout::ChannelsFirst),
         (&[5, 8, 7, 7][..], Layout::ChannelsFirst),
+        (&[32, 48, 7, 7][..], Layout::ChannelsFirst),
         (&[4, 6, 5, 5][..], Layout::ChannelsLast),
     ] {
         let shape = Shape::new(dims, layout).unwrap();
@@ -205,9 +210,10 @@ fn large_mean_tiny_variance_normalizes_exactly() {
 #[test]
 fn constant_channels_give_beta() {
     let mut rng = rng("constant_channels_give_beta");
-    // C = 8 with S = 15: channels-first planes that are not whole vec4s in batch
-    // items that are (the normalize pass reads them as rows).
-    for (dims, layout) in [&[4usize, 5, 3, 3][..], &[3, 8, 5, 3]]
+    // C = 8 with S = 15 and 135: channels-first planes that are not whole vec4s in
+    // batch items that are (read as rows by the normalize pass, and in the larger
+    // one, past the fused size, by the statistics).
+    for (dims, layout) in [&[4usize, 5, 3, 3][..], &[3, 8, 5, 3], &[64, 8, 15, 9]]
         .into_iter()
         .flat_map(|d| LAYOUTS.map(|l| (d, l)))
     {

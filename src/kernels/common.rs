@@ -68,31 +68,49 @@ impl WalkPlan {
         p.groups.div_ceil(p.tile) * p.splits
     }
 
-    /// Partials a reduction over this walk writes: `C * splits`.
+    /// Partials a reduction over this walk writes per channel, consecutive: one per
+    /// split, or for the statistics in the rows view one per split and element
+    /// position of the channel's run (`splits * S`).
+    pub fn partials_per_channel(&self) -> u32 {
+        match self.variant {
+            Variant::ChannelsFirstRowsVec4 => self.params.splits * self.params.rep,
+            _ => self.params.splits,
+        }
+    }
+
+    /// Partials a reduction over this walk writes: `C * partials_per_channel()`.
     pub fn partial_count(&self, channels: usize) -> u64 {
-        channels as u64 * self.params.splits as u64
+        channels as u64 * u64::from(self.partials_per_channel())
     }
 }
 
 /// Which kind of kernel walks the tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pass {
-    /// stats: partial Welford states per channel.
+    /// stats: partial Welford states per channel (or per element position).
     Statistics,
+    /// stats' fused forward: partial states per channel, whole channels per workgroup.
+    FusedForward,
     /// backward_reduce: partial sums per channel.
     Sums,
     /// apply, backward_dx: each element on its own.
     Elementwise,
 }
 
+/// Elements per batch item and split at least, for the statistics pass to read
+/// channels-first tensors with S % 4 != 0 as rows: it writes a 16-byte partial per
+/// element position of a batch item and split, at most a quarter of the tensor so.
+const STATS_ROWS_MIN_BATCH: u32 = 16;
+
 /// The walk of `shape`: vec4 units where the layout allows, then [`plan_units`].
 /// A channels-first tensor without spatial dims is the same memory as a
-/// channels-last one, and is walked as such; so is, by the elementwise passes, one
-/// whose runs are not whole vec4s (S % 4 != 0) but whose batch items are (C * S %
-/// 4 == 0): rows of C * S elements, a channel every S. The backward sums read such
-/// a tensor in vec4s too where C % 4 == 0, four channels' runs (S vec4s) per channel
-/// unit (the statistics pass stays on quads: its Welford update would cost more per
-/// element with the channel masks than the loads save). `padded` is the stride of the per-channel vectors (C rounded up to 4).
+/// channels-last one, and is walked as such. One whose runs are not whole vec4s
+/// (S % 4 != 0) but whose batch items are (C * S % 4 == 0) is read as rows of C * S
+/// elements, a channel every S, by the elementwise passes, and by the statistics
+/// pass where the batch is large enough for its partials per element position
+/// ([`STATS_ROWS_MIN_BATCH`]); the backward sums read it in vec4s where C % 4 == 0,
+/// four channels' runs (S vec4s) per channel unit. Other such tensors are read in
+/// quads. `padded` is the stride of the per-channel vectors (C rounded up to 4).
 pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkPlan {
     let (n, c, s) = (
         shape.n() as u32,
@@ -100,7 +118,18 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
         shape.spatial_size() as u32,
     );
     let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
-    let runs_as_rows = !channels_last && pass == Pass::Elementwise && s % 4 != 0;
+    let odd_runs = !channels_last && s % 4 != 0;
+    if odd_runs && pass == Pass::Statistics && (c * s) % 4 == 0 {
+        let units = Units::rows(c * s / 4, n, 4);
+        let params = plan_units(Units { rep: s, ..units }, padded, tuning);
+        if n >= STATS_ROWS_MIN_BATCH * params.splits {
+            return WalkPlan {
+                params,
+                variant: Variant::ChannelsFirstRowsVec4,
+            };
+        }
+    }
+    let runs_as_rows = odd_runs && pass == Pass::Elementwise;
     let (variant, units) = if runs_as_rows && (c * s) % 16 == 0 && tuning.wide_rows {
         let units = Units::rows(c * s / 16, n, 16);
         (Variant::ChannelsFirstRowsVec16, Units { rep: s, ..units })
@@ -279,16 +308,18 @@ pub(crate) struct WalkKernels {
     scalar: Kernel,
     /// Backward sums only.
     packed: Option<Kernel>,
+    /// Elementwise kernels and statistics.
+    rows_vec4: Option<Kernel>,
     /// Elementwise kernels only.
-    rows: Option<[Kernel; 2]>,
+    rows_vec16: Option<Kernel>,
 }
 
 impl WalkKernels {
     /// Pipelines for the entry points `channels_first_vec4`, `channels_first_quad`,
     /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`; for the
-    /// backward sums also `channels_first_packed`, for an elementwise pass
-    /// `channels_first_rows_vec4` and `channels_first_rows_vec16`; labelled
-    /// `{name}.{entry}`.
+    /// backward sums also `channels_first_packed`, for the statistics
+    /// `channels_first_rows_vec4`, for an elementwise pass that and
+    /// `channels_first_rows_vec16`; labelled `{name}.{entry}`.
     pub(crate) fn new(
         device: &wgpu::Device,
         module: &wgpu::ShaderModule,
@@ -305,12 +336,9 @@ impl WalkKernels {
             channels_last_vec16: k("channels_last_vec16"),
             scalar: k("scalar"),
             packed: (pass == Pass::Sums).then(|| k("channels_first_packed")),
-            rows: (pass == Pass::Elementwise).then(|| {
-                [
-                    k("channels_first_rows_vec4"),
-                    k("channels_first_rows_vec16"),
-                ]
-            }),
+            rows_vec4: matches!(pass, Pass::Elementwise | Pass::Statistics)
+                .then(|| k("channels_first_rows_vec4")),
+            rows_vec16: (pass == Pass::Elementwise).then(|| k("channels_first_rows_vec16")),
         }
     }
 
@@ -325,13 +353,14 @@ impl WalkKernels {
                 .packed
                 .as_ref()
                 .expect("plan() gives the packed variant to the backward sums only"),
-            Variant::ChannelsFirstRowsVec4 | Variant::ChannelsFirstRowsVec16 => {
-                let rows = self
-                    .rows
-                    .as_ref()
-                    .expect("plan() gives rows variants to elementwise passes only");
-                &rows[usize::from(variant == Variant::ChannelsFirstRowsVec16)]
-            }
+            Variant::ChannelsFirstRowsVec4 => self
+                .rows_vec4
+                .as_ref()
+                .expect("plan() gives rows of vec4 to elementwise passes and statistics only"),
+            Variant::ChannelsFirstRowsVec16 => self
+                .rows_vec16
+                .as_ref()
+                .expect("plan() gives rows of vec16 to elementwise passes only"),
         }
     }
 }
