@@ -18,9 +18,9 @@
 //                        a SIMD batch of a CPU adapter reads longer runs of a row.
 //   scalar:              a unit is one element (channels-last, C % 4 != 0).
 //
-// Reads x; writes partials[channel * splits + split] (rows view: [position * splits +
-// split]); with STATS_COUNT_BATCH, one
-// invocation also adds 1 to num_batches_tracked (running[count_index]).
+// Reads x; writes partials[channel * splits + split] (rows view: partials[position *
+// splits + split]); with STATS_COUNT_BATCH, one invocation also adds 1 to
+// num_batches_tracked (running[count_index]).
 //
 // The fused training forward (`fused_*`, for launches whose workgroups each hold
 // whole channels: splits == 1) goes on where the others write their partials: row 0

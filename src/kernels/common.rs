@@ -97,9 +97,9 @@ pub(crate) enum Pass {
     Elementwise,
 }
 
-/// Elements per batch item and split at least, for the statistics pass to read
-/// channels-first tensors with S % 4 != 0 as rows: it writes a 16-byte partial per
-/// element position of a batch item and split, at most a quarter of the tensor so.
+/// Batch items per split (at least) for the statistics pass to read channels-first
+/// tensors with S % 4 != 0 as rows: it writes a 16-byte partial per element position
+/// of a batch item and split, so the partials are at most a quarter of the tensor.
 const STATS_ROWS_MIN_BATCH: u32 = 16;
 
 /// The walk of `shape`: vec4 units where the layout allows, then [`plan_units`].
