@@ -444,11 +444,13 @@ impl BatchNorm {
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
-        let plan = self.stats_walk(shape, update_running, common::Pass::FusedForward);
         let fusable = shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements
             && !(update_running && self.config.momentum.is_none());
         let kernels = self.ctx.kernels();
-        if let Some(fused) = kernels.stats.fused(&plan).filter(|_| fusable) {
+        let fused = fusable
+            .then(|| self.stats_walk(shape, update_running, common::Pass::FusedForward))
+            .and_then(|plan| Some((plan, kernels.stats.fused(&plan)?)));
+        if let Some((plan, fused)) = fused {
             let device = self.ctx.device();
             let fp = self.finalize_params(1, shape.per_channel(), update_running);
             let (params, fparams) = (

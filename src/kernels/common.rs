@@ -120,8 +120,8 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
     let odd_runs = !channels_last && s % 4 != 0;
     if odd_runs && pass == Pass::Statistics && (c * s) % 4 == 0 {
-        let units = Units::rows(c * s / 4, n, 4);
-        let params = plan_units(Units { rep: s, ..units }, padded, tuning);
+        let units = Units::rows(c * s / 4, n, 4).channel_every(s);
+        let params = plan_units(units, padded, tuning);
         if n >= STATS_ROWS_MIN_BATCH * params.splits {
             return WalkPlan {
                 params,
@@ -131,11 +131,11 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     }
     let runs_as_rows = odd_runs && pass == Pass::Elementwise;
     let (variant, units) = if runs_as_rows && (c * s) % 16 == 0 && tuning.wide_rows {
-        let units = Units::rows(c * s / 16, n, 16);
-        (Variant::ChannelsFirstRowsVec16, Units { rep: s, ..units })
+        let units = Units::rows(c * s / 16, n, 16).channel_every(s);
+        (Variant::ChannelsFirstRowsVec16, units)
     } else if runs_as_rows && (c * s) % 4 == 0 {
-        let units = Units::rows(c * s / 4, n, 4);
-        (Variant::ChannelsFirstRowsVec4, Units { rep: s, ..units })
+        let units = Units::rows(c * s / 4, n, 4).channel_every(s);
+        (Variant::ChannelsFirstRowsVec4, units)
     } else if channels_last {
         if c % 16 == 0 && tuning.wide_rows {
             (Variant::ChannelsLastVec16, Units::rows(c / 16, n * s, 16))
@@ -147,8 +147,8 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     } else if s % 4 == 0 {
         (Variant::ChannelsFirstVec4, Units::runs(c, s / 4, n))
     } else if pass == Pass::Sums && c % 4 == 0 {
-        let units = Units::runs(c / 4, s, n);
-        (Variant::ChannelsFirstPacked, Units { rep: s, ..units })
+        let units = Units::runs(c / 4, s, n).channel_every(s);
+        (Variant::ChannelsFirstPacked, units)
     } else {
         (Variant::ChannelsFirstQuad, Units::quads(c, s, n))
     };
@@ -212,6 +212,12 @@ impl Units {
             rep: 1,
             interleaved: false,
         }
+    }
+
+    /// The same units with a channel every `rep` elements of a run or row
+    /// (channels-first tensors with S % 4 != 0 read as rows or packed: rep = S).
+    fn channel_every(self, rep: u32) -> Self {
+        Self { rep, ..self }
     }
 
     /// Channels-first in quads: `n` batch items of `groups` runs of `s` elements,
