@@ -233,8 +233,9 @@ impl Units {
 
 /// Cuts `units` into workgroups: `tile` channel units per workgroup, the fewest that
 /// still give each invocation `tuning.min_units` vec4s' worth of units (channels-last tiles are at
-/// least a row segment wide, for contiguous loads); then each tile split into chunks
-/// until the launch has about `tuning.target_workgroups` workgroups.
+/// least a row segment wide, for contiguous loads; channels-first ones at least
+/// enough that the tiles are no more than `tuning.target_workgroups`); then each tile
+/// split into chunks until the launch has about `tuning.target_workgroups` workgroups.
 pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let wg = WORKGROUP_SIZE;
     let Units {
@@ -262,10 +263,18 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         .div_ceil(per_channel.max(1))
         .next_power_of_two()
         .min(wg);
+    // Channels-first tiles also grow until the tiles alone are about the target
+    // (without splits), so that many small channels are not cut into more, shorter
+    // workgroups than the launch aims for; at most as many channels as leave each
+    // a SIMD batch (or, on a GPU, 32 consecutive invocations) of rows.
+    let spread = groups
+        .div_ceil(tuning.target_workgroups.max(1))
+        .next_power_of_two()
+        .min(wg / if lane_block == 0 { 32 } else { lane_block });
     let tile = if interleaved {
         needed.max(groups.next_power_of_two().min(max_row_tile))
     } else {
-        needed.min(groups.next_power_of_two())
+        needed.max(spread).min(groups.next_power_of_two())
     };
     let tiles = groups.div_ceil(tile);
     let rows_per_step = wg / tile;
