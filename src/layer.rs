@@ -2,22 +2,13 @@
 
 use crate::context::GpuContext;
 use crate::kernels::{
-    apply, backward_dx, backward_finalize, backward_reduce, binding, common, finalize, stats,
-    whole, WORKGROUP_SIZE,
+    backward_dx, backward_finalize, backward_reduce, binding, common, finalize, stats, whole,
+    WORKGROUP_SIZE,
 };
 use crate::{
     BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
     SavedStatsHost, Shape,
 };
-
-/// Where the normalize pass takes its coefficients from.
-#[derive(Clone, Copy)]
-enum Coefficients {
-    /// `coef`, as `finalize` (batch statistics) wrote it.
-    Finalized,
-    /// The running statistics and gamma/beta (the eval forward of a small tensor).
-    Running,
-}
 
 /// Per-channel vectors are stored in segments of C rounded up to 4, so that
 /// channels-last kernels can read four channels as one vec4.
@@ -430,19 +421,13 @@ impl BatchNorm {
         saved: Option<&SavedStats>,
     ) {
         if self.config.track_running_stats {
-            // Small tensors in one dispatch, each invocation computing its channels'
-            // coefficients; larger ones fold them once per channel first, since
-            // many short invocations would repeat that work.
-            if shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements {
-                self.record_apply(pass, shape, x, y, Coefficients::Running);
-            } else {
-                self.record_fold_running(pass);
-                self.record_apply(pass, shape, x, y, Coefficients::Finalized);
-            }
+            self.record_fold_running(pass);
         } else {
             let target = saved.unwrap_or(&self.scratch_saved).buffer.clone();
             self.record_batch_forward(pass, shape, x, y, &target, false);
+            return;
         }
+        self.record_apply(pass, shape, x, y);
     }
 
     /// A forward with batch statistics: in one dispatch where the tuning asks for
@@ -488,7 +473,7 @@ impl BatchNorm {
             );
         } else {
             self.record_batch_stats(pass, shape, x, saved, update_running);
-            self.record_apply(pass, shape, x, y, Coefficients::Finalized);
+            self.record_apply(pass, shape, x, y);
         }
     }
 
@@ -623,8 +608,7 @@ impl BatchNorm {
         );
     }
 
-    /// Running statistics into the coefficients and the scratch saved statistics
-    /// (the eval forward of a large tensor, and the eval-form backward).
+    /// Running statistics into the coefficients and the scratch saved statistics.
     fn record_fold_running(&mut self, pass: &mut wgpu::ComputePass<'_>) {
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
@@ -644,28 +628,14 @@ impl BatchNorm {
         );
     }
 
-    /// The normalize pass, with the coefficients `finalize` wrote or, in one dispatch
-    /// with no finalize before it, those of the running statistics.
     fn record_apply(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
-        from: Coefficients,
     ) {
-        let mut plan = self.elementwise_walk(shape);
-        let coef = match from {
-            Coefficients::Finalized => &self.coef,
-            Coefficients::Running => {
-                plan.params.flags = apply::FROM_RUNNING;
-                if self.config.affine {
-                    plan.params.flags |= apply::AFFINE;
-                }
-                plan.params.eps = self.config.eps;
-                &self.running
-            }
-        };
+        let plan = self.elementwise_walk(shape);
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
         let params = kernels.uniform(device, &plan.params);
@@ -676,8 +646,7 @@ impl BatchNorm {
                 whole(&params),
                 binding(x, shape.bytes()),
                 binding(y, shape.bytes()),
-                whole(coef),
-                whole(&self.affine),
+                whole(&self.coef),
             ],
             plan.workgroups(),
         );

@@ -7,7 +7,7 @@ use crate::{Cut, Layout, Shape};
 
 /// Mirrors `WalkParams` in common.wgsl.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct WalkParams {
     pub groups: u32,
     pub splits: u32,
@@ -26,8 +26,7 @@ pub(crate) struct WalkParams {
     pub runs: u32,
     pub run: u32,
     pub rep: u32,
-    pub eps: f32,
-    pub _pad: u32,
+    pub _pad: [u32; 2],
 }
 
 /// How a kernel reads the tensor: its entry point.
@@ -311,8 +310,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         runs: u32::from(!interleaved),
         run,
         rep,
-        eps: 0.0,
-        _pad: 0,
+        _pad: [0; 2],
     }
 }
 

@@ -56,8 +56,6 @@ pub mod sources {
         ("FINALIZE_UPDATE_RUNNING", super::finalize::UPDATE_RUNNING),
         ("FINALIZE_CUMULATIVE", super::finalize::CUMULATIVE),
         ("FINALIZE_UNBIASED", super::finalize::UNBIASED),
-        ("APPLY_FROM_RUNNING", super::apply::FROM_RUNNING),
-        ("APPLY_AFFINE", super::apply::AFFINE),
         ("BACKWARD_REDUCE_WITH_X", super::backward_reduce::WITH_X),
         ("BACKWARD_AFFINE", super::backward_finalize::AFFINE),
         (
