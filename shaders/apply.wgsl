@@ -1,5 +1,10 @@
 // Normalize + scale/shift: y = (x - hi) * scale + shift with per-channel coefficients
-// from finalize.wgsl (coef = [hi | scale | shift], segments `padded` apart).
+// from finalize.wgsl (coef = [hi | scale | shift], segments `padded` apart), or, in
+// the pipelines built with the override FROM_RUNNING (the eval forward of a small
+// tensor, one dispatch), computed by each invocation from the running statistics
+// bound as `coef` (= [mean | var]), `affine` (= [gamma | beta], with APPLY_AFFINE)
+// and `p.eps`, as finalize.wgsl's `eval` does. An override rather than a flag in `p`,
+// so that the pipelines with finalize's coefficients carry no code of the other way.
 //
 // Walks the tensor as common.wgsl's WalkParams say (the walk of stats.wgsl); each
 // invocation stays on one channel unit and loads its coefficients once.
@@ -10,7 +15,7 @@
 //   channels_first_rows_vec4/_vec16: S % 4 != 0 but C * S % 4 (16) == 0: a batch item
 //                        is read as a channels-last row with a channel every S.
 //   scalar:              a unit is one element (channels-last, C % 4 != 0).
-// Reads x and coef; writes y.
+// Reads x, coef and (from the running statistics) affine; writes y.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -19,15 +24,41 @@
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> coef: array<f32>;
 @group(0) @binding(3) var<storage, read> coef4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> affine: array<f32>;
+
+// Four channels' coefficients from their running means and variances; `ch`: the
+// channels (for gamma and beta).
+fn running_norm(mean: vec4<f32>, variance: vec4<f32>, ch: vec4<u32>) -> Norm {
+    var k: array<vec3<f32>, 4>;
+    for (var l = 0u; l < 4u; l++) {
+        var gamma = 1.0;
+        var beta = 0.0;
+        if (p.flags & APPLY_AFFINE) != 0u {
+            gamma = affine[ch[l]];
+            beta = affine[p.padded + ch[l]];
+        }
+        k[l] = coefficients(running_stats(p.eps, mean[l], variance[l]), gamma, beta);
+    }
+    return Norm(vec4<f32>(k[0].x, k[1].x, k[2].x, k[3].x), vec4<f32>(k[0].y, k[1].y, k[2].y, k[3].y),
+                vec4<f32>(k[0].z, k[1].z, k[2].z, k[3].z));
+}
+
+override FROM_RUNNING: bool = false;
 
 // Channel c's coefficients in every lane.
 fn coef_channel(c: u32) -> Norm {
+    if FROM_RUNNING {
+        return running_norm(vec4<f32>(coef[c]), vec4<f32>(coef[p.padded + c]), vec4<u32>(c));
+    }
     return Norm(vec4<f32>(coef[c]), vec4<f32>(coef[p.padded + c]), vec4<f32>(coef[2u * p.padded + c]));
 }
 
 // The coefficients of channels 4c..4c+3.
 fn coef_group(c: u32) -> Norm {
     let seg = p.padded / 4u;
+    if FROM_RUNNING {
+        return running_norm(coef4[c], coef4[seg + c], vec4<u32>(4u * c) + vec4<u32>(0u, 1u, 2u, 3u));
+    }
     return Norm(coef4[c], coef4[seg + c], coef4[2u * seg + c]);
 }
 
@@ -36,7 +67,12 @@ fn coef_gather(ch: vec4<u32>) -> Norm {
     var r: array<vec4<f32>, 3>;
     for (var s = 0u; s < 3u; s++) {
         let b = s * p.padded;
-        r[s] = vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
+        if s < 2u || !FROM_RUNNING {
+            r[s] = vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
+        }
+    }
+    if FROM_RUNNING {
+        return running_norm(r[0], r[1], ch);
     }
     return Norm(r[0], r[1], r[2]);
 }

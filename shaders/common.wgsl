@@ -40,8 +40,8 @@ struct WalkParams {
     runs: u32,        // 1: a channel unit's rows are consecutive invocations
     run: u32,         // quad walks: elements per run (S)
     rep: u32,         // row and packed walks: consecutive elements per channel (S)
+    eps: f32,         // apply.wgsl from the running statistics: the layer's eps
     _pad0: u32,
-    _pad1: u32,
 }
 
 // One invocation's place in the walk: its channel unit, row and split, the next unit
@@ -223,6 +223,12 @@ fn inv_sqrt_or_zero(v: f32) -> f32 {
 fn batch_stats(fp: FinalizeParams, pivot: f32, lo: f32, m2: f32) -> BatchStats {
     let v = max(m2 / fp.count, 0.0);
     return BatchStats(pivot, lo, v, inv_sqrt_or_zero(v + fp.eps));
+}
+
+// The statistics an eval-mode forward normalizes with: the running mean (exact, no
+// low part) and the invstd of the running variance.
+fn running_stats(eps: f32, mean: f32, variance: f32) -> BatchStats {
+    return BatchStats(mean, 0.0, variance, inv_sqrt_or_zero(variance + eps));
 }
 
 // (hi, scale, shift) of y = (x - hi) * scale + shift.

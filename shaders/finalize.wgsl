@@ -75,11 +75,10 @@ fn eval(@builtin(global_invocation_id) gid: vec3<u32>) {
     if c >= p.channels {
         return;
     }
-    let rm = bitcast<f32>(running[c]);
-    let invstd = inv_sqrt_or_zero(bitcast<f32>(running[p.padded + c]) + p.eps);
-    saved[c] = rm;
-    saved[p.padded + c] = invstd;
-    saved[2u * p.padded + c] = rm;
+    let b = running_stats(p.eps, bitcast<f32>(running[c]), bitcast<f32>(running[p.padded + c]));
+    saved[c] = b.hi;
+    saved[p.padded + c] = b.invstd;
+    saved[2u * p.padded + c] = b.hi;
     saved[3u * p.padded + c] = 0.0;
-    write_coef(c, BatchStats(rm, 0.0, 0.0, invstd));
+    write_coef(c, b);
 }

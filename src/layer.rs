@@ -2,13 +2,22 @@
 
 use crate::context::GpuContext;
 use crate::kernels::{
-    backward_dx, backward_finalize, backward_reduce, binding, common, finalize, stats, whole,
-    WORKGROUP_SIZE,
+    apply, backward_dx, backward_finalize, backward_reduce, binding, common, finalize, stats,
+    whole, WORKGROUP_SIZE,
 };
 use crate::{
     BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
     SavedStatsHost, Shape,
 };
+
+/// Where the normalize pass takes its coefficients from.
+#[derive(Clone, Copy)]
+enum Coefficients {
+    /// `coef`, as `finalize` (batch statistics) wrote it.
+    Finalized,
+    /// The running statistics and gamma/beta (the eval forward of a small tensor).
+    Running,
+}
 
 /// Per-channel vectors are stored in segments of C rounded up to 4, so that
 /// channels-last kernels can read four channels as one vec4.
@@ -421,13 +430,19 @@ impl BatchNorm {
         saved: Option<&SavedStats>,
     ) {
         if self.config.track_running_stats {
-            self.record_fold_running(pass);
+            // Small tensors in one dispatch, each invocation computing its channels'
+            // coefficients; larger ones fold them once per channel first, since
+            // many short invocations would repeat that work.
+            if shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements {
+                self.record_apply(pass, shape, x, y, Coefficients::Running);
+            } else {
+                self.record_fold_running(pass);
+                self.record_apply(pass, shape, x, y, Coefficients::Finalized);
+            }
         } else {
             let target = saved.unwrap_or(&self.scratch_saved).buffer.clone();
             self.record_batch_forward(pass, shape, x, y, &target, false);
-            return;
         }
-        self.record_apply(pass, shape, x, y);
     }
 
     /// A forward with batch statistics: in one dispatch where the tuning asks for
@@ -473,7 +488,7 @@ impl BatchNorm {
             );
         } else {
             self.record_batch_stats(pass, shape, x, saved, update_running);
-            self.record_apply(pass, shape, x, y);
+            self.record_apply(pass, shape, x, y, Coefficients::Finalized);
         }
     }
 
@@ -608,7 +623,8 @@ impl BatchNorm {
         );
     }
 
-    /// Running statistics into the coefficients and the scratch saved statistics.
+    /// Running statistics into the coefficients and the scratch saved statistics
+    /// (the eval forward of a large tensor, and the eval-form backward).
     fn record_fold_running(&mut self, pass: &mut wgpu::ComputePass<'_>) {
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
@@ -628,25 +644,39 @@ impl BatchNorm {
         );
     }
 
+    /// The normalize pass, with the coefficients `finalize` wrote or, in one dispatch
+    /// with no finalize before it, those of the running statistics.
     fn record_apply(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
+        from: Coefficients,
     ) {
-        let plan = self.elementwise_walk(shape);
+        let mut plan = self.elementwise_walk(shape);
         let kernels = self.ctx.kernels();
+        let (pipelines, coef) = match from {
+            Coefficients::Finalized => (&kernels.apply.finalized, &self.coef),
+            Coefficients::Running => {
+                if self.config.affine {
+                    plan.params.flags = apply::AFFINE;
+                }
+                plan.params.eps = self.config.eps;
+                (&kernels.apply.running, &self.running)
+            }
+        };
         let device = self.ctx.device();
         let params = kernels.uniform(device, &plan.params);
-        kernels.apply.get(plan.variant).dispatch(
+        pipelines.get(plan.variant).dispatch(
             device,
             pass,
             &[
                 whole(&params),
                 binding(x, shape.bytes()),
                 binding(y, shape.bytes()),
-                whole(&self.coef),
+                whole(coef),
+                whole(&self.affine),
             ],
             plan.workgroups(),
         );

@@ -99,9 +99,9 @@ struct Args {
     #[arg(long, value_enum, default_value_t = TuningArg::Adapter)]
     tuning: TuningArg,
 
-    /// Forward passes with batch statistics as three dispatches (statistics,
-    /// finalize, normalize) even where the fused one-dispatch kernel applies
-    /// (Tuning::fused_forward_max_elements = 0).
+    /// Forward passes as separate dispatches even for small tensors: three with
+    /// batch statistics (statistics, finalize, normalize), two with the running
+    /// statistics (finalize, normalize) (Tuning::fused_forward_max_elements = 0).
     #[arg(long)]
     unfused: bool,
 

@@ -44,7 +44,10 @@ pub struct Tuning {
     /// fused kernel) where the reduction's cut gives every workgroup whole
     /// channels; larger ones, and every one when 0, as three. The fused kernel
     /// saves two launches and re-reads a workgroup's channels from cache, but
-    /// normalizes along the reduction's walk, after its barriers.
+    /// normalizes along the reduction's walk, after its barriers. An eval forward
+    /// (running statistics) of at most this many elements is one dispatch too,
+    /// each invocation computing its channels' coefficients; larger ones fold them
+    /// once per channel in a dispatch of their own first.
     pub fused_forward_max_elements: u64,
 }
 

@@ -7,7 +7,7 @@ use crate::{Cut, Layout, Shape};
 
 /// Mirrors `WalkParams` in common.wgsl.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct WalkParams {
     pub groups: u32,
     pub splits: u32,
@@ -26,7 +26,8 @@ pub(crate) struct WalkParams {
     pub runs: u32,
     pub run: u32,
     pub rep: u32,
-    pub _pad: [u32; 2],
+    pub eps: f32,
+    pub _pad: u32,
 }
 
 /// How a kernel reads the tensor: its entry point.
@@ -310,7 +311,8 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         runs: u32::from(!interleaved),
         run,
         rep,
-        _pad: [0; 2],
+        eps: 0.0,
+        _pad: 0,
     }
 }
 
@@ -342,8 +344,22 @@ impl WalkKernels {
         bindings: &[Access],
         pass: Pass,
     ) -> Self {
-        let k =
-            |entry: &str| Kernel::new(device, module, format!("{name}.{entry}"), entry, bindings);
+        Self::with_overrides(device, module, name, bindings, pass, &[])
+    }
+
+    /// As [`Self::new`], with values for the module's `override` declarations.
+    pub(crate) fn with_overrides(
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        name: &str,
+        bindings: &[Access],
+        pass: Pass,
+        overrides: &[(&str, f64)],
+    ) -> Self {
+        let k = |entry: &str| {
+            let label = format!("{name}.{entry}");
+            Kernel::with_overrides(device, module, label, entry, bindings, overrides)
+        };
         Self {
             channels_first_vec4: k("channels_first_vec4"),
             channels_first_quad: k("channels_first_quad"),

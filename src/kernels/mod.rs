@@ -56,6 +56,7 @@ pub mod sources {
         ("FINALIZE_UPDATE_RUNNING", super::finalize::UPDATE_RUNNING),
         ("FINALIZE_CUMULATIVE", super::finalize::CUMULATIVE),
         ("FINALIZE_UNBIASED", super::finalize::UNBIASED),
+        ("APPLY_AFFINE", super::apply::AFFINE),
         ("BACKWARD_REDUCE_WITH_X", super::backward_reduce::WITH_X),
         ("BACKWARD_AFFINE", super::backward_finalize::AFFINE),
         (
@@ -104,6 +105,19 @@ impl Kernel {
         entry: &str,
         bindings: &[Access],
     ) -> Self {
+        Self::with_overrides(device, module, label, entry, bindings, &[])
+    }
+
+    /// As [`Self::new`], with values for the module's `override` declarations
+    /// besides `WG`.
+    fn with_overrides(
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        label: impl Into<String>,
+        entry: &str,
+        bindings: &[Access],
+        overrides: &[(&str, f64)],
+    ) -> Self {
         let label = label.into();
         let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
             .iter()
@@ -132,13 +146,17 @@ impl Kernel {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
+        let constants: Vec<(&str, f64)> = [("WG", WORKGROUP_SIZE as f64)]
+            .into_iter()
+            .chain(overrides.iter().copied())
+            .collect();
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: Some(&pipeline_layout),
             module,
             entry_point: Some(entry),
             compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[("WG", WORKGROUP_SIZE as f64)],
+                constants: &constants,
                 zero_initialize_workgroup_memory: false,
             },
             cache: None,
@@ -205,7 +223,7 @@ pub(crate) fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
 pub(crate) struct Kernels {
     pub stats: stats::StatsKernels,
     pub finalize: finalize::FinalizeKernels,
-    pub apply: common::WalkKernels,
+    pub apply: apply::ApplyKernels,
     pub backward_reduce: common::WalkKernels,
     pub backward_finalize: backward_finalize::BackwardFinalizeKernels,
     pub backward_dx: common::WalkKernels,
@@ -269,7 +287,7 @@ impl Kernels {
                 device,
                 &module("bn.finalize", src("finalize.wgsl")),
             ),
-            apply: apply::kernels(device, &module("bn.apply", src("apply.wgsl"))),
+            apply: apply::ApplyKernels::new(device, &module("bn.apply", src("apply.wgsl"))),
             backward_reduce: backward_reduce::kernels(
                 device,
                 &module("bn.backward_reduce", src("backward_reduce.wgsl")),
