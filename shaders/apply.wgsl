@@ -26,6 +26,9 @@
 @group(0) @binding(3) var<storage, read> coef4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> affine: array<f32>;
 
+// true: coefficients from the running statistics (set by the host per pipeline).
+override FROM_RUNNING: bool = false;
+
 // Four channels' coefficients from their running means and variances; `ch`: the
 // channels (for gamma and beta).
 fn running_norm(mean: vec4<f32>, variance: vec4<f32>, ch: vec4<u32>) -> Norm {
@@ -42,8 +45,6 @@ fn running_norm(mean: vec4<f32>, variance: vec4<f32>, ch: vec4<u32>) -> Norm {
     return Norm(vec4<f32>(k[0].x, k[1].x, k[2].x, k[3].x), vec4<f32>(k[0].y, k[1].y, k[2].y, k[3].y),
                 vec4<f32>(k[0].z, k[1].z, k[2].z, k[3].z));
 }
-
-override FROM_RUNNING: bool = false;
 
 // Channel c's coefficients in every lane.
 fn coef_channel(c: u32) -> Norm {
