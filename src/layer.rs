@@ -430,10 +430,8 @@ impl BatchNorm {
         saved: Option<&SavedStats>,
     ) {
         if self.config.track_running_stats {
-            // Small tensors in one dispatch, each invocation computing its channels'
-            // coefficients; larger ones fold them once per channel first, since
-            // many short invocations would repeat that work.
-            if shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements {
+            // Small tensors in one dispatch (see `Tuning::fused_eval_max_elements`).
+            if shape.numel() as u64 <= self.ctx.tuning().fused_eval_max_elements {
                 self.record_apply(pass, shape, x, y, Coefficients::Running);
             } else {
                 self.record_fold_running(pass);

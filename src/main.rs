@@ -101,7 +101,8 @@ struct Args {
 
     /// Forward passes as separate dispatches even for small tensors: three with
     /// batch statistics (statistics, finalize, normalize), two with the running
-    /// statistics (finalize, normalize) (Tuning::fused_forward_max_elements = 0).
+    /// statistics (finalize, normalize) (Tuning::fused_forward_max_elements and
+    /// fused_eval_max_elements = 0).
     #[arg(long)]
     unfused: bool,
 
@@ -256,6 +257,7 @@ fn main() -> BoxResult<()> {
         let tuning = ctx.tuning();
         ctx.with_tuning(Tuning {
             fused_forward_max_elements: 0,
+            fused_eval_max_elements: 0,
             ..tuning
         })
     } else {

@@ -44,19 +44,22 @@ pub struct Tuning {
     /// fused kernel) where the reduction's cut gives every workgroup whole
     /// channels; larger ones, and every one when 0, as three. The fused kernel
     /// saves two launches and re-reads a workgroup's channels from cache, but
-    /// normalizes along the reduction's walk, after its barriers. An eval forward
-    /// (running statistics) of at most this many elements is one dispatch too,
-    /// each invocation computing its channels' coefficients; larger ones fold them
-    /// once per channel in a dispatch of their own first.
+    /// normalizes along the reduction's walk, after its barriers.
     pub fused_forward_max_elements: u64,
+    /// An eval forward (running statistics) of at most this many elements runs as
+    /// one dispatch, each invocation computing its channels' coefficients from the
+    /// running statistics; larger ones, and every one when 0, fold them once per
+    /// channel in a dispatch of their own first (`finalize`'s `eval`), since many
+    /// short invocations would repeat that work.
+    pub fused_eval_max_elements: u64,
 }
 
 impl Tuning {
     /// For a GPU: many workgroups in flight (about 2048 per launch), at least 8
     /// units per invocation, each step of a workgroup on one contiguous row; one
-    /// fused dispatch for forwards of up to 2^20 elements (4 MiB, about where the
-    /// traffic of a memory-bound pass on a current GPU takes as long as launching
-    /// one).
+    /// fused dispatch for forwards (training and eval) of up to 2^20 elements (4 MiB,
+    /// about where the traffic of a memory-bound pass on a current GPU takes as long
+    /// as launching one).
     pub fn gpu() -> Self {
         let cut = Cut {
             target_workgroups: 2048,
@@ -69,6 +72,7 @@ impl Tuning {
             reduce: cut,
             elementwise: cut,
             fused_forward_max_elements: 1 << 20,
+            fused_eval_max_elements: 1 << 20,
         }
     }
 
@@ -78,9 +82,12 @@ impl Tuning {
     /// workgroups (about 32, at least 64 vec4s per invocation); its elementwise
     /// passes about 1024 workgroups of at least 32 vec4s per invocation, with wide
     /// channels-last tiles read 16 channels per invocation; and each batch streams
-    /// through a block of memory of its own. Forwards of up to 2^16 elements run
-    /// as one fused dispatch: past that, normalizing after a barrier (which such
-    /// adapters run as coroutines) costs more than the two launches it saves.
+    /// through a block of memory of its own. Training forwards of up to 2^16
+    /// elements run as one fused dispatch: past that, normalizing after a barrier
+    /// (which such adapters run as coroutines) costs more than the two launches it
+    /// saves. Eval forwards of up to 2^19 elements run as one: past that, computing
+    /// the coefficients in every invocation costs more than the launch it saves
+    /// (both crossovers measured on lavapipe).
     pub fn cpu(simd_width: u32) -> Self {
         let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
         Self {
@@ -99,6 +106,7 @@ impl Tuning {
                 wide_rows: true,
             },
             fused_forward_max_elements: 1 << 16,
+            fused_eval_max_elements: 1 << 19,
         }
     }
 

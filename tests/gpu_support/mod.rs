@@ -90,6 +90,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
             "cpu, fused at any size",
             ctx().with_tuning(Tuning {
                 fused_forward_max_elements: u64::MAX,
+                fused_eval_max_elements: u64::MAX,
                 ..Tuning::cpu(8)
             }),
         ),
@@ -99,6 +100,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 reduce: finest,
                 elementwise: finest,
                 fused_forward_max_elements: u64::MAX,
+                fused_eval_max_elements: u64::MAX,
             }),
         ),
         (
@@ -107,6 +109,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 reduce: odd,
                 elementwise: odd,
                 fused_forward_max_elements: 0,
+                fused_eval_max_elements: 0,
             }),
         ),
     ]
