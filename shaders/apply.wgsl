@@ -9,6 +9,8 @@
 // Walks the tensor as common.wgsl's WalkParams say (the walk of stats.wgsl); each
 // invocation stays on one channel unit and loads its coefficients once.
 //   channels_first_vec4: a unit is 4 elements of one channel (S % 4 == 0).
+//   channels_first_flat: channels_first_vec4 as a flat walk (common.wgsl): each
+//                        lane's coefficients reloaded when it enters a new run.
 //   channels_first_quad: a unit is up to 4 elements of one run (S % 4 != 0).
 //   channels_last_vec4:  a unit is 4 adjacent channels (C % 4 == 0).
 //   channels_last_vec16: a unit is 16 adjacent channels (C % 16 == 0) as 4 vec4s.
@@ -102,6 +104,26 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     loop_vec4(first, coef_channel(walk_group(p, first)));
+}
+
+@compute @workgroup_size(WG)
+fn channels_first_flat(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    var c = flat_channel(p, first);
+    for (var w = first; w.j < w.end; w = flat_next_run(p, w)) {
+        let k = coef_channel(c);
+        loop {
+            let i = walk_index(p, w);
+            y4[i] = normalize(k, x4[i]);
+            w = flat_step(p, w);
+            if w.s >= p.len || w.j >= w.end {
+                break;
+            }
+        }
+        c = flat_next_channel(p, c);
+    }
 }
 
 @compute @workgroup_size(WG)

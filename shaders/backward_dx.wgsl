@@ -94,6 +94,28 @@ fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
     loop_vec4(first, coef_channel(walk_group(p, first)));
 }
 
+// channels_first_vec4 as a flat walk (common.wgsl): each lane's coefficients
+// reloaded when it enters a new run.
+@compute @workgroup_size(WG)
+fn channels_first_flat(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    var c = flat_channel(p, first);
+    for (var w = first; w.j < w.end; w = flat_next_run(p, w)) {
+        let k = coef_channel(c);
+        loop {
+            let i = walk_index(p, w);
+            dx4[i] = dx_of(k, dy4[i], x4_if_used(i, k));
+            w = flat_step(p, w);
+            if w.s >= p.len || w.j >= w.end {
+                break;
+            }
+        }
+        c = flat_next_channel(p, c);
+    }
+}
+
 @compute @workgroup_size(WG)
 fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,

@@ -41,7 +41,7 @@ struct WalkParams {
     run: u32,         // quad walks: elements per run (S)
     rep: u32,         // row and packed walks: consecutive elements per channel (S)
     eps: f32,         // apply.wgsl from the running statistics: the layer's eps
-    _pad0: u32,
+    channels: u32,    // flat walks: C (the channel of run n is n % C)
 }
 
 // One invocation's place in the walk: its channel unit, row and split, the next unit
@@ -120,6 +120,38 @@ fn walk_next(p: WalkParams, w: Walk) -> Walk {
         r.s -= p.len;
         r.n += 1u;
     }
+    return r;
+}
+
+// Flat walks (the elementwise passes over channels-first tensors on CPU adapters):
+// the tensor as one channel unit of N * C runs of S / 4 vec4s (stride = len), so
+// that each SIMD batch streams through contiguous memory as the copy does. The
+// channel of the current run is n % C. A kernel loops over its runs, loading each
+// run's coefficients once, and inside over the run's units (flat_step until s passes
+// len), rather than branching on a run's end in one loop (lavapipe would run that
+// branch on every step). Each run is at least a block long, so stepping past a run's
+// end lands in the next (flat_next_run), and the channel follows without dividing.
+fn flat_channel(p: WalkParams, w: Walk) -> u32 {
+    return w.n % p.channels;
+}
+
+fn flat_next_channel(p: WalkParams, c: u32) -> u32 {
+    return select(c + 1u, 0u, c + 1u == p.channels);
+}
+
+// A step inside the current run (s may pass its end).
+fn flat_step(p: WalkParams, w: Walk) -> Walk {
+    var r = w;
+    r.j += p.block;
+    r.s += p.step_s;
+    return r;
+}
+
+// From past the end of a run into the next.
+fn flat_next_run(p: WalkParams, w: Walk) -> Walk {
+    var r = w;
+    r.s -= p.len;
+    r.n += 1u;
     return r;
 }
 

@@ -12,8 +12,10 @@ pub struct Cut {
     /// channel is split over more workgroups.
     pub min_units: u32,
     /// Invocations that an adapter runs as one SIMD batch (a power of two), or 0 for
-    /// a GPU. With a batch size, each batch walks a contiguous block of its own;
-    /// with 0, each step of a workgroup reads one contiguous row.
+    /// a GPU. With a batch size, each batch walks a contiguous block of its own
+    /// (in the elementwise passes over channels-first tensors, a block of the flat
+    /// tensor, across channel runs); with 0, each step of a workgroup reads one
+    /// contiguous row.
     pub lane_block: u32,
     /// Widest channels-last tile, in channel units (a power of two).
     pub max_row_tile: u32,

@@ -220,6 +220,8 @@ fn every_tuning_matches_reference() {
     let mut worst = 0f64;
     let split_shapes: &[&[usize]] = &[
         &[16, 8, 30, 30],
+        &[7, 3, 4, 12],
+        &[9, 5, 10, 12],
         &[7, 5, 33, 17],
         &[1000, 12],
         &[513, 7],

@@ -143,9 +143,13 @@ fn forward_matches_reference_for_every_layout_and_option() {
 /// channel counts that are multiples of 16 (the wide channels-last rows), and odd
 /// planes whose batch items are whole vec4s (channels-first read as rows; by the
 /// statistics too from a batch of 16 per split: 256x4x3x3 split, 32x64x7x7 past the
-/// fused size).
+/// fused size), and planes of whole vec4s whose batch items are not a whole number
+/// of lane blocks (the flat channels-first walk crossing from the last channel of
+/// one batch item to the first of the next inside a block).
 const SPLIT_SHAPES: &[&[usize]] = &[
     &[16, 8, 30, 30],
+    &[7, 3, 4, 12],
+    &[9, 5, 10, 12],
     &[7, 5, 33, 17],
     &[3, 12, 7, 7],
     &[1000, 12],

@@ -27,7 +27,7 @@ pub(crate) struct WalkParams {
     pub run: u32,
     pub rep: u32,
     pub eps: f32,
-    pub _pad: u32,
+    pub channels: u32,
 }
 
 /// How a kernel reads the tensor: its entry point.
@@ -35,6 +35,10 @@ pub(crate) struct WalkParams {
 pub(crate) enum Variant {
     /// vec4 units inside one channel (channels-first, `S % 4 == 0`).
     ChannelsFirstVec4,
+    /// The elementwise passes over channels-first tensors with `S % 4 == 0` on CPU
+    /// adapters: the tensor as one channel unit of `N * C` runs (a flat walk, as
+    /// the copy's), each lane tracking the channel of its run.
+    ChannelsFirstFlat,
     /// Up to four f32 of one run as a unit (channels-first, `S % 4 != 0`).
     ChannelsFirstQuad,
     /// The backward sums over channels-first tensors with `S % 4 != 0` but `C % 4 == 0`:
@@ -111,7 +115,9 @@ const STATS_ROWS_MIN_BATCH: u32 = 16;
 /// pass where the batch is large enough for its partials per element position
 /// ([`STATS_ROWS_MIN_BATCH`]); the backward sums read it in vec4s where C % 4 == 0,
 /// four channels' runs (S vec4s) per channel unit. Other such tensors are read in
-/// quads. `padded` is the stride of the per-channel vectors (C rounded up to 4).
+/// quads. On CPU adapters the elementwise passes walk channels-first tensors with
+/// S % 4 == 0 flat ([`flat_runs`]). `padded` is the stride of the per-channel vectors
+/// (C rounded up to 4).
 pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkPlan {
     let (n, c, s) = (
         shape.n() as u32,
@@ -145,6 +151,13 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
         } else {
             (Variant::Scalar, Units::rows(c, n * s, 1))
         }
+    } else if s % 4 == 0 && pass == Pass::Elementwise && flat_runs(s / 4, tuning) {
+        let mut params = plan_units(Units::runs(1, s / 4, n * c), padded, tuning);
+        params.channels = c;
+        return WalkPlan {
+            params,
+            variant: Variant::ChannelsFirstFlat,
+        };
     } else if s % 4 == 0 {
         (Variant::ChannelsFirstVec4, Units::runs(c, s / 4, n))
     } else if pass == Pass::Sums && c % 4 == 0 {
@@ -157,6 +170,14 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
         params: plan_units(units, padded, tuning),
         variant,
     }
+}
+
+/// Whether an elementwise pass walks channels-first runs of `len` vec4s flat: on CPU
+/// adapters (a SIMD batch per lane block), where each batch then streams through
+/// contiguous memory across run ends instead of jumping to the channel's next run;
+/// with runs at least a block long, so that a step enters at most one new run.
+fn flat_runs(len: u32, tuning: Cut) -> bool {
+    tuning.lane_block != 0 && len >= tuning.lane_block
 }
 
 /// The walk of a copy of `vec4s` vec4s: one channel unit of one run.
@@ -312,7 +333,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         run,
         rep,
         eps: 0.0,
-        _pad: 0,
+        channels: 0,
     }
 }
 
@@ -320,6 +341,8 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
 pub(crate) struct WalkKernels {
     channels_first_vec4: Kernel,
     channels_first_quad: Kernel,
+    /// Elementwise kernels only.
+    flat: Option<Kernel>,
     channels_last_vec4: Kernel,
     channels_last_vec16: Kernel,
     scalar: Kernel,
@@ -335,8 +358,9 @@ impl WalkKernels {
     /// Pipelines for the entry points `channels_first_vec4`, `channels_first_quad`,
     /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`; for the
     /// backward sums also `channels_first_packed`, for the statistics
-    /// `channels_first_rows_vec4`, for an elementwise pass that and
-    /// `channels_first_rows_vec16`; labelled `{name}.{entry}`.
+    /// `channels_first_rows_vec4`, for an elementwise pass that,
+    /// `channels_first_rows_vec16` and `channels_first_flat`; labelled
+    /// `{name}.{entry}`.
     pub(crate) fn new(
         device: &wgpu::Device,
         module: &wgpu::ShaderModule,
@@ -366,6 +390,7 @@ impl WalkKernels {
             channels_last_vec4: k("channels_last_vec4"),
             channels_last_vec16: k("channels_last_vec16"),
             scalar: k("scalar"),
+            flat: (pass == Pass::Elementwise).then(|| k("channels_first_flat")),
             packed: (pass == Pass::Sums).then(|| k("channels_first_packed")),
             rows_vec4: matches!(pass, Pass::Elementwise | Pass::Statistics)
                 .then(|| k("channels_first_rows_vec4")),
@@ -380,6 +405,10 @@ impl WalkKernels {
             Variant::ChannelsLastVec4 => &self.channels_last_vec4,
             Variant::ChannelsLastVec16 => &self.channels_last_vec16,
             Variant::Scalar => &self.scalar,
+            Variant::ChannelsFirstFlat => self
+                .flat
+                .as_ref()
+                .expect("plan() gives flat walks to elementwise passes only"),
             Variant::ChannelsFirstPacked => self
                 .packed
                 .as_ref()
