@@ -24,6 +24,12 @@ pub struct Cut {
     /// vec4) per invocation instead of 4, so that a SIMD batch reads 512 contiguous
     /// bytes of a row per step rather than 128 (what a CPU's prefetchers need).
     pub wide_rows: bool,
+    /// Channels-last walks: bytes of rows (rows times the row's bytes) each
+    /// invocation should span at least, raising `min_units` where rows are narrow,
+    /// as long as the launch keeps 8 workgroups; 0 for no such bound. On a CPU
+    /// adapter a SIMD batch reads a row segment and steps to the next row, and
+    /// longer walks pay better for its start.
+    pub min_row_span: u32,
 }
 
 /// The launch geometry of the kernels: one [`Cut`] for the reductions (batch
@@ -69,6 +75,7 @@ impl Tuning {
             lane_block: 0,
             max_row_tile: 64,
             wide_rows: false,
+            min_row_span: 0,
         };
         Self {
             reduce: cut,
@@ -99,6 +106,7 @@ impl Tuning {
                 lane_block,
                 max_row_tile: 64,
                 wide_rows: false,
+                min_row_span: 0,
             },
             elementwise: Cut {
                 target_workgroups: 1024,
@@ -106,6 +114,7 @@ impl Tuning {
                 lane_block,
                 max_row_tile: 256,
                 wide_rows: true,
+                min_row_span: 32 << 10,
             },
             fused_forward_max_elements: 1 << 16,
             fused_eval_max_elements: 1 << 19,

@@ -102,6 +102,10 @@ pub(crate) enum Pass {
     Elementwise,
 }
 
+/// Workgroups a channels-last launch keeps whatever `Cut::min_row_span` asks: enough
+/// to share among a CPU adapter's threads (four per thread on two cores).
+const SPAN_MIN_WORKGROUPS: u32 = 8;
+
 /// Batch items per split (at least) for the statistics pass to read channels-first
 /// tensors with S % 4 != 0 as rows: it writes a 16-byte partial per element position
 /// of a batch item and split, so the partials are at most a quarter of the tensor.
@@ -257,7 +261,9 @@ impl Units {
 /// still give each invocation `tuning.min_units` vec4s' worth of units (channels-last tiles are at
 /// least a row segment wide, for contiguous loads; channels-first ones at least
 /// enough that the tiles are no more than `tuning.target_workgroups`); then each tile
-/// split into chunks until the launch has about `tuning.target_workgroups` workgroups.
+/// split into chunks until the launch has about `tuning.target_workgroups` workgroups
+/// (channels-last: chunks of at least `tuning.min_row_span` bytes of rows per
+/// invocation).
 pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let wg = WORKGROUP_SIZE;
     let Units {
@@ -281,6 +287,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let min_units = (4 * tuning.min_units.min(1 << 20))
         .div_ceil(elements)
         .max(1);
+
     let needed = (wg * min_units)
         .div_ceil(per_channel.max(1))
         .next_power_of_two()
@@ -301,6 +308,18 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let tiles = groups.div_ceil(tile);
     let rows_per_step = wg / tile;
     let max_splits = per_channel.div_ceil(rows_per_step * min_units).max(1);
+    // Channels-last: splits no shorter than `min_row_span` bytes of rows per
+    // invocation, unless that leaves fewer than SPAN_MIN_WORKGROUPS workgroups (a
+    // bound on the splits only, so that tiles stay as wide as before).
+    let max_splits = if interleaved && tuning.min_row_span > 0 {
+        let row_bytes = 4 * u64::from(stride) * u64::from(elements);
+        let rows = u64::from(tuning.min_row_span).div_ceil(row_bytes);
+        let span_units = u64::from(min_units).max(rows).min(1 << 20) as u32;
+        let span_splits = per_channel.div_ceil(rows_per_step * span_units).max(1);
+        span_splits.max(SPAN_MIN_WORKGROUPS.div_ceil(tiles)).min(max_splits)
+    } else {
+        max_splits
+    };
     let splits = tuning
         .target_workgroups
         .div_ceil(tiles)

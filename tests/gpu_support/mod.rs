@@ -73,6 +73,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         lane_block: 4,
         max_row_tile: 4,
         wide_rows: true,
+        min_row_span: 0,
     };
     // Values the walk cannot use as they are (zero, not powers of two): rounded.
     let odd = Cut {
@@ -81,6 +82,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         lane_block: 6,
         max_row_tile: 48,
         wide_rows: true,
+        min_row_span: 1000,
     };
     vec![
         ("adapter", ctx().clone()),
