@@ -90,11 +90,11 @@ impl Tuning {
     /// after another and pays for every barrier. Its reductions get few, long
     /// workgroups (about 32, at least 64 vec4s per invocation); its elementwise
     /// passes about 1024 workgroups of at least 32 vec4s per invocation, with wide
-    /// channels-last tiles read 16 channels per invocation; and each batch streams
-    /// through a block of memory of its own. Training forwards of up to 2^16
-    /// elements run as one fused dispatch: past that, normalizing after a barrier
-    /// (which such adapters run as coroutines) costs more than the two launches it
-    /// saves. Eval forwards of up to 2^19 elements run as one: past that, computing
+    /// channels-last tiles read 16 channels per invocation over at least 32 KiB of
+    /// rows; and each batch streams through a block of memory of its own. Training
+    /// forwards of up to 2^16 elements run as one fused dispatch: past that,
+    /// normalizing after a barrier (which such adapters run as coroutines) costs more
+    /// than the two launches it saves. Eval forwards of up to 2^19 elements run as one: past that, computing
     /// the coefficients in every invocation costs more than the launch it saves
     /// (both crossovers measured on lavapipe).
     pub fn cpu(simd_width: u32) -> Self {

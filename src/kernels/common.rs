@@ -287,7 +287,6 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let min_units = (4 * tuning.min_units.min(1 << 20))
         .div_ceil(elements)
         .max(1);
-
     let needed = (wg * min_units)
         .div_ceil(per_channel.max(1))
         .next_power_of_two()
@@ -316,7 +315,9 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         let rows = u64::from(tuning.min_row_span).div_ceil(row_bytes);
         let span_units = u64::from(min_units).max(rows).min(1 << 20) as u32;
         let span_splits = per_channel.div_ceil(rows_per_step * span_units).max(1);
-        span_splits.max(SPAN_MIN_WORKGROUPS.div_ceil(tiles)).min(max_splits)
+        span_splits
+            .max(SPAN_MIN_WORKGROUPS.div_ceil(tiles))
+            .min(max_splits)
     } else {
         max_splits
     };
