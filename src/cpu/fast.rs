@@ -615,7 +615,7 @@ fn reduce_rows(
             Sums::Moments => &[][..],
         };
         let mut acc = vec![[0.0f64; 2]; width];
-        let mut scratch = vec![[0.0f32; 2]; width];
+        let mut scratch = [vec![0.0f32; width], vec![0.0f32; width]];
         for b in (0..xi.len()).step_by(block_len) {
             let e = (b + block_len).min(xi.len());
             let next = e..(e + block_len).min(xi.len());
@@ -705,23 +705,27 @@ impl RowBlock<'_> {
     }
 
     /// Gradient sums of every column over the block's rows (`dy` is the block's
-    /// gradient), streamed row by row into per-column f32 sums in `scratch` (faster
+    /// gradient), streamed row by row into per-column f32 sums in `scratch` (`[sum
+    /// dy, sum dy * (x - center)]`, two arrays so that the loop vectorizes; faster
     /// here than register tiles: two inputs), folded into `acc`.
-    fn grad(&self, dy: &[f32], next_dy: &[f32], scratch: &mut [[f32; 2]], acc: &mut [[f64; 2]]) {
+    fn grad(&self, dy: &[f32], next_dy: &[f32], scratch: &mut [Vec<f32>; 2], acc: &mut [[f64; 2]]) {
         let w = self.width;
         let rows = self.x.len() / w;
-        scratch.fill([0.0; 2]);
+        let [s0, s1] = scratch;
+        let (s0, s1, center) = (&mut s0[..w], &mut s1[..w], &self.center[..w]);
+        s0.fill(0.0);
+        s1.fill(0.0);
         for r in 0..rows {
             prefetch::<true>(self.next_x, r * w, w);
             prefetch::<true>(next_dy, r * w, w);
             let (v, g) = (&self.x[r * w..(r + 1) * w], &dy[r * w..(r + 1) * w]);
-            for ((s, (&v, &g)), &c) in scratch.iter_mut().zip(v.iter().zip(g)).zip(self.center) {
-                s[0] += g;
-                s[1] += g * (v - c);
+            for j in 0..w {
+                s0[j] += g[j];
+                s1[j] += g[j] * (v[j] - center[j]);
             }
         }
-        for (a, &s) in acc.iter_mut().zip(scratch.iter()) {
-            fold_sums(a, s);
+        for (j, a) in acc.iter_mut().enumerate() {
+            fold_sums(a, [s0[j], s1[j]]);
         }
     }
 }
