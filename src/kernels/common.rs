@@ -156,12 +156,7 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
             (Variant::Scalar, Units::rows(c, n * s, 1))
         }
     } else if s % 4 == 0 && pass == Pass::Elementwise && flat_runs(s / 4, tuning) {
-        let mut params = plan_units(Units::runs(1, s / 4, n * c), padded, tuning);
-        params.channels = c;
-        return WalkPlan {
-            params,
-            variant: Variant::ChannelsFirstFlat,
-        };
+        (Variant::ChannelsFirstFlat, Units::flat(c, s / 4, n))
     } else if s % 4 == 0 {
         (Variant::ChannelsFirstVec4, Units::runs(c, s / 4, n))
     } else if pass == Pass::Sums && c % 4 == 0 {
@@ -209,6 +204,8 @@ pub(crate) struct Units {
     rep: u32,
     /// Channel units side by side in memory (channels-last rows).
     interleaved: bool,
+    /// Flat walks: C, whose runs follow each other (0 otherwise).
+    channels: u32,
 }
 
 impl Units {
@@ -223,6 +220,7 @@ impl Units {
             elements,
             rep: 1,
             interleaved: true,
+            channels: 0,
         }
     }
 
@@ -237,6 +235,16 @@ impl Units {
             elements: 4,
             rep: 1,
             interleaved: false,
+            channels: 0,
+        }
+    }
+
+    /// Channels-first, walked flat: the `n * c` runs of `len` vec4 units as one
+    /// channel unit, run `r` belonging to channel `r % c`.
+    fn flat(c: u32, len: u32, n: u32) -> Self {
+        Self {
+            channels: c,
+            ..Self::runs(1, len, n * c)
         }
     }
 
@@ -275,6 +283,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         elements,
         rep,
         interleaved,
+        channels,
     } = units;
     // Any Cut is accepted: the walk needs powers of two, which these round down to.
     let floor_pow2 = |v: u32| 1u32 << (31 - v.clamp(1, wg).leading_zeros());
@@ -353,7 +362,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         run,
         rep,
         eps: 0.0,
-        channels: 0,
+        channels,
     }
 }
 
