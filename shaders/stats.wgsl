@@ -151,7 +151,8 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
 }
 
 // The rows view: each lane stays on one element position of a batch item, whose
-// channel's first element is its pivot; partials per position.
+// channel's first element is its pivot (read through x4: an entry point may use only
+// one of a binding's two views); partials per position.
 @compute @workgroup_size(WG)
 fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,

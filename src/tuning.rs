@@ -94,9 +94,9 @@ impl Tuning {
     /// rows; and each batch streams through a block of memory of its own. Training
     /// forwards of up to 2^16 elements run as one fused dispatch: past that,
     /// normalizing after a barrier (which such adapters run as coroutines) costs more
-    /// than the two launches it saves. Eval forwards of up to 2^19 elements run as one: past that, computing
-    /// the coefficients in every invocation costs more than the launch it saves
-    /// (both crossovers measured on lavapipe).
+    /// than the two launches it saves. Eval forwards of up to 2^19 elements run as
+    /// one: past that, computing the coefficients in every invocation costs more
+    /// than the launch it saves (both crossovers measured on lavapipe).
     pub fn cpu(simd_width: u32) -> Self {
         let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
         Self {
