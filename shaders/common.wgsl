@@ -139,11 +139,12 @@ fn flat_next_channel(p: WalkParams, c: u32) -> u32 {
     return select(c + 1u, 0u, c + 1u == p.channels);
 }
 
-// A step inside the current run (s may pass its end).
+// A step inside the current run (s may pass its end: by `block`, not `step_s`, which
+// is block % len and so 0 when a run is exactly one block long).
 fn flat_step(p: WalkParams, w: Walk) -> Walk {
     var r = w;
     r.j += p.block;
-    r.s += p.step_s;
+    r.s += p.block;
     return r;
 }
 

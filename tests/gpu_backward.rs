@@ -5,7 +5,7 @@ mod common;
 mod gpu_support;
 
 use common::{assert_close, assert_sums_close, dbeta_scale, dgamma_scale, dx_scale, normal, rng};
-use gpu_support::{ctx, describe, layer_pair, layer_pair_on, tunings};
+use gpu_support::{ctx, describe, layer_pair, layer_pair_on, tunings, SPLIT_SHAPES};
 use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
@@ -218,22 +218,8 @@ fn backward_matches_reference_for_every_layout_and_option() {
 fn every_tuning_matches_reference() {
     let mut rng = rng("backward every_tuning_matches_reference");
     let mut worst = 0f64;
-    let split_shapes: &[&[usize]] = &[
-        &[16, 8, 30, 30],
-        &[7, 3, 4, 12],
-        &[9, 5, 10, 12],
-        &[7, 5, 33, 17],
-        &[1000, 12],
-        &[513, 7],
-        &[6, 48, 5, 5],
-        &[300, 32],
-        &[5, 16, 7, 7],
-        &[3, 12, 7, 7],
-        &[256, 4, 3, 3],
-        &[32, 64, 7, 7],
-    ];
     for (name, ctx) in tunings() {
-        for dims in split_shapes.iter().chain(SHAPES) {
+        for dims in SPLIT_SHAPES.iter().chain(SHAPES) {
             for layout in LAYOUTS {
                 let shape = Shape::new(dims, layout).unwrap();
                 let config = BatchNormConfig::new(shape.c());

@@ -5,7 +5,7 @@ mod common;
 mod gpu_support;
 
 use common::{assert_close, normal, rng};
-use gpu_support::{configs, ctx, describe, f64s, layer_pair, layer_pair_on, tunings};
+use gpu_support::{configs, ctx, describe, f64s, layer_pair, layer_pair_on, tunings, SPLIT_SHAPES};
 use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
@@ -138,29 +138,6 @@ fn forward_matches_reference_for_every_layout_and_option() {
     }
     println!("largest error against the reference: {worst:.3e}");
 }
-
-/// Shapes big enough to be split over many workgroups, odd sizes among them, and
-/// channel counts that are multiples of 16 (the wide channels-last rows), and odd
-/// planes whose batch items are whole vec4s (channels-first read as rows; by the
-/// statistics too from a batch of 16 per split: 256x4x3x3 split, 32x64x7x7 past the
-/// fused size), and planes of whole vec4s whose batch items are not a whole number
-/// of lane blocks (the flat channels-first walk crossing from the last channel of
-/// one batch item to the first of the next inside a block).
-const SPLIT_SHAPES: &[&[usize]] = &[
-    &[16, 8, 30, 30],
-    &[7, 3, 4, 12],
-    &[9, 5, 10, 12],
-    &[7, 5, 33, 17],
-    &[3, 12, 7, 7],
-    &[1000, 12],
-    &[513, 7],
-    &[4, 2, 9, 9, 9],
-    &[6, 48, 5, 5],
-    &[300, 32],
-    &[5, 16, 7, 7],
-    &[256, 4, 3, 3],
-    &[32, 64, 7, 7],
-];
 
 #[test]
 fn every_tuning_matches_reference() {

@@ -154,3 +154,32 @@ pub fn describe(config: &BatchNormConfig) -> String {
 pub fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
+
+/// Shapes big enough to be split over many workgroups, odd sizes among them, and
+/// channel counts that are multiples of 16 (the wide channels-last rows), and odd
+/// planes whose batch items are whole vec4s (channels-first read as rows; by the
+/// statistics too from a batch of 16 per split: 256x4x3x3 split, 32x64x7x7 past the
+/// fused size), and planes of whole vec4s whose batch items are not a whole number
+/// of lane blocks (the flat channels-first walk crossing from the last channel of
+/// one batch item to the first of the next inside a block). Planes of 16 and 32
+/// elements have runs exactly one lane block long (4 and 8 vec4s: the flat walk's
+/// steps then leave each run at its end); 260x8x4x8 is past the fused training
+/// forward of the CPU tuning, so its normalize pass is a dispatch of its own.
+pub const SPLIT_SHAPES: &[&[usize]] = &[
+    &[16, 8, 30, 30],
+    &[7, 3, 4, 12],
+    &[9, 5, 10, 12],
+    &[7, 5, 33, 17],
+    &[3, 12, 7, 7],
+    &[1000, 12],
+    &[513, 7],
+    &[4, 2, 9, 9, 9],
+    &[6, 48, 5, 5],
+    &[300, 32],
+    &[5, 16, 7, 7],
+    &[256, 4, 3, 3],
+    &[32, 64, 7, 7],
+    &[9, 3, 4, 4],
+    &[17, 3, 4, 8],
+    &[260, 8, 4, 8],
+];
