@@ -162,8 +162,8 @@ impl GpuCase {
             dx: ctx.storage_buffer("bench.dx", shape.bytes()),
             dgamma: ctx.storage_buffer("bench.dgamma", c as u64 * 4),
             dbeta: ctx.storage_buffer("bench.dbeta", c as u64 * 4),
-            saved: SavedStats::new(ctx, c),
-            train_saved: SavedStats::new(ctx, c),
+            saved: SavedStats::new(ctx, c).expect("saved"),
+            train_saved: SavedStats::new(ctx, c).expect("saved"),
         };
         let mut encoder = ctx
             .device()

@@ -43,8 +43,10 @@ fn store(c: u32, v: f32, which: u32) {
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+fn main(@builtin(local_invocation_index) lid: u32,
+        @builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = invocation_linear(lid, wid, nwg);
     if c >= p.channels {
         return;
     }

@@ -208,6 +208,11 @@ fn workgroup_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
+// Linear invocation index of such a dispatch (the per-channel kernels' channel).
+fn invocation_linear(lid: u32, wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return workgroup_linear(wid, nwg) * WG + lid;
+}
+
 // The normalize coefficients of four lanes (one channel each, or one channel
 // splatted): y = (x - hi) * scale + shift.
 struct Norm {

@@ -43,8 +43,10 @@ fn scalar_state(v: vec4<f32>) -> Welford {
 }
 
 @compute @workgroup_size(WG)
-fn train(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+fn train(@builtin(local_invocation_index) lid: u32,
+         @builtin(workgroup_id) wid: vec3<u32>,
+         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = invocation_linear(lid, wid, nwg);
     if c >= p.channels {
         return;
     }
@@ -70,8 +72,10 @@ fn train(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 @compute @workgroup_size(WG)
-fn eval(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+fn eval(@builtin(local_invocation_index) lid: u32,
+        @builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = invocation_linear(lid, wid, nwg);
     if c >= p.channels {
         return;
     }

@@ -70,11 +70,13 @@ fn reduce_rows(t: u32, row: u32, w: Welford) -> Welford {
 }
 
 // Start of invocation t's walk; the first invocation of the launch also counts the
-// batch in num_batches_tracked when asked (STATS_COUNT_BATCH).
+// batch in num_batches_tracked when asked (STATS_COUNT_BATCH), stopping at 2^32 - 1
+// (a count of 0 would make the cumulative average divide by zero).
 fn begin(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Walk {
     let g = workgroup_linear(wid, nwg);
     if g == 0u && t == 0u && (p.flags & STATS_COUNT_BATCH) != 0u {
-        running[p.count_index] += 1u;
+        let n = running[p.count_index];
+        running[p.count_index] = n + u32(n != 0xffffffffu);
     }
     return walk_begin(p, t, g);
 }

@@ -60,8 +60,14 @@ impl GpuContext {
     /// Builds the pipelines on a device the caller already has. `info` is what the
     /// context reports as its adapter (`adapter.get_info()`).
     ///
-    /// The device needs storage buffers and compute shaders with 256 invocations per
-    /// workgroup; anything less is reported as [`Error::DeviceLimit`].
+    /// The device needs compute shaders with 256 invocations per workgroup (12 KiB
+    /// of workgroup memory), 6 storage buffers per shader stage and 65535
+    /// workgroups per dispatch dimension: `wgpu::Limits::default()` has them,
+    /// `wgpu::Limits::downlevel_defaults()` (4 storage buffers) does not. Anything
+    /// less is reported as [`Error::DeviceLimit`]. Tensors and per-channel buffers
+    /// must fit in one storage binding ([`Self::max_binding_size`]); request the
+    /// adapter's limits (`adapter.limits()`) for tensors past WebGPU's default of
+    /// 128 MiB.
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -180,10 +186,7 @@ impl GpuContext {
         buffer: &wgpu::Buffer,
         bytes: u64,
     ) -> Result<()> {
-        let limit = self.max_binding_size();
-        if bytes > limit {
-            return Err(Error::TooLargeForDevice { name, bytes, limit });
-        }
+        self.check_size(name, bytes)?;
         if buffer.size() < bytes {
             return Err(Error::BufferTooSmall {
                 name,
@@ -205,9 +208,23 @@ impl GpuContext {
         &self.inner.kernels
     }
 
-    /// Largest buffer size one storage binding may have on this device.
+    /// Fails unless a storage buffer of `bytes` bytes can be created and bound on
+    /// this device.
+    pub(crate) fn check_size(&self, name: &'static str, bytes: u64) -> Result<()> {
+        let limit = self.max_binding_size();
+        if bytes > limit {
+            return Err(Error::TooLargeForDevice { name, bytes, limit });
+        }
+        Ok(())
+    }
+
+    /// Largest storage buffer this device can both create and bind whole: the
+    /// smaller of its `max_storage_buffer_binding_size` and `max_buffer_size`.
     pub fn max_binding_size(&self) -> u64 {
-        self.inner.device.limits().max_storage_buffer_binding_size
+        let limits = self.inner.device.limits();
+        limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
     }
 
     /// Submits the encoder and waits for the GPU to finish it.
@@ -223,15 +240,38 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Copies `bytes` bytes of `buffer` (which needs `COPY_SRC`) to the host.
+    /// Copies the first `len` values of type `T` in `buffer` to the host. The buffer
+    /// needs `COPY_SRC`, and `len * size_of::<T>()` must be a multiple of 4 bytes.
     pub fn read_buffer<T: bytemuck::Pod>(
         &self,
         buffer: &wgpu::Buffer,
         len: usize,
     ) -> Result<Vec<T>> {
-        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        let size = std::mem::size_of::<T>();
+        let bytes = len.checked_mul(size).map_or(u64::MAX, |b| b as u64);
         if len == 0 {
             return Ok(Vec::new());
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+            return Err(Error::BufferUsage {
+                name: "read_buffer",
+                needed: wgpu::BufferUsages::COPY_SRC,
+                got: buffer.usage(),
+            });
+        }
+        if bytes > buffer.size() {
+            return Err(Error::BufferTooSmall {
+                name: "read_buffer",
+                needed: bytes,
+                got: buffer.size(),
+            });
+        }
+        if !bytes.is_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) {
+            return Err(Error::LengthMismatch {
+                name: "read_buffer bytes (a multiple of 4)",
+                expected: bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) as usize,
+                got: bytes as usize,
+            });
         }
         let device = &self.inner.device;
         let staging = device.create_buffer(&wgpu::BufferDescriptor {

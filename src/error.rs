@@ -136,10 +136,10 @@ pub enum Error {
         /// The other.
         b: &'static str,
     },
-    /// The tensor is larger than one storage binding can hold on this device.
+    /// A tensor or buffer is larger than one storage binding can hold on this device.
     #[error(
         "{name} needs {bytes} bytes, more than this device can bind in one storage buffer \
-         ({limit} bytes, max_storage_buffer_binding_size)"
+         ({limit} bytes: the smaller of max_storage_buffer_binding_size and max_buffer_size)"
     )]
     TooLargeForDevice {
         /// Which argument.
@@ -155,6 +155,9 @@ pub enum Error {
     /// `momentum` is not finite or outside [0, 1].
     #[error("momentum must be finite and in [0, 1], got {0}")]
     BadMomentum(f32),
+    /// `num_batches_tracked` past what the GPU layer's 32-bit counter holds.
+    #[error("num_batches_tracked must be at most 2^32 - 1 on the GPU, got {0}")]
+    BatchCountTooLarge(u64),
     /// `num_features` is zero.
     #[error("num_features must be at least 1")]
     ZeroFeatures,

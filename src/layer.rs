@@ -39,12 +39,15 @@ pub struct SavedStats {
 }
 
 impl SavedStats {
-    /// Zeroed statistics for `channels` channels.
-    pub fn new(ctx: &GpuContext, channels: usize) -> Self {
-        Self {
-            buffer: ctx.storage_buffer("bn.saved", 4 * padded(channels) as u64 * 4),
+    /// Zeroed statistics for `channels` channels (16 bytes each, which must fit in
+    /// one storage binding on the device).
+    pub fn new(ctx: &GpuContext, channels: usize) -> Result<Self> {
+        let bytes = 16 * padded(channels) as u64;
+        ctx.check_size("saved statistics", bytes)?;
+        Ok(Self {
+            buffer: ctx.storage_buffer("bn.saved", bytes),
             channels,
-        }
+        })
     }
 
     /// Uploads host statistics (e.g. PyTorch's `save_mean`/`save_invstd`, with zeros
@@ -61,6 +64,7 @@ impl SavedStats {
             }
         }
         let p = padded(c);
+        ctx.check_size("saved statistics", 16 * p as u64)?;
         let mut data = vec![0f32; 4 * p];
         data[..c].copy_from_slice(&saved.mean);
         data[p..p + c].copy_from_slice(&saved.invstd);
@@ -162,21 +166,25 @@ impl BatchNorm {
         Self::with_state(ctx, config, &state)
     }
 
-    /// A layer starting from `state` (e.g. a checkpoint).
+    /// A layer starting from `state` (e.g. a checkpoint; its `num_batches_tracked`
+    /// must fit the GPU's 32-bit counter).
     pub fn with_state(
         ctx: &GpuContext,
         config: BatchNormConfig,
         state: &BatchNormState,
     ) -> Result<Self> {
         config.validate()?;
-        state.validate(&config)?;
+        Self::check_state(&config, state)?;
         let c = config.num_features;
         let p = padded(c) as u64;
+        // The largest of the per-channel buffers (coef, saved, partials) holds 16
+        // bytes a channel.
+        ctx.check_size("per-channel state", 16 * p)?;
         let layer = Self {
             affine: ctx.storage_buffer("bn.affine", 2 * p * 4),
             running: ctx.storage_buffer("bn.running", (2 * p + 1) * 4),
             coef: ctx.storage_buffer("bn.coef", 4 * p * 4),
-            scratch_saved: SavedStats::new(ctx, c),
+            scratch_saved: SavedStats::new(ctx, c)?,
             scratch_grads: [
                 ctx.storage_buffer("bn.scratch_dgamma", p * 4),
                 ctx.storage_buffer("bn.scratch_dbeta", p * 4),
@@ -205,7 +213,7 @@ impl BatchNorm {
     }
 
     /// `[running_mean | running_var | num_batches_tracked]`: two segments of
-    /// [`Self::stride`] f32, then the counter as one u32 (wraps after 2^32 batches).
+    /// [`Self::stride`] f32, then the counter as one u32 (it stops at 2^32 - 1).
     pub fn running_buffer(&self) -> &wgpu::Buffer {
         &self.running
     }
@@ -241,10 +249,19 @@ impl BatchNorm {
     }
 
     /// Overwrites parameters and running statistics (through the queue: it takes
-    /// effect before the next submission's commands).
+    /// effect before the next submission's commands). `num_batches_tracked` must
+    /// fit the GPU's 32-bit counter.
     pub fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
-        state.validate(&self.config)?;
+        Self::check_state(&self.config, state)?;
         self.write_state(state);
+        Ok(())
+    }
+
+    fn check_state(config: &BatchNormConfig, state: &BatchNormState) -> Result<()> {
+        state.validate(config)?;
+        if state.num_batches_tracked > u64::from(u32::MAX) {
+            return Err(Error::BatchCountTooLarge(state.num_batches_tracked));
+        }
         Ok(())
     }
 
@@ -295,6 +312,15 @@ impl BatchNorm {
         Ok(())
     }
 
+    /// Fails unless the partial results of the reduction `pass` over `shape` fit in
+    /// one storage binding (they are at most a few per element position).
+    fn check_partials(&self, shape: &Shape, pass: common::Pass) -> Result<()> {
+        let count = self
+            .reduce_walk(shape, pass)
+            .partial_count(self.config.num_features);
+        self.ctx.check_size("partial results", count.max(1) * 16)
+    }
+
     /// Fails if a buffer that is written appears twice.
     fn check_aliasing(buffers: &[(&'static str, Option<&wgpu::Buffer>, bool)]) -> Result<()> {
         for (i, (a, ba, wa)) in buffers.iter().enumerate() {
@@ -309,8 +335,8 @@ impl BatchNorm {
         Ok(())
     }
 
-    /// Checks a forward's arguments; `saved` (checked when given) is written, and
-    /// so must not alias x or y, when batch statistics are used.
+    /// Checks a forward's arguments; `saved` is used (checked when given), written,
+    /// and so must not alias x or y, only when batch statistics are used.
     fn check_forward(
         &self,
         shape: &Shape,
@@ -322,10 +348,14 @@ impl BatchNorm {
         self.check_shape(shape, batch_stats)?;
         self.ctx.check_storage("x", x, shape.bytes())?;
         self.ctx.check_storage("y", y, shape.bytes())?;
+        let saved = saved.filter(|_| batch_stats);
         if let Some(s) = saved {
             self.check_saved(s)?;
         }
-        let written_saved = saved.filter(|_| batch_stats).map(|s| &s.buffer);
+        if batch_stats {
+            self.check_partials(shape, common::Pass::Statistics)?;
+        }
+        let written_saved = saved.map(|s| &s.buffer);
         Self::check_aliasing(&[
             ("x", Some(x), false),
             ("y", Some(y), true),
@@ -745,6 +775,7 @@ impl BatchNorm {
         let bytes = shape.bytes();
         self.ctx.check_storage("x", x, bytes)?;
         self.ctx.check_storage("dy", dy, bytes)?;
+        self.check_partials(shape, common::Pass::Sums)?;
         let c_bytes = self.config.num_features as u64 * 4;
         if let Some(b) = grads.dx {
             self.ctx.check_storage("dx", b, bytes)?;
@@ -758,6 +789,7 @@ impl BatchNorm {
         Self::check_aliasing(&[
             ("x", Some(x), false),
             ("dy", Some(dy), false),
+            ("saved", saved.map(|s| &s.buffer), false),
             ("dx", grads.dx, true),
             ("dgamma", grads.dgamma, true),
             ("dbeta", grads.dbeta, true),
@@ -880,12 +912,13 @@ impl BatchNorm {
     pub fn forward_train_host(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
         Self::check_len("x", shape, x)?;
         self.check_shape(shape, true)?;
+        self.ctx.check_size("x", shape.bytes())?;
         let ctx = self.ctx.clone();
         let (xb, yb) = (
             ctx.upload("bn.x", x),
             ctx.storage_buffer("bn.y", shape.bytes()),
         );
-        let saved = SavedStats::new(&ctx, self.config.num_features);
+        let saved = SavedStats::new(&ctx, self.config.num_features)?;
         run(&ctx, "forward_train", |enc| {
             self.forward_train(enc, shape, &xb, &yb, &saved)
         })?;
@@ -901,12 +934,15 @@ impl BatchNorm {
         Self::check_len("x", shape, x)?;
         let batch = !self.config.track_running_stats;
         self.check_shape(shape, batch)?;
+        self.ctx.check_size("x", shape.bytes())?;
         let ctx = self.ctx.clone();
         let (xb, yb) = (
             ctx.upload("bn.x", x),
             ctx.storage_buffer("bn.y", shape.bytes()),
         );
-        let saved = batch.then(|| SavedStats::new(&ctx, self.config.num_features));
+        let saved = batch
+            .then(|| SavedStats::new(&ctx, self.config.num_features))
+            .transpose()?;
         run(&ctx, "forward_eval", |enc| {
             self.forward_eval(enc, shape, &xb, &yb, saved.as_ref())
         })?;
@@ -929,6 +965,7 @@ impl BatchNorm {
     ) -> Result<Gradients> {
         Self::check_len("x", shape, x)?;
         Self::check_len("dy", shape, dy)?;
+        self.ctx.check_size("x", shape.bytes())?;
         let ctx = self.ctx.clone();
         let saved = saved.map(|s| SavedStats::from_host(&ctx, s)).transpose()?;
         let affine = self.config.affine;

@@ -5,8 +5,8 @@ mod gpu_support;
 
 use gpu_support::ctx;
 use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, BatchNormState, Error, GradBuffers, GradMask, Layout, SavedStats,
-    Shape,
+    BatchNorm, BatchNormConfig, BatchNormState, Error, GpuContext, GradBuffers, GradMask, Layout,
+    SavedStats, Shape,
 };
 
 const SENTINEL: f32 = -123.5;
@@ -32,7 +32,7 @@ fn fixture(config: BatchNormConfig) -> Fixture {
     Fixture {
         x: ctx.upload("x", &x),
         y: ctx.upload("y", &vec![SENTINEL; shape.numel()]),
-        saved: SavedStats::new(ctx, c),
+        saved: SavedStats::new(ctx, c).unwrap(),
         bn,
         shape,
         before,
@@ -80,7 +80,7 @@ fn channel_count_must_match_the_layer() {
         f.bn.forward_eval(&mut enc, &wrong, &f.x, &f.y, None)
             .unwrap_err();
     assert!(matches!(e, Error::ChannelMismatch { .. }), "{e}");
-    let wrong_saved = SavedStats::new(ctx(), 5);
+    let wrong_saved = SavedStats::new(ctx(), 5).unwrap();
     let e =
         f.bn.forward_train(&mut enc, &f.shape, &f.x, &f.y, &wrong_saved)
             .unwrap_err();
@@ -95,6 +95,11 @@ fn channel_count_must_match_the_layer() {
         "{e}"
     );
     f.assert_untouched(enc, "channel mismatch");
+    // An eval forward with running statistics ignores `saved`, whatever its size.
+    let y = ctx().storage_buffer("y", f.shape.bytes());
+    let mut enc = f.encoder();
+    f.bn.forward_eval(&mut enc, &f.shape, &f.x, &y, Some(&wrong_saved))
+        .unwrap();
 }
 
 #[test]
@@ -169,6 +174,24 @@ fn the_same_buffer_for_input_and_output_is_refused() {
             Error::AliasedBuffers {
                 a: "dgamma",
                 b: "dbeta"
+            }
+        ),
+        "{e}"
+    );
+    // dgamma written over the saved statistics the same pass reads.
+    let grads = GradBuffers {
+        dgamma: Some(f.saved.buffer()),
+        ..Default::default()
+    };
+    let e =
+        f.bn.backward(&mut enc, &f.shape, &f.x, &f.x, Some(&f.saved), grads)
+            .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::AliasedBuffers {
+                a: "saved",
+                b: "dgamma"
             }
         ),
         "{e}"
@@ -356,4 +379,147 @@ fn adapter_name_that_matches_nothing_is_an_error() {
         .expect("no such adapter");
     std::env::remove_var("WGPU_ADAPTER_NAME");
     assert!(matches!(e, Error::AdapterNotFound { .. }), "{e}");
+}
+
+/// A change to a device's limits.
+type LimitChange = fn(&mut wgpu::Limits);
+
+/// A device on the tests' adapter (chosen as `GpuContext::from_env` chooses it)
+/// with the adapter's limits changed by `change`.
+fn device_with(change: LimitChange) -> (wgpu::Device, wgpu::Queue, wgpu::AdapterInfo) {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let wanted = ctx().adapter_info().name.clone();
+    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .find(|a| a.get_info().name == wanted)
+        .expect("the tests' adapter");
+    let mut limits = adapter.limits();
+    change(&mut limits);
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("a device with lower limits");
+    (device, queue, adapter.get_info())
+}
+
+#[test]
+fn devices_short_of_what_the_kernels_need_are_refused() {
+    let cases: [(&str, LimitChange); 2] = [
+        ("max_compute_workgroups_per_dimension", |l| {
+            l.max_compute_workgroups_per_dimension = 256
+        }),
+        ("max_storage_buffers_per_shader_stage", |l| {
+            l.max_storage_buffers_per_shader_stage = 4
+        }),
+    ];
+    for (limit, change) in cases {
+        let (device, queue, info) = device_with(change);
+        match GpuContext::from_device(device, queue, info) {
+            Err(Error::DeviceLimit { name, .. }) => assert_eq!(name, limit),
+            Err(e) => panic!("{limit}: {e}"),
+            Ok(_) => panic!("{limit}: accepted"),
+        }
+    }
+}
+
+#[test]
+fn buffers_past_the_device_limits_are_refused_before_they_are_made() {
+    let (device, queue, info) = device_with(|l| {
+        l.max_storage_buffer_binding_size = 1 << 20;
+        l.max_buffer_size = 1 << 20;
+    });
+    let small = GpuContext::from_device(device, queue, info).unwrap();
+    assert_eq!(small.max_binding_size(), 1 << 20);
+    // 70000 channels need 1.12 MB of per-channel state.
+    let e = BatchNorm::new(&small, BatchNormConfig::new(70_000))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            e,
+            Error::TooLargeForDevice {
+                name: "per-channel state",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = SavedStats::new(&small, 70_000).err().unwrap();
+    assert!(matches!(e, Error::TooLargeForDevice { .. }), "{e}");
+
+    // The host path checks a 2 MiB tensor before uploading it.
+    let mut bn = BatchNorm::new(&small, BatchNormConfig::new(4)).unwrap();
+    let before = bn.state().unwrap();
+    let big = Shape::channels_first(&[128, 4, 32, 32]).unwrap();
+    let x = vec![0.5; big.numel()];
+    for (what, r) in [
+        ("train", bn.forward_train_host(&big, &x).err()),
+        ("eval", bn.forward_eval_host(&big, &x).err()),
+        (
+            "backward",
+            bn.backward_host(&big, &x, &x, None, GradMask::default())
+                .err(),
+        ),
+    ] {
+        assert!(
+            matches!(r, Some(Error::TooLargeForDevice { name: "x", .. })),
+            "{what}: {r:?}"
+        );
+    }
+    assert_eq!(bn.state().unwrap(), before);
+    // What fits runs.
+    let fits = Shape::channels_first(&[8, 4, 8, 8]).unwrap();
+    bn.forward_train_host(&fits, &x[..fits.numel()]).unwrap();
+}
+
+#[test]
+fn read_buffer_checks_its_arguments() {
+    let ctx = ctx();
+    let no_copy = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let e = ctx.read_buffer::<f32>(&no_copy, 4).unwrap_err();
+    assert!(matches!(e, Error::BufferUsage { .. }), "{e}");
+    let b = ctx.upload("b", &[1.5f32; 16]);
+    let e = ctx.read_buffer::<f32>(&b, 17).unwrap_err();
+    assert!(matches!(e, Error::BufferTooSmall { .. }), "{e}");
+    let e = ctx.read_buffer::<u8>(&b, 3).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { .. }), "{e}");
+    assert_eq!(ctx.read_buffer::<f32>(&b, 16).unwrap(), vec![1.5; 16]);
+}
+
+#[test]
+fn the_batch_counter_holds_32_bits_and_stops_at_its_top() {
+    let config = BatchNormConfig::new(3).momentum(None);
+    let mut state = BatchNormState::new(&config);
+    state.num_batches_tracked = 1 << 32;
+    let e = BatchNorm::with_state(ctx(), config.clone(), &state)
+        .err()
+        .unwrap();
+    assert!(matches!(e, Error::BatchCountTooLarge(_)), "{e}");
+    // At the top, a cumulative average goes on with the count held there.
+    state.num_batches_tracked = u32::MAX.into();
+    let mut bn = BatchNorm::with_state(ctx(), config, &state).unwrap();
+    let shape = Shape::channels_first(&[4, 3, 5]).unwrap();
+    let x: Vec<f32> = (0..shape.numel()).map(|i| (i % 7) as f32).collect();
+    bn.forward_train_host(&shape, &x).unwrap();
+    let after = bn.state().unwrap();
+    assert_eq!(after.num_batches_tracked, u64::from(u32::MAX));
+    assert!(after
+        .running_mean
+        .iter()
+        .chain(&after.running_var)
+        .all(|v| v.is_finite()));
+    let mut too_many = after.clone();
+    too_many.num_batches_tracked = u64::MAX;
+    assert!(matches!(
+        bn.set_state(&too_many),
+        Err(Error::BatchCountTooLarge(_))
+    ));
+    assert_eq!(bn.state().unwrap(), after);
 }

@@ -373,7 +373,10 @@ fn calls_recorded_into_one_encoder_keep_their_own_parameters() {
         .iter()
         .map(|s| ctx.storage_buffer("y", s.bytes()))
         .collect();
-    let saved: Vec<_> = shapes.iter().map(|_| SavedStats::new(ctx, c)).collect();
+    let saved: Vec<_> = shapes
+        .iter()
+        .map(|_| SavedStats::new(ctx, c).unwrap())
+        .collect();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     for i in 0..shapes.len() {
         gpu.forward_train(&mut encoder, &shapes[i], &xb[i], &yb[i], &saved[i])

@@ -258,6 +258,11 @@ impl Kernels {
                 limits.max_compute_workgroup_storage_size as u64,
                 3 * 16 * WORKGROUP_SIZE as u64,
             ),
+            (
+                "max_compute_workgroups_per_dimension",
+                limits.max_compute_workgroups_per_dimension as u64,
+                MAX_GRID_DIM as u64,
+            ),
         ] {
             if actual < required {
                 return Err(Error::DeviceLimit {

@@ -221,6 +221,14 @@ impl ShapeBench {
         let numel = spec.numel();
         let c = spec.dims[1];
         let bytes = numel as u64 * ELEMENT_BYTES;
+        if bytes > ctx.max_binding_size() {
+            return Err(wgpu_batchnorm::Error::TooLargeForDevice {
+                name: "the tensor",
+                bytes,
+                limit: ctx.max_binding_size(),
+            }
+            .into());
+        }
         let copies = input_copies(bytes, rotate_bytes);
         let mut rng = XorShift::new(0x5eed ^ numel as u64);
         let host_x: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -2.0, 2.0)).collect();
@@ -241,7 +249,7 @@ impl ShapeBench {
             gpu_dgamma: ctx.storage_buffer("bench.dgamma", c as u64 * 4),
             gpu_dbeta: ctx.storage_buffer("bench.dbeta", c as u64 * 4),
             gpu_copy: ctx.storage_buffer("bench.copy", bytes),
-            gpu_train_saved: SavedStats::new(ctx, c),
+            gpu_train_saved: SavedStats::new(ctx, c)?,
             y: vec![0.0; numel],
             dx: vec![0.0; numel],
             dgamma: vec![0.0; c],
@@ -263,7 +271,7 @@ impl ShapeBench {
     pub fn layout(&mut self, layout: Layout, timer: &GpuTimer) -> BoxResult<LayoutBench<'_>> {
         let shape = Shape::new(&self.spec.dims, layout)?;
         let c = shape.c();
-        let gpu_saved = SavedStats::new(&self.ctx, c);
+        let gpu_saved = SavedStats::new(&self.ctx, c)?;
         let trained = match self
             .cpu_train
             .forward_train_into(&shape, &self.host_x[0], &mut self.y)
