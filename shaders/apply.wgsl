@@ -118,7 +118,7 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
             let i = walk_index(p, w);
             y4[i] = normalize(k, x4[i]);
             w = flat_step(p, w);
-            if w.s >= p.len || w.j >= w.end {
+            if !flat_in_run(p, w) {
                 break;
             }
         }

@@ -108,7 +108,7 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
             let i = walk_index(p, w);
             dx4[i] = dx_of(k, dy4[i], x4_if_used(i, k));
             w = flat_step(p, w);
-            if w.s >= p.len || w.j >= w.end {
+            if !flat_in_run(p, w) {
                 break;
             }
         }

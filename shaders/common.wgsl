@@ -127,10 +127,11 @@ fn walk_next(p: WalkParams, w: Walk) -> Walk {
 // the tensor as one channel unit of N * C runs of S / 4 vec4s (stride = len), so
 // that each SIMD batch streams through contiguous memory as the copy does. The
 // channel of the current run is n % C. A kernel loops over its runs, loading each
-// run's coefficients once, and inside over the run's units (flat_step until s passes
-// len), rather than branching on a run's end in one loop (lavapipe would run that
-// branch on every step). Each run is at least a block long, so stepping past a run's
-// end lands in the next (flat_next_run), and the channel follows without dividing.
+// run's coefficients once, and inside over the run's units (flat_step while
+// flat_in_run), rather than branching on a run's end in one loop (lavapipe would
+// run that branch on every step). Each run is at least a block long, so stepping
+// past a run's end lands in the next (flat_next_run), and the channel follows
+// without dividing.
 fn flat_channel(p: WalkParams, w: Walk) -> u32 {
     return w.n % p.channels;
 }
@@ -146,6 +147,11 @@ fn flat_step(p: WalkParams, w: Walk) -> Walk {
     r.j += p.block;
     r.s += p.block;
     return r;
+}
+
+// Whether the walk is still inside the run it stepped in (and inside its block).
+fn flat_in_run(p: WalkParams, w: Walk) -> bool {
+    return w.s < p.len && w.j < w.end;
 }
 
 // From past the end of a run into the next.
