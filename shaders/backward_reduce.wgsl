@@ -197,27 +197,35 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
     finish_lanes(t, first, first.group, loop_vec4(first, hi_group(v)));
 }
 
+// Sixteen channels per invocation, as four named sums (not an array indexed in a
+// loop, which a CPU adapter may keep in memory rather than in registers).
 @compute @workgroup_size(WG)
 fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var hi: array<vec4<f32>, 4>;
-    var acc: array<Sums, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        hi[k] = hi_group(u + k);
-        acc[k] = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
-    }
+    let h0 = hi_group(u);
+    let h1 = hi_group(u + 1u);
+    let h2 = hi_group(u + 2u);
+    let h3 = hi_group(u + 3u);
+    let zero = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
+    var a0 = zero;
+    var a1 = zero;
+    var a2 = zero;
+    var a3 = zero;
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);
-        for (var k = 0u; k < 4u; k++) {
-            acc[k] = accumulate(acc[k], dy4[i + k], x4_if_wanted(i + k, hi[k]), hi[k]);
-        }
+        a0 = accumulate(a0, dy4[i], x4_if_wanted(i, h0), h0);
+        a1 = accumulate(a1, dy4[i + 1u], x4_if_wanted(i + 1u, h1), h1);
+        a2 = accumulate(a2, dy4[i + 2u], x4_if_wanted(i + 2u, h2), h2);
+        a3 = accumulate(a3, dy4[i + 3u], x4_if_wanted(i + 3u, h3), h3);
     }
-    for (var k = 0u; k < 4u; k++) {
-        finish_lanes(t, first, 4u * first.group + k, acc[k]);
-    }
+    let v = 4u * first.group;
+    finish_lanes(t, first, v, a0);
+    finish_lanes(t, first, v + 1u, a1);
+    finish_lanes(t, first, v + 2u, a2);
+    finish_lanes(t, first, v + 3u, a3);
 }
 
 @compute @workgroup_size(WG)

@@ -174,37 +174,54 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
     finish_lanes(t, first, first.group, loop_vec4(first, pivot), pivot);
 }
 
+// Welford means and M2 of four channels (lanes) whose count is kept outside, shared
+// with other such states of the same rows.
+struct Moments {
+    mean: vec4<f32>,
+    m2: vec4<f32>,
+}
+
+fn moments_push(s: Moments, d: vec4<f32>, inv: f32) -> Moments {
+    let delta = d - s.mean;
+    let mean = s.mean + delta * inv;
+    return Moments(mean, s.m2 + delta * (d - mean));
+}
+
+// Sixteen channels per invocation, as four named states (not an array indexed in
+// a loop, which a CPU adapter may keep in memory rather than in registers); every
+// channel of a row-walking invocation has seen the same number of elements, so the
+// four share one count and one reciprocal.
 @compute @workgroup_size(WG)
 fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = begin(t, wid, nwg);
     let u = 4u * walk_group(p, first);
-    // Every channel of a row-walking invocation has seen the same number of
-    // elements, so the four Welford states share one count and one reciprocal.
-    var pivot: array<vec4<f32>, 4>;
-    var mean: array<vec4<f32>, 4>;
-    var m2: array<vec4<f32>, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        pivot[k] = x4[u + k];
-        mean[k] = vec4<f32>(0.0);
-        m2[k] = vec4<f32>(0.0);
-    }
+    let p0 = x4[u];
+    let p1 = x4[u + 1u];
+    let p2 = x4[u + 2u];
+    let p3 = x4[u + 3u];
+    let zero = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
+    var s0 = zero;
+    var s1 = zero;
+    var s2 = zero;
+    var s3 = zero;
     var n = 0.0;
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);
         n += 1.0;
         let inv = 1.0 / n;
-        for (var k = 0u; k < 4u; k++) {
-            let d = x4[i + k] - pivot[k];
-            let delta = d - mean[k];
-            mean[k] += delta * inv;
-            m2[k] += delta * (d - mean[k]);
-        }
+        s0 = moments_push(s0, x4[i] - p0, inv);
+        s1 = moments_push(s1, x4[i + 1u] - p1, inv);
+        s2 = moments_push(s2, x4[i + 2u] - p2, inv);
+        s3 = moments_push(s3, x4[i + 3u] - p3, inv);
     }
-    for (var k = 0u; k < 4u; k++) {
-        finish_lanes(t, first, 4u * first.group + k, Welford(vec4<f32>(n), mean[k], m2[k]), pivot[k]);
-    }
+    let v = 4u * first.group;
+    let count = vec4<f32>(n);
+    finish_lanes(t, first, v, Welford(count, s0.mean, s0.m2), p0);
+    finish_lanes(t, first, v + 1u, Welford(count, s1.mean, s1.m2), p1);
+    finish_lanes(t, first, v + 2u, Welford(count, s2.mean, s2.m2), p2);
+    finish_lanes(t, first, v + 3u, Welford(count, s3.mean, s3.m2), p3);
 }
 
 @compute @workgroup_size(WG)

@@ -19,17 +19,24 @@ pub struct Cut {
     pub lane_block: u32,
     /// Widest channels-last tile, in channel units (a power of two).
     pub max_row_tile: u32,
-    /// Channels-last tensors with `C % 16 == 0` (and, in the elementwise passes,
-    /// channels-first ones read as rows, `C * S % 16 == 0`) are read 16 elements (four
-    /// vec4) per invocation instead of 4, so that a SIMD batch reads 512 contiguous
-    /// bytes of a row per step rather than 128 (what a CPU's prefetchers need).
-    pub wide_rows: bool,
+    /// Widest row, in bytes, read 16 elements (four vec4) per invocation instead of
+    /// 4 (channels-last tensors with `C % 16 == 0` and, in the elementwise passes,
+    /// channels-first ones read as rows, `C * S % 16 == 0`), so that a SIMD batch
+    /// reads 512 contiguous bytes of a row per step rather than 128; 0 for none.
+    pub max_wide_row: u32,
+    /// Work each invocation of such a 16-element walk should get, in vec4s, where
+    /// that is more than `min_units`, as long as the launch keeps `min_workgroups`.
+    pub wide_min_units: u32,
     /// Channels-last walks: bytes of rows (rows times the row's bytes) each
     /// invocation should span at least, raising `min_units` where rows are narrow,
-    /// as long as the launch keeps 8 workgroups; 0 for no such bound. On a CPU
+    /// as long as the launch keeps `min_workgroups`; 0 for no such bound. On a CPU
     /// adapter a SIMD batch reads a row segment and steps to the next row, and
     /// longer walks pay better for its start.
     pub min_row_span: u32,
+    /// Workgroups a launch keeps (where the tensor has the rows for them) whatever
+    /// `wide_min_units` and `min_row_span` ask: on a CPU adapter, enough to keep
+    /// its threads busy.
+    pub min_workgroups: u32,
 }
 
 /// The launch geometry of the kernels: one [`Cut`] for the reductions (batch
@@ -74,8 +81,10 @@ impl Tuning {
             min_units: 8,
             lane_block: 0,
             max_row_tile: 64,
-            wide_rows: false,
+            max_wide_row: 0,
+            wide_min_units: 8,
             min_row_span: 0,
+            min_workgroups: 1,
         };
         Self {
             reduce: cut,
@@ -88,7 +97,8 @@ impl Tuning {
     /// For a CPU that runs the shaders (lavapipe, llvmpipe, WARP) in SIMD batches
     /// of `simd_width` invocations: it has a few threads, runs a workgroup one batch
     /// after another and pays for every barrier. Its reductions get few, long
-    /// workgroups (about 32, at least 64 vec4s per invocation); its elementwise
+    /// workgroups (about 32, at least 64 vec4s per invocation; channels-last rows
+    /// of up to 2 KiB read 16 channels per invocation over at least 128 rows); its elementwise
     /// passes about 1024 workgroups of at least 32 vec4s per invocation, with wide
     /// channels-last tiles read 16 channels per invocation over at least 32 KiB of
     /// rows; and each batch streams through a block of memory of its own. Training
@@ -99,22 +109,28 @@ impl Tuning {
     /// than the launch it saves (both crossovers measured on lavapipe).
     pub fn cpu(simd_width: u32) -> Self {
         let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
+        // The adapter's threads: one per core of this machine.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         Self {
             reduce: Cut {
                 target_workgroups: 32,
                 min_units: 64,
                 lane_block,
                 max_row_tile: 64,
-                wide_rows: false,
+                max_wide_row: 2 << 10,
+                wide_min_units: 512,
                 min_row_span: 0,
+                min_workgroups: threads,
             },
             elementwise: Cut {
                 target_workgroups: 1024,
                 min_units: 32,
                 lane_block,
                 max_row_tile: 256,
-                wide_rows: true,
+                max_wide_row: u32::MAX,
+                wide_min_units: 32,
                 min_row_span: 32 << 10,
+                min_workgroups: 4 * threads,
             },
             fused_forward_max_elements: 1 << 16,
             fused_eval_max_elements: 1 << 19,

@@ -102,9 +102,12 @@ pub(crate) enum Pass {
     Elementwise,
 }
 
-/// Workgroups a channels-last launch keeps whatever `Cut::min_row_span` asks: enough
-/// to share among a CPU adapter's threads (four per thread on two cores).
-const SPAN_MIN_WORKGROUPS: u32 = 8;
+/// Vec4s (32 rows of 16 channels) each invocation of a reduction must walk for it
+/// to read channels-last rows 16 channels per invocation: its four barrier trees
+/// (one per vec4 of states) cost more than the wider loads save on shorter walks
+/// (on lavapipe, tensors with walks of 16 rows lost about 0.1 of a copy's speed, and
+/// walks of 32 rows and more gained).
+const WIDE_REDUCTION_MIN_WALK: u32 = 128;
 
 /// Batch items per split (at least) for the statistics pass to read channels-first
 /// tensors with S % 4 != 0 as rows: it writes a 16-byte partial per element position
@@ -140,17 +143,26 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
             };
         }
     }
+    let wide = |row_elements: u32| 4 * u64::from(row_elements) <= u64::from(tuning.max_wide_row);
+    if channels_last && c % 16 == 0 && wide(c) && pass != Pass::FusedForward {
+        let params = plan_units(Units::rows(c / 16, n * s, 16), padded, tuning);
+        let walk_vec4s = 4 * params.chunk.div_ceil(WORKGROUP_SIZE / params.tile);
+        if pass == Pass::Elementwise || walk_vec4s >= WIDE_REDUCTION_MIN_WALK {
+            return WalkPlan {
+                params,
+                variant: Variant::ChannelsLastVec16,
+            };
+        }
+    }
     let runs_as_rows = odd_runs && pass == Pass::Elementwise;
-    let (variant, units) = if runs_as_rows && (c * s) % 16 == 0 && tuning.wide_rows {
+    let (variant, units) = if runs_as_rows && (c * s) % 16 == 0 && wide(c * s) {
         let units = Units::rows(c * s / 16, n, 16).channel_every(s);
         (Variant::ChannelsFirstRowsVec16, units)
     } else if runs_as_rows && (c * s) % 4 == 0 {
         let units = Units::rows(c * s / 4, n, 4).channel_every(s);
         (Variant::ChannelsFirstRowsVec4, units)
     } else if channels_last {
-        if c % 16 == 0 && tuning.wide_rows {
-            (Variant::ChannelsLastVec16, Units::rows(c / 16, n * s, 16))
-        } else if c % 4 == 0 {
+        if c % 4 == 0 {
             (Variant::ChannelsLastVec4, Units::rows(c / 4, n * s, 4))
         } else {
             (Variant::Scalar, Units::rows(c, n * s, 1))
@@ -270,8 +282,9 @@ impl Units {
 /// least a row segment wide, for contiguous loads; channels-first ones at least
 /// enough that the tiles are no more than `tuning.target_workgroups`); then each tile
 /// split into chunks until the launch has about `tuning.target_workgroups` workgroups
-/// (channels-last: chunks of at least `tuning.min_row_span` bytes of rows per
-/// invocation).
+/// (walks of 16 elements per unit: chunks of at least `tuning.wide_min_units` vec4s
+/// per invocation; channels-last: of at least `tuning.min_row_span` bytes of rows;
+/// either only as long as the launch keeps `tuning.min_workgroups`).
 pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let wg = WORKGROUP_SIZE;
     let Units {
@@ -293,9 +306,8 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     } else {
         floor_pow2(tuning.lane_block)
     };
-    let min_units = (4 * tuning.min_units.min(1 << 20))
-        .div_ceil(elements)
-        .max(1);
+    let units_of = |vec4s: u32| (4 * vec4s.min(1 << 20)).div_ceil(elements).max(1);
+    let min_units = units_of(tuning.min_units);
     let needed = (wg * min_units)
         .div_ceil(per_channel.max(1))
         .next_power_of_two()
@@ -316,16 +328,29 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let tiles = groups.div_ceil(tile);
     let rows_per_step = wg / tile;
     let max_splits = per_channel.div_ceil(rows_per_step * min_units).max(1);
-    // Channels-last: splits no shorter than `min_row_span` bytes of rows per
-    // invocation, unless that leaves fewer than SPAN_MIN_WORKGROUPS workgroups (a
-    // bound on the splits only, so that tiles stay as wide as before).
-    let max_splits = if interleaved && tuning.min_row_span > 0 {
+    // Longer walks where the cut asks for them (16-element units: `wide_min_units`;
+    // channels-last: `min_row_span` bytes of rows), unless that leaves fewer than
+    // `min_workgroups` workgroups (a bound on the splits only, so that tiles stay as
+    // wide as before).
+    let wide_units = if elements == 16 {
+        units_of(tuning.wide_min_units)
+    } else {
+        0
+    };
+    let span_units = if interleaved && tuning.min_row_span > 0 {
         let row_bytes = 4 * u64::from(stride) * u64::from(elements);
-        let rows = u64::from(tuning.min_row_span).div_ceil(row_bytes);
-        let span_units = u64::from(min_units).max(rows).min(1 << 20) as u32;
-        let span_splits = per_channel.div_ceil(rows_per_step * span_units).max(1);
-        span_splits
-            .max(SPAN_MIN_WORKGROUPS.div_ceil(tiles))
+        u64::from(tuning.min_row_span)
+            .div_ceil(row_bytes)
+            .min(1 << 20) as u32
+    } else {
+        0
+    };
+    let long_units = wide_units.max(span_units);
+    let max_splits = if long_units > 0 {
+        per_channel
+            .div_ceil(rows_per_step * long_units.max(min_units))
+            .max(1)
+            .max(tuning.min_workgroups.div_ceil(tiles))
             .min(max_splits)
     } else {
         max_splits

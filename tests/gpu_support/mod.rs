@@ -72,8 +72,10 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         min_units: 1,
         lane_block: 4,
         max_row_tile: 4,
-        wide_rows: true,
+        max_wide_row: u32::MAX,
+        wide_min_units: 1,
         min_row_span: 0,
+        min_workgroups: 0,
     };
     // Values the walk cannot use as they are (zero, not powers of two): rounded.
     let odd = Cut {
@@ -81,8 +83,10 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         min_units: 0,
         lane_block: 6,
         max_row_tile: 48,
-        wide_rows: true,
+        max_wide_row: 1000,
+        wide_min_units: 3000,
         min_row_span: 1000,
+        min_workgroups: 3,
     };
     vec![
         ("adapter", ctx().clone()),
@@ -165,6 +169,9 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
 /// elements have runs exactly one lane block long (4 and 8 vec4s: the flat walk's
 /// steps then leave each run at its end); 260x8x4x8 is past the fused training
 /// forward of the CPU tuning, so its normalize pass is a dispatch of its own.
+/// 2x160x23x29 channels-last has rows enough for the reductions to read them 16
+/// channels per invocation (walks of at least 32 rows; under the "odd" tuning,
+/// whose single split walks 83 rows, on any machine).
 pub const SPLIT_SHAPES: &[&[usize]] = &[
     &[16, 8, 30, 30],
     &[7, 3, 4, 12],
@@ -182,4 +189,5 @@ pub const SPLIT_SHAPES: &[&[usize]] = &[
     &[9, 3, 4, 4],
     &[17, 3, 4, 8],
     &[260, 8, 4, 8],
+    &[2, 160, 23, 29],
 ];
