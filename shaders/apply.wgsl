@@ -88,13 +88,16 @@ fn loop_vec4(first: Walk, k: Norm) {
     }
 }
 
-// The channels-last loop over 16 channels (four vec4) per invocation.
-fn loop_vec16(first: Walk, k: array<Norm, 4>) {
+// The loop over 16 channels (four vec4) per invocation, with their coefficients as
+// four named values (not an array indexed in a loop, which a CPU adapter may keep
+// in memory rather than in registers).
+fn loop_vec16(first: Walk, k0: Norm, k1: Norm, k2: Norm, k3: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);
-        for (var q = 0u; q < 4u; q++) {
-            y4[i + q] = normalize(k[q], x4[i + q]);
-        }
+        y4[i] = normalize(k0, x4[i]);
+        y4[i + 1u] = normalize(k1, x4[i + 1u]);
+        y4[i + 2u] = normalize(k2, x4[i + 2u]);
+        y4[i + 3u] = normalize(k3, x4[i + 3u]);
     }
 }
 
@@ -168,11 +171,7 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var k: array<Norm, 4>;
-    for (var q = 0u; q < 4u; q++) {
-        k[q] = coef_group(u + q);
-    }
-    loop_vec16(first, k);
+    loop_vec16(first, coef_group(u), coef_group(u + 1u), coef_group(u + 2u), coef_group(u + 3u));
 }
 
 // channels_first_rows_vec4 with 16 channels per invocation.
@@ -182,11 +181,8 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var k: array<Norm, 4>;
-    for (var q = 0u; q < 4u; q++) {
-        k[q] = coef_gather(row_channels(p, u + q));
-    }
-    loop_vec16(first, k);
+    loop_vec16(first, coef_gather(row_channels(p, u)), coef_gather(row_channels(p, u + 1u)),
+               coef_gather(row_channels(p, u + 2u)), coef_gather(row_channels(p, u + 3u)));
 }
 
 @compute @workgroup_size(WG)

@@ -76,13 +76,16 @@ fn loop_vec4(first: Walk, k: Coef) {
     }
 }
 
-// The channels-last loop over 16 channels (four vec4) per invocation.
-fn loop_vec16(first: Walk, k: array<Coef, 4>) {
+// The loop over 16 channels (four vec4) per invocation, with their coefficients as
+// four named values (not an array indexed in a loop, which a CPU adapter may keep
+// in memory rather than in registers).
+fn loop_vec16(first: Walk, k0: Coef, k1: Coef, k2: Coef, k3: Coef) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = 4u * walk_index(p, w);
-        for (var q = 0u; q < 4u; q++) {
-            dx4[i + q] = dx_of(k[q], dy4[i + q], x4_if_used(i + q, k[q]));
-        }
+        dx4[i] = dx_of(k0, dy4[i], x4_if_used(i, k0));
+        dx4[i + 1u] = dx_of(k1, dy4[i + 1u], x4_if_used(i + 1u, k1));
+        dx4[i + 2u] = dx_of(k2, dy4[i + 2u], x4_if_used(i + 2u, k2));
+        dx4[i + 3u] = dx_of(k3, dy4[i + 3u], x4_if_used(i + 3u, k3));
     }
 }
 
@@ -151,11 +154,7 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var k: array<Coef, 4>;
-    for (var q = 0u; q < 4u; q++) {
-        k[q] = coef_group(u + q);
-    }
-    loop_vec16(first, k);
+    loop_vec16(first, coef_group(u), coef_group(u + 1u), coef_group(u + 2u), coef_group(u + 3u));
 }
 
 // A channels-first tensor with S % 4 != 0 read as rows of C * S elements (a channel
@@ -176,11 +175,8 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let u = 4u * walk_group(p, first);
-    var k: array<Coef, 4>;
-    for (var q = 0u; q < 4u; q++) {
-        k[q] = coef_gather(row_channels(p, u + q));
-    }
-    loop_vec16(first, k);
+    loop_vec16(first, coef_gather(row_channels(p, u)), coef_gather(row_channels(p, u + 1u)),
+               coef_gather(row_channels(p, u + 2u)), coef_gather(row_channels(p, u + 3u)));
 }
 
 @compute @workgroup_size(WG)

@@ -56,16 +56,11 @@ fn packed_channels(p: WalkParams, w: Walk) -> vec4<u32> {
          + select(zero, one, k >= vec4<u32>(3u * p.rep));
 }
 
-// One-hot masks over the unit's four channels (lanes) of the four components of the
-// current vec4 of a packed walk.
-fn packed_masks(p: WalkParams, w: Walk) -> array<vec4<f32>, 4> {
-    let ch = packed_channels(p, w);
-    let lanes = vec4<u32>(0u, 1u, 2u, 3u);
-    var m: array<vec4<f32>, 4>;
-    for (var e = 0u; e < 4u; e++) {
-        m[e] = select(vec4<f32>(0.0), vec4<f32>(1.0), lanes == vec4<u32>(ch[e]));
-    }
-    return m;
+// Adds one element (dy `g`, x `xv`) to the lane of its channel `ch` (0..3) of a
+// packed unit, through a one-hot mask over the lanes.
+fn packed_push(acc: Sums, ch: u32, g: f32, xv: f32, hi: vec4<f32>) -> Sums {
+    let mask = select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(ch));
+    return accumulate(acc, mask * g, vec4<f32>(xv), hi);
 }
 
 // Tree-sums each channel unit's rows in a fixed order (deterministic); row 0 ends
@@ -180,10 +175,12 @@ fn channels_first_packed(@builtin(local_invocation_index) t: u32,
         let i = walk_index(p, w);
         let g = dy4[i];
         let xv = x4_if_wanted(i, hi);
-        let m = packed_masks(p, w);
-        for (var e = 0u; e < 4u; e++) {
-            acc = accumulate(acc, m[e] * g[e], vec4<f32>(xv[e]), hi);
-        }
+        // The four components by name (not indexed in a loop: see channels_last_vec16).
+        let ch = packed_channels(p, w);
+        acc = packed_push(acc, ch.x, g.x, xv.x, hi);
+        acc = packed_push(acc, ch.y, g.y, xv.y, hi);
+        acc = packed_push(acc, ch.z, g.z, xv.z, hi);
+        acc = packed_push(acc, ch.w, g.w, xv.w, hi);
     }
     finish_lanes(t, first, first.group, acc);
 }
