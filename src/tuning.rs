@@ -33,9 +33,10 @@ pub struct Cut {
     /// adapter a SIMD batch reads a row segment and steps to the next row, and
     /// longer walks pay better for its start.
     pub min_row_span: u32,
-    /// Workgroups a launch keeps (where the tensor has the rows for them) whatever
-    /// `wide_min_units` and `min_row_span` ask: on a CPU adapter, enough to keep
-    /// its threads busy.
+    /// A floor on the splits that `wide_min_units` and `min_row_span` leave: they
+    /// lengthen walks only as long as the launch may still have this many
+    /// workgroups (where the tensor has the rows for them, and `target_workgroups`
+    /// asks for as many); on a CPU adapter, enough to keep its threads busy.
     pub min_workgroups: u32,
 }
 
@@ -97,19 +98,26 @@ impl Tuning {
     /// For a CPU that runs the shaders (lavapipe, llvmpipe, WARP) in SIMD batches
     /// of `simd_width` invocations: it has a few threads, runs a workgroup one batch
     /// after another and pays for every barrier. Its reductions get few, long
-    /// workgroups (about 32, at least 64 vec4s per invocation; channels-last rows
-    /// of up to 2 KiB read 16 channels per invocation over at least 128 rows); its elementwise
-    /// passes about 1024 workgroups of at least 32 vec4s per invocation, with wide
-    /// channels-last tiles read 16 channels per invocation over at least 32 KiB of
-    /// rows; and each batch streams through a block of memory of its own. Training
+    /// workgroups (about 32, at least 64 vec4s per invocation); channels-last rows of
+    /// up to 2 KiB are read 16 channels per invocation there, aiming at 128 rows per
+    /// invocation while the launch keeps a workgroup per thread, and only where the
+    /// walks reach 32 rows. Its elementwise passes get about 1024 workgroups of at
+    /// least 32 vec4s per invocation, with wide channels-last tiles read 16 channels
+    /// per invocation over at least 32 KiB of rows, keeping 4 workgroups per thread;
+    /// and each batch streams through a block of memory of its own. Training
     /// forwards of up to 2^16 elements run as one fused dispatch: past that,
     /// normalizing after a barrier (which such adapters run as coroutines) costs more
     /// than the two launches it saves. Eval forwards of up to 2^19 elements run as
     /// one: past that, computing the coefficients in every invocation costs more
     /// than the launch it saves (both crossovers measured on lavapipe).
+    ///
+    /// The threads are taken to be this machine's logical CPUs
+    /// (`std::thread::available_parallelism`, lavapipe's default; `LP_NUM_THREADS`
+    /// can set another count), so the cut, and with it the float rounding of the
+    /// statistics, can differ from one machine to another (each is deterministic).
     pub fn cpu(simd_width: u32) -> Self {
         let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
-        // The adapter's threads: one per core of this machine.
+        // The adapter's threads: one per logical CPU of this machine.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         Self {
             reduce: Cut {

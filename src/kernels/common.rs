@@ -47,13 +47,15 @@ pub(crate) enum Variant {
     ChannelsFirstPacked,
     /// vec4 units of four adjacent channels (channels-last, `C % 4 == 0`).
     ChannelsLastVec4,
-    /// Four vec4 of sixteen adjacent channels (channels-last, `C % 16 == 0`, when
-    /// the cut asks for wide rows).
+    /// Four vec4 of sixteen adjacent channels (channels-last, `C % 16 == 0`, rows of
+    /// at most `Cut::max_wide_row` bytes; not the fused forward, and in the
+    /// reductions only for walks of at least [`WIDE_REDUCTION_MIN_WALK`] vec4s).
     ChannelsLastVec16,
     /// Elementwise passes over channels-first tensors with `S % 4 != 0` but
     /// `C * S % 4 == 0`: a batch item read as a channels-last row, a channel every S.
     ChannelsFirstRowsVec4,
-    /// The same, 16 elements per invocation (`C * S % 16 == 0`, wide rows).
+    /// The same, 16 elements per invocation (`C * S % 16 == 0`, rows of at most
+    /// `Cut::max_wide_row` bytes).
     ChannelsFirstRowsVec16,
     /// f32 units (channels-last, `C % 4 != 0`).
     Scalar,
@@ -123,8 +125,12 @@ const STATS_ROWS_MIN_BATCH: u32 = 16;
 /// ([`STATS_ROWS_MIN_BATCH`]); the backward sums read it in vec4s where C % 4 == 0,
 /// four channels' runs (S vec4s) per channel unit. Other such tensors are read in
 /// quads. On CPU adapters the elementwise passes walk channels-first tensors with
-/// S % 4 == 0 flat ([`flat_runs`]). `padded` is the stride of the per-channel vectors
-/// (C rounded up to 4).
+/// S % 4 == 0 flat ([`flat_runs`]). Rows of at most `tuning.max_wide_row` bytes are
+/// read 16 elements per invocation where C % 16 == 0 (C * S for the rows view): by
+/// the elementwise passes always, by the reductions over channels-last rows where
+/// each invocation walks at least [`WIDE_REDUCTION_MIN_WALK`] vec4s, never by the
+/// fused forward (which has no such kernel). `padded` is the stride of the
+/// per-channel vectors (C rounded up to 4).
 pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkPlan {
     let (n, c, s) = (
         shape.n() as u32,

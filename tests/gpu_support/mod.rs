@@ -65,7 +65,10 @@ pub fn random_state(rng: &mut impl Rng, config: &BatchNormConfig) -> BatchNormSt
 /// The launch geometries every result must survive: the adapter's own, the GPU and
 /// CPU tunings whatever the adapter (the CPU one also with the fused forward at any
 /// size), a cut as fine as it goes (one unit per invocation, many splits, narrow
-/// tiles, lane blocks of 4), and one of values the walk has to round.
+/// tiles, lane blocks of 4), one of values the walk has to round, and reductions
+/// that read channels-last rows 16 channels per invocation in several splits
+/// whatever the machine (the CPU tuning's floor of a workgroup per thread depends
+/// on it).
 pub fn tunings() -> Vec<(&'static str, GpuContext)> {
     let finest = Cut {
         target_workgroups: 4096,
@@ -88,6 +91,14 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         min_row_span: 1000,
         min_workgroups: 3,
     };
+    let wide_reductions = Cut {
+        target_workgroups: 2,
+        max_row_tile: 16,
+        max_wide_row: u32::MAX,
+        wide_min_units: 1,
+        min_workgroups: 0,
+        ..Tuning::cpu(8).reduce
+    };
     vec![
         ("adapter", ctx().clone()),
         ("gpu", ctx().with_tuning(Tuning::gpu())),
@@ -107,6 +118,14 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 elementwise: finest,
                 fused_forward_max_elements: u64::MAX,
                 fused_eval_max_elements: u64::MAX,
+            }),
+        ),
+        (
+            "wide reductions",
+            ctx().with_tuning(Tuning {
+                reduce: wide_reductions,
+                fused_forward_max_elements: 0,
+                ..Tuning::cpu(8)
             }),
         ),
         (
@@ -170,8 +189,9 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
 /// steps then leave each run at its end); 260x8x4x8 is past the fused training
 /// forward of the CPU tuning, so its normalize pass is a dispatch of its own.
 /// 2x160x23x29 channels-last has rows enough for the reductions to read them 16
-/// channels per invocation (walks of at least 32 rows; under the "odd" tuning,
-/// whose single split walks 83 rows, on any machine).
+/// channels per invocation (walks of at least 32 rows) on any machine: under the
+/// "odd" tuning in one split (walks of 84 rows), under "wide reductions" in two
+/// (42 rows).
 pub const SPLIT_SHAPES: &[&[usize]] = &[
     &[16, 8, 30, 30],
     &[7, 3, 4, 12],
