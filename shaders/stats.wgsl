@@ -30,15 +30,23 @@
 // through workgroup memory, and walks its channels again to write y, as apply.wgsl
 // does. One dispatch instead of three, and a workgroup's second read of its channels
 // finds them in cache when they are small.
+//
+// The statistics with their finalize (`finalized_*`, for the same launches, where
+// the tensor is too large for the fused forward): row 0 of each channel unit
+// finalizes its channels as the fused forward does and writes their coefficients
+// (coef = [hi | scale | shift], for apply.wgsl) instead of partials: no finalize
+// dispatch, and no second walk after the barriers.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> running: array<u32>;
-// The fused forward's own bindings (binding 2 is y instead of partials).
+// The fused forward's own bindings (binding 2 is y instead of partials; for the
+// finalized statistics, coef_out).
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> coef_out: array<f32>;
 @group(0) @binding(4) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(5) var<storage, read> affine: array<f32>;
 @group(0) @binding(6) var<uniform> fp: FinalizeParams;
@@ -338,4 +346,57 @@ fn fused_scalar(@builtin(local_invocation_index) t: u32,
         let i = walk_index(p, w);
         y[i] = normalize(k, vec4<f32>(x[i])).x;
     }
+}
+
+// ----- statistics with their finalize -------------------------------------------
+
+// Merges the workgroup's states of each channel unit (`lanes` channels, as in
+// fused_norm), finalizes them and writes their coefficients.
+fn finalize_units(t: u32, first: Walk, w: Welford, pivot: vec4<f32>, lanes: u32) {
+    let r = reduce_rows(t, first.row, w);
+    if first.row == 0u && first.group < p.groups {
+        for (var lane = 0u; lane < lanes; lane++) {
+            let c = lanes * first.group + lane;
+            let k = finalize_channel(c, r, lane, pivot[lane]);
+            coef_out[c] = k.x;
+            coef_out[fp.padded + c] = k.y;
+            coef_out[2u * fp.padded + c] = k.z;
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn finalized_channels_first_vec4(@builtin(local_invocation_index) t: u32,
+                                 @builtin(workgroup_id) wid: vec3<u32>,
+                                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = begin(t, wid, nwg);
+    let pivot = x4[walk_group(p, first) * p.len].x;
+    finalize_units(t, first, welford_collapse(loop_vec4(first, vec4<f32>(pivot))), vec4<f32>(pivot), 1u);
+}
+
+@compute @workgroup_size(WG)
+fn finalized_channels_first_quad(@builtin(local_invocation_index) t: u32,
+                                 @builtin(workgroup_id) wid: vec3<u32>,
+                                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = begin(t, wid, nwg);
+    let pivot = x[walk_group(p, first) * p.run];
+    finalize_units(t, first, welford_collapse(loop_quad(first, pivot)), vec4<f32>(pivot), 1u);
+}
+
+@compute @workgroup_size(WG)
+fn finalized_channels_last_vec4(@builtin(local_invocation_index) t: u32,
+                                @builtin(workgroup_id) wid: vec3<u32>,
+                                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = begin(t, wid, nwg);
+    let pivot = x4[walk_group(p, first)];
+    finalize_units(t, first, loop_vec4(first, pivot), pivot, 4u);
+}
+
+@compute @workgroup_size(WG)
+fn finalized_scalar(@builtin(local_invocation_index) t: u32,
+                    @builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = begin(t, wid, nwg);
+    let pivot = x[walk_group(p, first) * p.len];
+    finalize_units(t, first, loop_scalar(first, pivot), vec4<f32>(pivot), 1u);
 }

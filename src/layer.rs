@@ -3,7 +3,7 @@
 use crate::context::GpuContext;
 use crate::kernels::{
     apply, backward_dx, backward_finalize, backward_reduce, binding, common, finalize, stats,
-    whole, WORKGROUP_SIZE,
+    whole, Kernel, WORKGROUP_SIZE,
 };
 use crate::{
     BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
@@ -476,8 +476,9 @@ impl BatchNorm {
     /// A forward with batch statistics: in one dispatch where the tuning asks for
     /// it (`fused_forward_max_elements`) and the fused kernel serves the walk (every
     /// workgroup holds whole channels, and the running statistics, if updated, are
-    /// not a cumulative average, which reads the batch count); else statistics,
-    /// finalize and normalize.
+    /// not a cumulative average, which reads the batch count); else statistics
+    /// and finalize (one dispatch where the finalized statistics serve the walk, on
+    /// the same terms), then normalize.
     fn record_batch_forward(
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -487,35 +488,18 @@ impl BatchNorm {
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
-        let fusable = shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements
-            && !(update_running && self.config.momentum.is_none());
+        let in_place = !(update_running && self.config.momentum.is_none());
+        let fusable =
+            in_place && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
         let kernels = self.ctx.kernels();
         let fused = fusable
             .then(|| self.stats_walk(shape, update_running, common::Pass::FusedForward))
             .and_then(|plan| Some((plan, kernels.stats.fused(&plan)?)));
         if let Some((plan, fused)) = fused {
-            let device = self.ctx.device();
-            let fp = self.finalize_params(1, shape.per_channel(), update_running);
-            let (params, fparams) = (
-                kernels.uniform(device, &plan.params),
-                kernels.uniform(device, &fp),
-            );
-            fused.dispatch(
-                device,
-                pass,
-                &[
-                    whole(&params),
-                    binding(x, shape.bytes()),
-                    binding(y, shape.bytes()),
-                    whole(&self.running),
-                    whole(saved),
-                    whole(&self.affine),
-                    whole(&fparams),
-                ],
-                plan.workgroups(),
-            );
+            let y = binding(y, shape.bytes());
+            self.record_whole_channels(pass, fused, &plan, shape, x, y, saved, update_running);
         } else {
-            self.record_batch_stats(pass, shape, x, saved, update_running);
+            self.record_batch_stats(pass, shape, x, saved, update_running, in_place);
             self.record_apply(pass, shape, x, y, Coefficients::Finalized);
         }
     }
@@ -606,6 +590,48 @@ impl BatchNorm {
         self.partials.clone()
     }
 
+    /// Records a kernel of stats.wgsl whose workgroups hold whole channels (the fused
+    /// forward, or the finalized statistics), writing `out` at binding 2 (y, or the
+    /// coefficients).
+    #[allow(clippy::too_many_arguments)]
+    fn record_whole_channels(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        kernel: &Kernel,
+        plan: &common::WalkPlan,
+        shape: &Shape,
+        x: &wgpu::Buffer,
+        out: wgpu::BufferBinding<'_>,
+        saved: &wgpu::Buffer,
+        update_running: bool,
+    ) {
+        let kernels = self.ctx.kernels();
+        let device = self.ctx.device();
+        let fp = self.finalize_params(1, shape.per_channel(), update_running);
+        let (params, fparams) = (
+            kernels.uniform(device, &plan.params),
+            kernels.uniform(device, &fp),
+        );
+        kernel.dispatch(
+            device,
+            pass,
+            &[
+                whole(&params),
+                binding(x, shape.bytes()),
+                out,
+                whole(&self.running),
+                whole(saved),
+                whole(&self.affine),
+                whole(&fparams),
+            ],
+            plan.workgroups(),
+        );
+    }
+
+    /// The batch statistics into `saved`, the coefficients and (when asked) the
+    /// running statistics: the statistics pass and `finalize`, or, where `in_place`
+    /// allows (see [`Self::record_batch_forward`]) and every workgroup of the walk
+    /// holds whole channels, the finalized statistics in one dispatch.
     fn record_batch_stats(
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -613,8 +639,25 @@ impl BatchNorm {
         x: &wgpu::Buffer,
         saved: &wgpu::Buffer,
         update_running: bool,
+        in_place: bool,
     ) {
         let plan = self.stats_walk(shape, update_running, common::Pass::Statistics);
+        if in_place {
+            if let Some(finalized) = self.ctx.kernels().stats.finalized(&plan) {
+                let coef = whole(&self.coef);
+                self.record_whole_channels(
+                    pass,
+                    finalized,
+                    &plan,
+                    shape,
+                    x,
+                    coef,
+                    saved,
+                    update_running,
+                );
+                return;
+            }
+        }
         let partials = self.partials(plan.partial_count(self.config.num_features));
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();

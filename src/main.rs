@@ -99,10 +99,11 @@ struct Args {
     #[arg(long, value_enum, default_value_t = TuningArg::Adapter)]
     tuning: TuningArg,
 
-    /// Forward passes as separate dispatches even for small tensors: three with
-    /// batch statistics (statistics, finalize, normalize), two with the running
-    /// statistics (finalize, normalize) (Tuning::fused_forward_max_elements and
-    /// fused_eval_max_elements = 0).
+    /// Forward passes as separate dispatches even for small tensors: with batch
+    /// statistics three (statistics, finalize, normalize), or two where the
+    /// statistics finalize in place; with the running statistics two (finalize,
+    /// normalize) (Tuning::fused_forward_max_elements and fused_eval_max_elements
+    /// = 0).
     #[arg(long)]
     unfused: bool,
 

@@ -58,9 +58,11 @@ pub struct Tuning {
     /// A forward with batch statistics on a tensor of at most this many elements
     /// runs as one dispatch (statistics, finalize and normalize; `stats.wgsl`'s
     /// fused kernel) where the reduction's cut gives every workgroup whole
-    /// channels; larger ones, and every one when 0, as three. The fused kernel
-    /// saves two launches and re-reads a workgroup's channels from cache, but
-    /// normalizes along the reduction's walk, after its barriers.
+    /// channels. Larger ones (every one when 0) run as two there (the statistics
+    /// finalized in place, then normalize) and as three elsewhere (statistics,
+    /// finalize, normalize). The fused kernel saves two launches and re-reads a
+    /// workgroup's channels from cache, but normalizes along the reduction's walk,
+    /// after its barriers.
     pub fused_forward_max_elements: u64,
     /// An eval forward (running statistics) of at most this many elements runs as
     /// one dispatch, each invocation computing its channels' coefficients from the

@@ -1,7 +1,8 @@
 //! Host side of `shaders/stats.wgsl`: the first stage of the batch statistics, one
 //! partial Welford state per channel and split of common.rs' walk; and the fused
-//! training forward (statistics, finalize and normalize in one dispatch) for walks
-//! whose workgroups hold whole channels.
+//! training forward (statistics, finalize and normalize in one dispatch) and the
+//! finalized statistics (statistics and finalize in one, writing the coefficients)
+//! for walks whose workgroups hold whole channels.
 
 use super::common::{Pass, Variant, WalkKernels, WalkPlan};
 use super::{Access, Kernel};
@@ -18,7 +19,8 @@ const BINDINGS: &[Access] = &[
     Access::ReadWrite,
 ];
 
-/// The fused forward: params, x, y, running, saved, affine, finalize params.
+/// The fused forward: params, x, y, running, saved, affine, finalize params (the
+/// finalized statistics: coef in place of y).
 const FUSED_BINDINGS: &[Access] = &[
     Access::Uniform,
     Access::Read,
@@ -34,43 +36,60 @@ pub(crate) struct StatsKernels {
     /// Partial statistics, one entry point per walk variant.
     pub partial: WalkKernels,
     fused: [Kernel; 4],
+    finalized: [Kernel; 4],
 }
 
 impl StatsKernels {
     pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let fused = |entry: &str| {
-            let entry = format!("fused_{entry}");
-            Kernel::new(
-                device,
-                module,
-                format!("bn.stats.{entry}"),
-                &entry,
-                FUSED_BINDINGS,
-            )
+        // The entry points `{prefix}_{variant}` for the variants of WHOLE_CHANNELS.
+        let kernels = |prefix: &str| {
+            WHOLE_CHANNELS.map(|(_, variant)| {
+                let entry = format!("{prefix}_{variant}");
+                Kernel::new(
+                    device,
+                    module,
+                    format!("bn.stats.{entry}"),
+                    &entry,
+                    FUSED_BINDINGS,
+                )
+            })
         };
         Self {
             partial: WalkKernels::new(device, module, "bn.stats", BINDINGS, Pass::Statistics),
-            fused: [
-                fused("channels_first_vec4"),
-                fused("channels_first_quad"),
-                fused("channels_last_vec4"),
-                fused("scalar"),
-            ],
+            fused: kernels("fused"),
+            finalized: kernels("finalized"),
         }
     }
 
     /// The fused forward for `plan`, when it has one: every workgroup holds whole
     /// channels (no splits), read in a variant the fused kernel has.
     pub(crate) fn fused(&self, plan: &WalkPlan) -> Option<&Kernel> {
-        if plan.params.splits != 1 {
-            return None;
-        }
-        match plan.variant {
-            Variant::ChannelsFirstVec4 => Some(&self.fused[0]),
-            Variant::ChannelsFirstQuad => Some(&self.fused[1]),
-            Variant::ChannelsLastVec4 => Some(&self.fused[2]),
-            Variant::Scalar => Some(&self.fused[3]),
-            _ => None,
-        }
+        whole_channels(&self.fused, plan)
     }
+
+    /// The finalized statistics for `plan`, on the same terms as [`Self::fused`].
+    pub(crate) fn finalized(&self, plan: &WalkPlan) -> Option<&Kernel> {
+        whole_channels(&self.finalized, plan)
+    }
+}
+
+/// The variants that the fused forward and the finalized statistics have, with the
+/// suffix of their entry points.
+const WHOLE_CHANNELS: [(Variant, &str); 4] = [
+    (Variant::ChannelsFirstVec4, "channels_first_vec4"),
+    (Variant::ChannelsFirstQuad, "channels_first_quad"),
+    (Variant::ChannelsLastVec4, "channels_last_vec4"),
+    (Variant::Scalar, "scalar"),
+];
+
+/// The kernel of `kernels` (one per WHOLE_CHANNELS variant) for `plan`, when every
+/// workgroup holds whole channels (no splits) and the variant is one of them.
+fn whole_channels<'a>(kernels: &'a [Kernel; 4], plan: &WalkPlan) -> Option<&'a Kernel> {
+    if plan.params.splits != 1 {
+        return None;
+    }
+    let i = WHOLE_CHANNELS
+        .iter()
+        .position(|&(v, _)| v == plan.variant)?;
+    Some(&kernels[i])
 }
