@@ -123,6 +123,39 @@ fn loop_scalar(first: Walk, pivot: f32) -> Welford {
     return acc;
 }
 
+// An invocation's walk, Welford state and pivot after its loop, for the variants
+// that the partial statistics, the fused forward and the finalized statistics share
+// (one channel in lane 0, or in the channels-last vec4 walk four adjacent channels).
+struct Start {
+    first: Walk,
+    w: Welford,
+    pivot: vec4<f32>,
+}
+
+fn start_channels_first_vec4(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
+    let first = begin(t, wid, nwg);
+    let pivot = x4[walk_group(p, first) * p.len].x;
+    return Start(first, welford_collapse(loop_vec4(first, vec4<f32>(pivot))), vec4<f32>(pivot));
+}
+
+fn start_channels_first_quad(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
+    let first = begin(t, wid, nwg);
+    let pivot = x[walk_group(p, first) * p.run];
+    return Start(first, welford_collapse(loop_quad(first, pivot)), vec4<f32>(pivot));
+}
+
+fn start_channels_last_vec4(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
+    let first = begin(t, wid, nwg);
+    let pivot = x4[walk_group(p, first)];
+    return Start(first, loop_vec4(first, pivot), pivot);
+}
+
+fn start_scalar(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
+    let first = begin(t, wid, nwg);
+    let pivot = x[walk_group(p, first) * p.len];
+    return Start(first, loop_scalar(first, pivot), vec4<f32>(pivot));
+}
+
 // Merges the workgroup's states of one channel (lane 0 of `w`) and writes its partial.
 fn finish_channel(t: u32, first: Walk, w: Welford, pivot: f32) {
     let r = reduce_rows(t, first.row, w);
@@ -146,18 +179,16 @@ fn finish_lanes(t: u32, first: Walk, v: u32, w: Welford, pivot: vec4<f32>) {
 fn channels_first_vec4(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x4[walk_group(p, first) * p.len].x;
-    finish_channel(t, first, welford_collapse(loop_vec4(first, vec4<f32>(pivot))), pivot);
+    let s = start_channels_first_vec4(t, wid, nwg);
+    finish_channel(t, s.first, s.w, s.pivot.x);
 }
 
 @compute @workgroup_size(WG)
 fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x[walk_group(p, first) * p.run];
-    finish_channel(t, first, welford_collapse(loop_quad(first, pivot)), pivot);
+    let s = start_channels_first_quad(t, wid, nwg);
+    finish_channel(t, s.first, s.w, s.pivot.x);
 }
 
 // The rows view: each lane stays on one element position of a batch item, whose
@@ -177,9 +208,8 @@ fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
 fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x4[walk_group(p, first)];
-    finish_lanes(t, first, first.group, loop_vec4(first, pivot), pivot);
+    let s = start_channels_last_vec4(t, wid, nwg);
+    finish_lanes(t, s.first, s.first.group, s.w, s.pivot);
 }
 
 // Welford means and M2 of four channels (lanes) whose count is kept outside, shared
@@ -236,9 +266,8 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
 fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x[walk_group(p, first) * p.len];
-    finish_channel(t, first, loop_scalar(first, pivot), pivot);
+    let s = start_scalar(t, wid, nwg);
+    finish_channel(t, s.first, s.w, s.pivot.x);
 }
 
 // ----- fused training forward ---------------------------------------------------
@@ -302,20 +331,17 @@ fn normalize_vec4(first: Walk, k: Norm) {
 fn fused_channels_first_vec4(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x4[walk_group(p, first) * p.len].x;
-    let w = welford_collapse(loop_vec4(first, vec4<f32>(pivot)));
-    normalize_vec4(first, fused_norm(t, first, w, vec4<f32>(pivot), 1u));
+    let s = start_channels_first_vec4(t, wid, nwg);
+    normalize_vec4(s.first, fused_norm(t, s.first, s.w, s.pivot, 1u));
 }
 
 @compute @workgroup_size(WG)
 fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x[walk_group(p, first) * p.run];
-    let k = fused_norm(t, first, welford_collapse(loop_quad(first, pivot)), vec4<f32>(pivot), 1u);
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+    let s = start_channels_first_quad(t, wid, nwg);
+    let k = fused_norm(t, s.first, s.w, s.pivot, 1u);
+    for (var w = s.first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
         let v = normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
         // Past the run, indices repeat the last element and write its same value.
@@ -330,19 +356,17 @@ fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn fused_channels_last_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x4[walk_group(p, first)];
-    normalize_vec4(first, fused_norm(t, first, loop_vec4(first, pivot), pivot, 4u));
+    let s = start_channels_last_vec4(t, wid, nwg);
+    normalize_vec4(s.first, fused_norm(t, s.first, s.w, s.pivot, 4u));
 }
 
 @compute @workgroup_size(WG)
 fn fused_scalar(@builtin(local_invocation_index) t: u32,
                 @builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x[walk_group(p, first) * p.len];
-    let k = fused_norm(t, first, loop_scalar(first, pivot), vec4<f32>(pivot), 1u);
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+    let s = start_scalar(t, wid, nwg);
+    let k = fused_norm(t, s.first, s.w, s.pivot, 1u);
+    for (var w = s.first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         y[i] = normalize(k, vec4<f32>(x[i])).x;
     }
@@ -369,34 +393,30 @@ fn finalize_units(t: u32, first: Walk, w: Welford, pivot: vec4<f32>, lanes: u32)
 fn finalized_channels_first_vec4(@builtin(local_invocation_index) t: u32,
                                  @builtin(workgroup_id) wid: vec3<u32>,
                                  @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x4[walk_group(p, first) * p.len].x;
-    finalize_units(t, first, welford_collapse(loop_vec4(first, vec4<f32>(pivot))), vec4<f32>(pivot), 1u);
+    let s = start_channels_first_vec4(t, wid, nwg);
+    finalize_units(t, s.first, s.w, s.pivot, 1u);
 }
 
 @compute @workgroup_size(WG)
 fn finalized_channels_first_quad(@builtin(local_invocation_index) t: u32,
                                  @builtin(workgroup_id) wid: vec3<u32>,
                                  @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x[walk_group(p, first) * p.run];
-    finalize_units(t, first, welford_collapse(loop_quad(first, pivot)), vec4<f32>(pivot), 1u);
+    let s = start_channels_first_quad(t, wid, nwg);
+    finalize_units(t, s.first, s.w, s.pivot, 1u);
 }
 
 @compute @workgroup_size(WG)
 fn finalized_channels_last_vec4(@builtin(local_invocation_index) t: u32,
                                 @builtin(workgroup_id) wid: vec3<u32>,
                                 @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x4[walk_group(p, first)];
-    finalize_units(t, first, loop_vec4(first, pivot), pivot, 4u);
+    let s = start_channels_last_vec4(t, wid, nwg);
+    finalize_units(t, s.first, s.w, s.pivot, 4u);
 }
 
 @compute @workgroup_size(WG)
 fn finalized_scalar(@builtin(local_invocation_index) t: u32,
                     @builtin(workgroup_id) wid: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let pivot = x[walk_group(p, first) * p.len];
-    finalize_units(t, first, loop_scalar(first, pivot), vec4<f32>(pivot), 1u);
+    let s = start_scalar(t, wid, nwg);
+    finalize_units(t, s.first, s.w, s.pivot, 1u);
 }
