@@ -488,9 +488,8 @@ impl BatchNorm {
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
-        let in_place = !(update_running && self.config.momentum.is_none());
-        let fusable =
-            in_place && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
+        let fusable = self.finalizes_in_place(update_running)
+            && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
         let kernels = self.ctx.kernels();
         let fused = fusable
             .then(|| self.stats_walk(shape, update_running, common::Pass::FusedForward))
@@ -499,7 +498,7 @@ impl BatchNorm {
             let y = binding(y, shape.bytes());
             self.record_whole_channels(pass, fused, &plan, shape, x, y, saved, update_running);
         } else {
-            self.record_batch_stats(pass, shape, x, saved, update_running, in_place);
+            self.record_batch_stats(pass, shape, x, saved, update_running);
             self.record_apply(pass, shape, x, y, Coefficients::Finalized);
         }
     }
@@ -628,10 +627,18 @@ impl BatchNorm {
         );
     }
 
+    /// Whether the statistics pass may finalize its channels itself (the fused
+    /// forward, the finalized statistics): not when it updates the running
+    /// statistics as a cumulative average, which reads the batch count that the
+    /// same dispatch increments.
+    fn finalizes_in_place(&self, update_running: bool) -> bool {
+        !(update_running && self.config.momentum.is_none())
+    }
+
     /// The batch statistics into `saved`, the coefficients and (when asked) the
-    /// running statistics: the statistics pass and `finalize`, or, where `in_place`
-    /// allows (see [`Self::record_batch_forward`]) and every workgroup of the walk
-    /// holds whole channels, the finalized statistics in one dispatch.
+    /// running statistics: the statistics pass and `finalize`, or, where
+    /// [`Self::finalizes_in_place`] and every workgroup of the walk holds whole
+    /// channels, the finalized statistics in one dispatch.
     fn record_batch_stats(
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -639,10 +646,9 @@ impl BatchNorm {
         x: &wgpu::Buffer,
         saved: &wgpu::Buffer,
         update_running: bool,
-        in_place: bool,
     ) {
         let plan = self.stats_walk(shape, update_running, common::Pass::Statistics);
-        if in_place {
+        if self.finalizes_in_place(update_running) {
             if let Some(finalized) = self.ctx.kernels().stats.finalized(&plan) {
                 let coef = whole(&self.coef);
                 self.record_whole_channels(

@@ -58,9 +58,12 @@ pub struct Tuning {
     /// A forward with batch statistics on a tensor of at most this many elements
     /// runs as one dispatch (statistics, finalize and normalize; `stats.wgsl`'s
     /// fused kernel) where the reduction's cut gives every workgroup whole
-    /// channels. Larger ones (every one when 0) run as two there (the statistics
-    /// finalized in place, then normalize) and as three elsewhere (statistics,
-    /// finalize, normalize). The fused kernel saves two launches and re-reads a
+    /// channels. Larger ones (every one when 0) run as two where the statistics
+    /// walk does so in a variant that `stats.wgsl`'s `finalized_*` kernels have
+    /// (the statistics finalized in place, then normalize) and as three elsewhere
+    /// (statistics, finalize, normalize); an update of the running statistics as a
+    /// cumulative average always takes the three (it reads the batch count that the
+    /// statistics pass increments). The fused kernel saves two launches and re-reads a
     /// workgroup's channels from cache, but normalizes along the reduction's walk,
     /// after its barriers.
     pub fused_forward_max_elements: u64,

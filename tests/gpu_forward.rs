@@ -9,7 +9,9 @@ use gpu_support::{configs, ctx, describe, f64s, layer_pair, layer_pair_on, tunin
 use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
-use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Layout, SavedStats, Shape};
+use wgpu_batchnorm::{
+    BatchNorm, BatchNormConfig, Cut, GpuContext, Layout, SavedStats, Shape, Tuning,
+};
 
 /// Elementwise outputs and statistics (SEMANTICS.md).
 const TOL: f64 = 1e-5;
@@ -121,6 +123,40 @@ fn check_random(
     let mean = rng.random_range(-3.0..3.0);
     let xs: Vec<Vec<f32>> = (0..2).map(|_| normal(rng, shape, mean, 2.0)).collect();
     check_train_eval(&mut gpu, &mut cpu, shape, &xs, TOL, what)
+}
+
+/// Every option on the statistics finalized in place (`stats.wgsl`'s `finalized_*`):
+/// with one split per channel and no fused forward, each forward with batch
+/// statistics takes them, here in all four of their walks (channels-first vec4
+/// and quads, channels-last vec4 and scalar).
+#[test]
+fn every_option_with_the_statistics_finalized_in_place() {
+    let mut rng = rng("every_option_with_the_statistics_finalized_in_place");
+    let cpu = Tuning::cpu(8);
+    let in_place = ctx().with_tuning(Tuning {
+        reduce: Cut {
+            target_workgroups: 1,
+            ..cpu.reduce
+        },
+        fused_forward_max_elements: 0,
+        ..cpu
+    });
+    let mut worst = 0f64;
+    for dims in [
+        &[16usize, 8, 30, 30][..],
+        &[7, 5, 33, 17],
+        &[1000, 12],
+        &[513, 7],
+    ] {
+        for layout in LAYOUTS {
+            let shape = Shape::new(dims, layout).unwrap();
+            for config in configs(shape.c()) {
+                let what = format!("in place {dims:?} {layout:?} {}", describe(&config));
+                worst = worst.max(check_random(&in_place, &mut rng, &shape, &config, &what));
+            }
+        }
+    }
+    println!("largest error against the reference: {worst:.3e}");
 }
 
 #[test]
