@@ -11,6 +11,10 @@ pub struct Cut {
     /// Work each invocation should get, in vec4s (16 bytes) of the tensor, before a
     /// channel is split over more workgroups.
     pub min_units: u32,
+    /// Work each invocation of a channels-first walk should get, in vec4s, in place
+    /// of `min_units` (0: `min_units`); the channels of a workgroup grow for it only
+    /// as long as the launch keeps `min_workgroups` workgroups.
+    pub runs_min_units: u32,
     /// Invocations that an adapter runs as one SIMD batch (a power of two), or 0 for
     /// a GPU. With a batch size, each batch walks a contiguous block of its own
     /// (in the elementwise passes over channels-first tensors, a block of the flat
@@ -87,6 +91,7 @@ impl Tuning {
             min_units: 8,
             lane_block: 0,
             max_row_tile: 64,
+            runs_min_units: 0,
             max_wide_row: 0,
             wide_min_units: 8,
             min_row_span: 0,
@@ -103,7 +108,8 @@ impl Tuning {
     /// For a CPU that runs the shaders (lavapipe, llvmpipe, WARP) in SIMD batches
     /// of `simd_width` invocations: it has a few threads, runs a workgroup one batch
     /// after another and pays for every barrier. Its reductions get few, long
-    /// workgroups (about 32, at least 64 vec4s per invocation); channels-last rows of
+    /// workgroups (about 32, at least 64 vec4s per invocation, channels-first 256
+    /// while the launch keeps a workgroup per thread); channels-last rows of
     /// up to 2 KiB are read 16 channels per invocation there, aiming at 128 rows per
     /// invocation while the launch keeps a workgroup per thread, and only where the
     /// walks reach 32 rows. Its elementwise passes get about 1024 workgroups of at
@@ -130,6 +136,7 @@ impl Tuning {
                 min_units: 64,
                 lane_block,
                 max_row_tile: 64,
+                runs_min_units: 256,
                 max_wide_row: 2 << 10,
                 wide_min_units: 512,
                 min_row_span: 0,
@@ -140,6 +147,7 @@ impl Tuning {
                 min_units: 32,
                 lane_block,
                 max_row_tile: 256,
+                runs_min_units: 0,
                 max_wide_row: u32::MAX,
                 wide_min_units: 32,
                 min_row_span: 32 << 10,

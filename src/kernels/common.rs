@@ -314,10 +314,19 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     };
     let units_of = |vec4s: u32| (4 * vec4s.min(1 << 20)).div_ceil(elements).max(1);
     let min_units = units_of(tuning.min_units);
-    let needed = (wg * min_units)
-        .div_ceil(per_channel.max(1))
-        .next_power_of_two()
-        .min(wg);
+    // Channel units per tile that give each invocation `units` units.
+    let needed_for = |units: u32| {
+        (wg * units)
+            .div_ceil(per_channel.max(1))
+            .next_power_of_two()
+            .min(wg)
+    };
+    let needed = needed_for(min_units);
+    let runs_units = if !interleaved && tuning.runs_min_units > 0 {
+        units_of(tuning.runs_min_units)
+    } else {
+        0
+    };
     // Channels-first tiles also grow until the tiles alone are about the target
     // (without splits), so that many small channels are not cut into more, shorter
     // workgroups than the launch aims for; at most as many channels as leave each
@@ -326,18 +335,30 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         .div_ceil(tuning.target_workgroups.max(1))
         .next_power_of_two()
         .min(wg / if lane_block == 0 { 32 } else { lane_block });
+    // With `runs_min_units`, channels-first tiles grow further for it, but only as
+    // long as the launch keeps `min_workgroups` tiles (where there are channels
+    // enough).
+    let longer = if runs_units > 0 {
+        let cap = floor_pow2((groups / tuning.min_workgroups.max(1)).max(1));
+        needed_for(runs_units).min(cap)
+    } else {
+        0
+    };
     let tile = if interleaved {
         needed.max(groups.next_power_of_two().min(max_row_tile))
     } else {
-        needed.max(spread).min(groups.next_power_of_two())
+        needed
+            .max(spread)
+            .max(longer)
+            .min(groups.next_power_of_two())
     };
     let tiles = groups.div_ceil(tile);
     let rows_per_step = wg / tile;
     let max_splits = per_channel.div_ceil(rows_per_step * min_units).max(1);
-    // Longer walks where the cut asks for them (16-element units: `wide_min_units`;
-    // channels-last: `min_row_span` bytes of rows), unless that leaves fewer than
-    // `min_workgroups` workgroups (a bound on the splits only, so that tiles stay as
-    // wide as before).
+    // Longer walks where the cut asks for them (channels-first: `runs_min_units`;
+    // 16-element units: `wide_min_units`; channels-last: `min_row_span` bytes of
+    // rows), unless that leaves fewer than `min_workgroups` workgroups (a bound on
+    // the splits only, so that tiles stay as they are).
     let wide_units = if elements == 16 {
         units_of(tuning.wide_min_units)
     } else {
@@ -351,7 +372,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     } else {
         0
     };
-    let long_units = wide_units.max(span_units);
+    let long_units = wide_units.max(span_units).max(runs_units);
     let max_splits = if long_units > 0 {
         per_channel
             .div_ceil(rows_per_step * long_units.max(min_units))
