@@ -208,9 +208,9 @@ impl GpuContext {
         &self.inner.kernels
     }
 
-    /// Fails unless a storage buffer of `bytes` bytes can be created and bound on
-    /// this device.
-    pub(crate) fn check_size(&self, name: &'static str, bytes: u64) -> Result<()> {
+    /// Fails with [`Error::TooLargeForDevice`] (naming `name`) unless a storage
+    /// buffer of `bytes` bytes can be created and bound on this device.
+    pub fn check_size(&self, name: &'static str, bytes: u64) -> Result<()> {
         let limit = self.max_binding_size();
         if bytes > limit {
             return Err(Error::TooLargeForDevice { name, bytes, limit });

@@ -221,14 +221,7 @@ impl ShapeBench {
         let numel = spec.numel();
         let c = spec.dims[1];
         let bytes = numel as u64 * ELEMENT_BYTES;
-        if bytes > ctx.max_binding_size() {
-            return Err(wgpu_batchnorm::Error::TooLargeForDevice {
-                name: "the tensor",
-                bytes,
-                limit: ctx.max_binding_size(),
-            }
-            .into());
-        }
+        ctx.check_size("the tensor", bytes)?;
         let copies = input_copies(bytes, rotate_bytes);
         let mut rng = XorShift::new(0x5eed ^ numel as u64);
         let host_x: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -2.0, 2.0)).collect();
