@@ -110,9 +110,9 @@ impl Tuning {
     /// after another and pays for every barrier. Its reductions get few, long
     /// workgroups (about 32, at least 64 vec4s per invocation, channels-first 256
     /// while the launch keeps a workgroup per thread); channels-last rows of
-    /// up to 2 KiB are read 16 channels per invocation there, aiming at 128 rows per
+    /// up to 8 KiB are read 16 channels per invocation there, aiming at 512 rows per
     /// invocation while the launch keeps a workgroup per thread, and only where the
-    /// walks reach 32 rows. Its elementwise passes get about 1024 workgroups of at
+    /// walks reach 128 rows. Its elementwise passes get about 1024 workgroups of at
     /// least 32 vec4s per invocation, with wide channels-last tiles read 16 channels
     /// per invocation over at least 32 KiB of rows, keeping 4 workgroups per thread;
     /// and each batch streams through a block of memory of its own. Training
@@ -137,8 +137,8 @@ impl Tuning {
                 lane_block,
                 max_row_tile: 64,
                 runs_min_units: 256,
-                max_wide_row: 2 << 10,
-                wide_min_units: 512,
+                max_wide_row: 8 << 10,
+                wide_min_units: 2048,
                 min_row_span: 0,
                 min_workgroups: threads,
             },

@@ -104,12 +104,14 @@ pub(crate) enum Pass {
     Elementwise,
 }
 
-/// Vec4s (32 rows of 16 channels) each invocation of a reduction must walk for it
+/// Vec4s (128 rows of 16 channels) each invocation of a reduction must walk for it
 /// to read channels-last rows 16 channels per invocation: its four barrier trees
 /// (one per vec4 of states) cost more than the wider loads save on shorter walks
-/// (on lavapipe, tensors with walks of 16 rows lost about 0.1 of a copy's speed, and
-/// walks of 32 rows and more gained).
-const WIDE_REDUCTION_MIN_WALK: u32 = 128;
+/// (on lavapipe: walks of 16 rows lost about 0.1 of a copy's speed; walks of 32 rows
+/// lost on rows of 4 and 8 KiB, as on (256, 1024) and (128, 2048), and the smaller
+/// tensors with narrower rows whose walks stay under 128 rows were no slower in
+/// vec4s).
+const WIDE_REDUCTION_MIN_WALK: u32 = 512;
 
 /// Batch items per split (at least) for the statistics pass to read channels-first
 /// tensors with S % 4 != 0 as rows: it writes a 16-byte partial per element position

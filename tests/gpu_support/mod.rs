@@ -190,10 +190,10 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
 /// elements have runs exactly one lane block long (4 and 8 vec4s: the flat walk's
 /// steps then leave each run at its end); 260x8x4x8 is past the fused training
 /// forward of the CPU tuning, so its normalize pass is a dispatch of its own.
-/// 2x160x23x29 channels-last has rows enough for the reductions to read them 16
-/// channels per invocation (walks of at least 32 rows) on any machine: under the
-/// "odd" tuning in one split (walks of 84 rows), under "wide reductions" in two
-/// (42 rows).
+/// 5x160x29x29 channels-last has rows enough for the reductions to read them 16
+/// channels per invocation (walks of at least 128 rows) on any machine: under the
+/// "odd" tuning in one split (walks of 263 rows), under "wide reductions" in two
+/// (132 rows).
 pub const SPLIT_SHAPES: &[&[usize]] = &[
     &[16, 8, 30, 30],
     &[7, 3, 4, 12],
@@ -211,5 +211,5 @@ pub const SPLIT_SHAPES: &[&[usize]] = &[
     &[9, 3, 4, 4],
     &[17, 3, 4, 8],
     &[260, 8, 4, 8],
-    &[2, 160, 23, 29],
+    &[5, 160, 29, 29],
 ];
