@@ -122,14 +122,19 @@ impl Tuning {
     /// one: past that, computing the coefficients in every invocation costs more
     /// than the launch it saves (both crossovers measured on lavapipe).
     ///
-    /// The threads are taken to be this machine's logical CPUs
-    /// (`std::thread::available_parallelism`, lavapipe's default; `LP_NUM_THREADS`
-    /// can set another count), so the cut, and with it the float rounding of the
-    /// statistics, can differ from one machine to another (each is deterministic).
+    /// The adapter's threads are taken from `LP_NUM_THREADS` where it is set (Mesa's
+    /// lavapipe and llvmpipe read it; 0 runs them on the calling thread, counted as
+    /// one), else to be this machine's logical CPUs
+    /// (`std::thread::available_parallelism`, their default), so the cut, and with
+    /// it the float rounding of the statistics, can differ from one machine to
+    /// another (each is deterministic).
     pub fn cpu(simd_width: u32) -> Self {
         let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
-        // The adapter's threads: one per logical CPU of this machine.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let logical_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = adapter_threads(
+            std::env::var("LP_NUM_THREADS").ok().as_deref(),
+            u32::try_from(logical_cpus).unwrap_or(u32::MAX),
+        );
         Self {
             reduce: Cut {
                 target_workgroups: 32,
@@ -165,5 +170,32 @@ impl Tuning {
             wgpu::DeviceType::Cpu => Self::cpu(info.subgroup_min_size),
             _ => Self::gpu(),
         }
+    }
+}
+
+/// The threads a CPU adapter runs workgroups on: `lp_num_threads` (the value of
+/// `LP_NUM_THREADS`) where it is a number, at least one; else `logical_cpus`.
+fn adapter_threads(lp_num_threads: Option<&str>, logical_cpus: u32) -> u32 {
+    lp_num_threads
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(logical_cpus)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adapter_threads;
+
+    #[test]
+    fn lp_num_threads_sets_the_adapter_threads() {
+        assert_eq!(adapter_threads(None, 8), 8);
+        assert_eq!(adapter_threads(Some("3"), 8), 3);
+        assert_eq!(adapter_threads(Some(" 12 "), 2), 12);
+        // 0: Mesa runs the shaders on the calling thread.
+        assert_eq!(adapter_threads(Some("0"), 8), 1);
+        // Not a number: Mesa's default, one per logical CPU.
+        assert_eq!(adapter_threads(Some("many"), 8), 8);
+        assert_eq!(adapter_threads(Some(""), 4), 4);
+        assert_eq!(adapter_threads(None, 0), 1);
     }
 }
