@@ -122,12 +122,14 @@ impl Tuning {
     /// one: past that, computing the coefficients in every invocation costs more
     /// than the launch it saves (both crossovers measured on lavapipe).
     ///
-    /// The adapter's threads are taken from `LP_NUM_THREADS` where it is set (Mesa's
-    /// lavapipe and llvmpipe read it; 0 runs them on the calling thread, counted as
-    /// one), else to be this machine's logical CPUs
-    /// (`std::thread::available_parallelism`, their default), so the cut, and with
-    /// it the float rounding of the statistics, can differ from one machine to
-    /// another (each is deterministic).
+    /// The adapter's threads are taken from `LP_NUM_THREADS` where it is a plain
+    /// decimal number (Mesa's lavapipe and llvmpipe read it; 0 runs them on the
+    /// calling thread, counted as one), else to be this machine's logical CPUs
+    /// (`std::thread::available_parallelism`, their default). Mesa also caps its
+    /// threads at `LP_MAX_THREADS` (16 or 32, by release), which is not counted
+    /// here: past it, the cut asks for more workgroups than the adapter has
+    /// threads. So the cut, and with it the float rounding of the statistics, can
+    /// differ from one machine to another (each is deterministic).
     pub fn cpu(simd_width: u32) -> Self {
         let lane_block = simd_width.clamp(1, WORKGROUP_SIZE).next_power_of_two();
         let logical_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
