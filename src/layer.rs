@@ -42,8 +42,7 @@ impl SavedStats {
     /// Zeroed statistics for `channels` channels (16 bytes each, which must fit in
     /// one storage binding on the device).
     pub fn new(ctx: &GpuContext, channels: usize) -> Result<Self> {
-        let bytes = 16 * padded(channels) as u64;
-        ctx.check_size("saved statistics", bytes)?;
+        let bytes = Self::checked_bytes(ctx, channels)?;
         Ok(Self {
             buffer: ctx.storage_buffer("bn.saved", bytes),
             channels,
@@ -63,8 +62,8 @@ impl SavedStats {
                 });
             }
         }
+        Self::checked_bytes(ctx, c)?;
         let p = padded(c);
-        ctx.check_size("saved statistics", 16 * p as u64)?;
         let mut data = vec![0f32; 4 * p];
         data[..c].copy_from_slice(&saved.mean);
         data[p..p + c].copy_from_slice(&saved.invstd);
@@ -74,6 +73,14 @@ impl SavedStats {
             buffer: ctx.upload("bn.saved", &data),
             channels: c,
         })
+    }
+
+    /// Bytes of the buffer for `channels` channels (four segments of the padded
+    /// channel count), after checking that one storage binding can hold them.
+    fn checked_bytes(ctx: &GpuContext, channels: usize) -> Result<u64> {
+        let bytes = 16 * padded(channels) as u64;
+        ctx.check_size("saved statistics", bytes)?;
+        Ok(bytes)
     }
 
     /// The GPU buffer (`[mean | invstd | hi | lo]`, segments [`Self::stride`] apart).
