@@ -119,6 +119,31 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
     }
 }
 
+// channels_first_flat over packed units (common.wgsl; S % 4 != 0, C % 4 == 0), as
+// apply.wgsl's: each element's coefficients picked among its unit's four channels.
+@compute @workgroup_size(WG)
+fn channels_first_packed_flat(@builtin(local_invocation_index) t: u32,
+                              @builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    var c = flat_channel(p, first);
+    for (var w = first; w.j < w.end; w = flat_next_run(p, w)) {
+        let k = coef_group(c);
+        loop {
+            let i = walk_index(p, w);
+            let pk = packed_at(p, w);
+            let kp = Coef(packed_pick(pk, k.hi), packed_pick(pk, k.k_dy), packed_pick(pk, k.k_x),
+                          packed_pick(pk, k.k_c));
+            dx4[i] = dx_of(kp, dy4[i], x4_if_used(i, kp));
+            w = flat_step(p, w);
+            if !flat_in_run(p, w) {
+                break;
+            }
+        }
+        c = flat_next_channel(p, c);
+    }
+}
+
 @compute @workgroup_size(WG)
 fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,

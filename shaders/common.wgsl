@@ -162,6 +162,36 @@ fn flat_next_run(p: WalkParams, w: Walk) -> Walk {
     return r;
 }
 
+// Packed units (channels-first with S % 4 != 0 and C % 4 == 0): a unit is four
+// consecutive channels, whose runs in a batch item are 4 * S consecutive elements,
+// read as S vec4s (a 16-byte aligned block, as C % 4 == 0). Component e of the
+// unit's vec4 s belongs to channel (4s + e) / S of the four, found by comparisons
+// (an integer division per element would cost CPU adapters more than the load):
+// `past1` holds where that channel is at least 1, `past2` at least 2, `past3` 3.
+struct Packed {
+    past1: vec4<bool>,
+    past2: vec4<bool>,
+    past3: vec4<bool>,
+}
+
+fn packed_at(p: WalkParams, w: Walk) -> Packed {
+    let k = vec4<u32>(4u * w.s) + vec4<u32>(0u, 1u, 2u, 3u);
+    return Packed(k >= vec4<u32>(p.rep), k >= vec4<u32>(2u * p.rep), k >= vec4<u32>(3u * p.rep));
+}
+
+// The channel (0..3) of each component.
+fn packed_channels(pk: Packed) -> vec4<u32> {
+    let one = vec4<u32>(1u);
+    let zero = vec4<u32>(0u);
+    return select(zero, one, pk.past1) + select(zero, one, pk.past2) + select(zero, one, pk.past3);
+}
+
+// Each component's value among `v`, the values of the unit's four channels.
+fn packed_pick(pk: Packed, v: vec4<f32>) -> vec4<f32> {
+    let lo = select(vec4<f32>(v.x), vec4<f32>(v.y), pk.past1);
+    return select(select(lo, vec4<f32>(v.z), pk.past2), vec4<f32>(v.w), pk.past3);
+}
+
 // Four independent Welford streams (one per vec4 lane). `mean` is relative to the
 // channel's pivot, so `m2` never sees the catastrophic cancellation of E[x^2]-E[x]^2.
 struct Welford {
