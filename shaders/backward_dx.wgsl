@@ -1,8 +1,9 @@
 // Backward, third stage: dx = k_dy * dy + k_x * (x - hi) + k_c, with per-channel
 // coefficients from backward_finalize.wgsl (coef = [hi | k_dy | k_x | k_c]).
 //
-// Walks the tensor as apply.wgsl does (same WalkParams and entry points); each
-// invocation stays on one channel unit and loads its coefficients once.
+// Walks the tensor as apply.wgsl does (same WalkParams and entry points, and one
+// more: channels_first_packed_flat); each invocation stays on one channel unit and
+// loads its coefficients once, or in the flat walks once per run.
 // With running statistics k_x = 0 and x is not read (no BACKWARD_DX_WITH_X).
 // Reads x, dy, coef; writes dx.
 
@@ -119,8 +120,9 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
     }
 }
 
-// channels_first_flat over packed units (common.wgsl; S % 4 != 0, C % 4 == 0), as
-// apply.wgsl's: each element's coefficients picked among its unit's four channels.
+// channels_first_flat over packed units (common.wgsl; S % 4 != 0, C % 4 == 0): a run
+// is a batch item's runs of four channels, S vec4s; each lane loads their
+// coefficients when it enters a new run and picks each element's by comparisons.
 @compute @workgroup_size(WG)
 fn channels_first_packed_flat(@builtin(local_invocation_index) t: u32,
                               @builtin(workgroup_id) wid: vec3<u32>,

@@ -2,10 +2,10 @@
 //
 // Walks and splits the tensor as stats.wgsl (the same WalkParams and entry points,
 // and one more: channels_first_packed, for S % 4 != 0 and C % 4 == 0, where a unit
-// is 4 elements of the runs of 4 consecutive channels, 4 * S elements read as S
-// vec4s, each element summed into its channel's lane; the statistics pass reads such
-// tensors in quads, as its Welford update per element would cost more than the
-// loads save); one workgroup writes one partial per channel and split:
+// is the runs of 4 consecutive channels (common.wgsl's packed units), 4 * S elements
+// read as S vec4s, each element summed into its channel's lane; the statistics pass
+// reads such tensors as rows or in quads, as its Welford update per element would
+// cost more than the loads save); one workgroup writes one partial per channel and split:
 // (sum dy, sum dy * (x - hi), 0, 0), where hi is the high part of the saved mean
 // pair (x - hi is exact near the mean; the low part is applied by
 // backward_finalize.wgsl). Sums run in a fixed order: deterministic.

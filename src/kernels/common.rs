@@ -227,7 +227,7 @@ fn flat_runs(len: u32, tuning: Cut) -> bool {
 /// keeps the rows view: with one tensor to read, the picks cost it about what the
 /// flat walk saves.
 fn packed_flat_runs(len: u32, tuning: Cut) -> bool {
-    flat_runs(len, tuning) && len >= 2 * tuning.lane_block
+    flat_runs(len, tuning) && len >= tuning.lane_block.saturating_mul(2)
 }
 
 /// The walk of a copy of `vec4s` vec4s: one channel unit of one run.
