@@ -65,19 +65,10 @@ fn coef_group(c: u32) -> Norm {
     return Norm(coef4[c], coef4[seg + c], coef4[2u * seg + c]);
 }
 
-// The coefficients of the channels `ch`, gathered.
-fn coef_gather(ch: vec4<u32>) -> Norm {
-    var r: array<vec4<f32>, 3>;
-    for (var s = 0u; s < 3u; s++) {
-        let b = s * p.padded;
-        if s < 2u || !FROM_RUNNING {
-            r[s] = vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
-        }
-    }
-    if FROM_RUNNING {
-        return running_norm(r[0], r[1], ch);
-    }
-    return Norm(r[0], r[1], r[2]);
+// `b` where `past` holds, else `a` (the rows view's pick between two channels).
+fn pick(a: Norm, b: Norm, past: vec4<bool>) -> Norm {
+    return Norm(select(a.hi, b.hi, past), select(a.scale, b.scale, past),
+                select(a.shift, b.shift, past));
 }
 
 // The vec4 loop (channels-first runs, channels-last rows).
@@ -155,14 +146,16 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
 }
 
 // A channels-first tensor with S % 4 != 0 read as rows of C * S elements (a channel
-// every `rep` = S elements): channels_last_vec4 with each lane's coefficients
-// gathered once.
+// every `rep` = S elements, common.wgsl's rows view): channels_last_vec4 with each
+// lane's coefficients picked once from its two channels'.
 @compute @workgroup_size(WG)
 fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    loop_vec4(first, coef_gather(row_channels(p, walk_group(p, first))));
+    let e = 4u * walk_group(p, first);
+    let c = row_channel(p, e);
+    loop_vec4(first, pick(coef_channel(c), coef_channel(row_next(p, c)), row_past(p, c, e)));
 }
 
 @compute @workgroup_size(WG)
@@ -174,15 +167,19 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     loop_vec16(first, coef_group(u), coef_group(u + 1u), coef_group(u + 2u), coef_group(u + 3u));
 }
 
-// channels_first_rows_vec4 with 16 channels per invocation.
+// channels_first_rows_vec4 with 16 elements per invocation (S ≥ 15: still two
+// channels).
 @compute @workgroup_size(WG)
 fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let u = 4u * walk_group(p, first);
-    loop_vec16(first, coef_gather(row_channels(p, u)), coef_gather(row_channels(p, u + 1u)),
-               coef_gather(row_channels(p, u + 2u)), coef_gather(row_channels(p, u + 3u)));
+    let e = 16u * walk_group(p, first);
+    let c = row_channel(p, e);
+    let a = coef_channel(c);
+    let b = coef_channel(row_next(p, c));
+    loop_vec16(first, pick(a, b, row_past(p, c, e)), pick(a, b, row_past(p, c, e + 4u)),
+               pick(a, b, row_past(p, c, e + 8u)), pick(a, b, row_past(p, c, e + 12u)));
 }
 
 @compute @workgroup_size(WG)

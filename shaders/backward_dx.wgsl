@@ -1,9 +1,9 @@
 // Backward, third stage: dx = k_dy * dy + k_x * (x - hi) + k_c, with per-channel
 // coefficients from backward_finalize.wgsl (coef = [hi | k_dy | k_x | k_c]).
 //
-// Walks the tensor as apply.wgsl does (same WalkParams and entry points, and one
-// more: channels_first_packed_flat); each invocation stays on one channel unit and
-// loads its coefficients once, or in the flat walks once per run.
+// Walks the tensor as apply.wgsl does (same WalkParams and entry points); each
+// invocation stays on one channel unit and loads its coefficients once, or in the
+// flat walk once per run.
 // With running statistics k_x = 0 and x is not read (no BACKWARD_DX_WITH_X).
 // Reads x, dy, coef; writes dx.
 
@@ -51,14 +51,10 @@ fn coef_group(c: u32) -> Coef {
     return Coef(coef4[c], coef4[seg + c], coef4[2u * seg + c], coef4[3u * seg + c]);
 }
 
-// The coefficients of the channels `ch`, gathered.
-fn coef_gather(ch: vec4<u32>) -> Coef {
-    var r: array<vec4<f32>, 4>;
-    for (var s = 0u; s < 4u; s++) {
-        let b = s * p.padded;
-        r[s] = vec4<f32>(coef[b + ch.x], coef[b + ch.y], coef[b + ch.z], coef[b + ch.w]);
-    }
-    return Coef(r[0], r[1], r[2], r[3]);
+// `b` where `past` holds, else `a` (the rows view's pick between two channels).
+fn pick(a: Coef, b: Coef, past: vec4<bool>) -> Coef {
+    return Coef(select(a.hi, b.hi, past), select(a.k_dy, b.k_dy, past), select(a.k_x, b.k_x, past),
+                select(a.k_c, b.k_c, past));
 }
 
 // x4[i] when the x term is used (else not read).
@@ -120,32 +116,6 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
     }
 }
 
-// channels_first_flat over packed units (common.wgsl; S % 4 != 0, C % 4 == 0): a run
-// is a batch item's runs of four channels, S vec4s; each lane loads their
-// coefficients when it enters a new run and picks each element's by comparisons.
-@compute @workgroup_size(WG)
-fn channels_first_packed_flat(@builtin(local_invocation_index) t: u32,
-                              @builtin(workgroup_id) wid: vec3<u32>,
-                              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    var c = flat_channel(p, first);
-    for (var w = first; w.j < w.end; w = flat_next_run(p, w)) {
-        let k = coef_group(c);
-        loop {
-            let i = walk_index(p, w);
-            let pk = packed_at(p, w);
-            let kp = Coef(packed_pick(pk, k.hi), packed_pick(pk, k.k_dy), packed_pick(pk, k.k_x),
-                          packed_pick(pk, k.k_c));
-            dx4[i] = dx_of(kp, dy4[i], x4_if_used(i, kp));
-            w = flat_step(p, w);
-            if !flat_in_run(p, w) {
-                break;
-            }
-        }
-        c = flat_next_channel(p, c);
-    }
-}
-
 @compute @workgroup_size(WG)
 fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
@@ -185,25 +155,31 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
 }
 
 // A channels-first tensor with S % 4 != 0 read as rows of C * S elements (a channel
-// every `rep` = S elements): channels_last_vec4 with each lane's coefficients
-// gathered once.
+// every `rep` = S elements, common.wgsl's rows view): channels_last_vec4 with each
+// lane's coefficients picked once from its two channels'.
 @compute @workgroup_size(WG)
 fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    loop_vec4(first, coef_gather(row_channels(p, walk_group(p, first))));
+    let e = 4u * walk_group(p, first);
+    let c = row_channel(p, e);
+    loop_vec4(first, pick(coef_channel(c), coef_channel(row_next(p, c)), row_past(p, c, e)));
 }
 
-// channels_first_rows_vec4 with 16 channels per invocation.
+// channels_first_rows_vec4 with 16 elements per invocation (S ≥ 15: still two
+// channels).
 @compute @workgroup_size(WG)
 fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let u = 4u * walk_group(p, first);
-    loop_vec16(first, coef_gather(row_channels(p, u)), coef_gather(row_channels(p, u + 1u)),
-               coef_gather(row_channels(p, u + 2u)), coef_gather(row_channels(p, u + 3u)));
+    let e = 16u * walk_group(p, first);
+    let c = row_channel(p, e);
+    let a = coef_channel(c);
+    let b = coef_channel(row_next(p, c));
+    loop_vec16(first, pick(a, b, row_past(p, c, e)), pick(a, b, row_past(p, c, e + 4u)),
+               pick(a, b, row_past(p, c, e + 8u)), pick(a, b, row_past(p, c, e + 12u)));
 }
 
 @compute @workgroup_size(WG)

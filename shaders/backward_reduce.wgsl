@@ -2,7 +2,7 @@
 //
 // Walks and splits the tensor as stats.wgsl (the same WalkParams and entry points,
 // and one more: channels_first_packed, for S % 4 != 0 and C % 4 == 0, where a unit
-// is the runs of 4 consecutive channels (common.wgsl's packed units), 4 * S elements
+// is the runs of 4 consecutive channels (packed units, below), 4 * S elements
 // read as S vec4s, each element summed into its channel's lane; the statistics pass
 // reads such tensors as rows or in quads, as its Welford update per element would
 // cost more than the loads save); one workgroup writes one partial per channel and split:
@@ -42,6 +42,19 @@ fn accumulate(acc: Sums, g: vec4<f32>, xv: vec4<f32>, hi: vec4<f32>) -> Sums {
         r.dyx += g * (xv - hi);
     }
     return r;
+}
+
+// The packed walk (channels-first with S % 4 != 0 and C % 4 == 0): a channel unit is
+// four consecutive channels, whose runs in a batch item are 4 * S consecutive
+// elements, read as len = S vec4s (16-byte aligned, as C % 4 == 0); component e of
+// the unit's vec4 s belongs to its channel (4s + e) / S, found by comparisons (an
+// integer division per element would cost CPU adapters more than the load).
+fn packed_channels(p: WalkParams, w: Walk) -> vec4<u32> {
+    let k = vec4<u32>(4u * w.s) + vec4<u32>(0u, 1u, 2u, 3u);
+    let one = vec4<u32>(1u);
+    let zero = vec4<u32>(0u);
+    return select(zero, one, k >= vec4<u32>(p.rep)) + select(zero, one, k >= vec4<u32>(2u * p.rep))
+         + select(zero, one, k >= vec4<u32>(3u * p.rep));
 }
 
 // Adds one element (dy `g`, x `xv`) to the lane of its channel `ch` (0..3) of a
@@ -164,7 +177,7 @@ fn channels_first_packed(@builtin(local_invocation_index) t: u32,
         let g = dy4[i];
         let xv = x4_if_wanted(i, hi);
         // The four components by name (not indexed in a loop: see channels_last_vec16).
-        let ch = packed_channels(packed_at(p, w));
+        let ch = packed_channels(p, w);
         acc = packed_push(acc, ch.x, g.x, xv.x, hi);
         acc = packed_push(acc, ch.y, g.y, xv.y, hi);
         acc = packed_push(acc, ch.z, g.z, xv.z, hi);

@@ -88,11 +88,23 @@ fn walk_index(p: WalkParams, w: Walk) -> u32 {
     return w.n * p.stride + w.group * p.len + w.s;
 }
 
-// Channels of the four elements of vec4 `v` of a channels-last row, a channel being
-// `rep` consecutive elements (1; or S for a channels-first tensor with S % 4 != 0 read
-// as rows of C * S elements by the elementwise passes).
-fn row_channels(p: WalkParams, v: u32) -> vec4<u32> {
-    return (vec4<u32>(4u * v) + vec4<u32>(0u, 1u, 2u, 3u)) / p.rep;
+// The rows view (a channels-first tensor with S % 4 != 0 read as rows of C * S
+// elements, a channel every `rep` = S ≥ 2 elements): an invocation's elements lie
+// in two channels at most (the host sees to it: four from a multiple of 4 always,
+// sixteen where S ≥ 15), the channel of its first element and the next, whose
+// per-channel values it loads once and picks per element by comparisons.
+fn row_channel(p: WalkParams, e: u32) -> u32 {
+    return e / p.rep;
+}
+
+// The channel after c, clamped in bounds (no element past the last channel picks it).
+fn row_next(p: WalkParams, c: u32) -> u32 {
+    return min(c + 1u, p.padded - 1u);
+}
+
+// Which of the elements e..e+3 are past channel c (in channel c + 1).
+fn row_past(p: WalkParams, c: u32, e: u32) -> vec4<bool> {
+    return vec4<u32>(e) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>((c + 1u) * p.rep);
 }
 
 // Quad walks (channels-first with S % 4 != 0): a unit is up to four consecutive
@@ -160,36 +172,6 @@ fn flat_next_run(p: WalkParams, w: Walk) -> Walk {
     r.s -= p.len;
     r.n += 1u;
     return r;
-}
-
-// Packed units (channels-first with S % 4 != 0 and C % 4 == 0): a unit is four
-// consecutive channels, whose runs in a batch item are 4 * S consecutive elements,
-// read as S vec4s (a 16-byte aligned block, as C % 4 == 0). Component e of the
-// unit's vec4 s belongs to channel (4s + e) / S of the four, found by comparisons
-// (an integer division per element would cost CPU adapters more than the load):
-// `past1` holds where that channel is at least 1, `past2` at least 2, `past3` 3.
-struct Packed {
-    past1: vec4<bool>,
-    past2: vec4<bool>,
-    past3: vec4<bool>,
-}
-
-fn packed_at(p: WalkParams, w: Walk) -> Packed {
-    let k = vec4<u32>(4u * w.s) + vec4<u32>(0u, 1u, 2u, 3u);
-    return Packed(k >= vec4<u32>(p.rep), k >= vec4<u32>(2u * p.rep), k >= vec4<u32>(3u * p.rep));
-}
-
-// The channel (0..3) of each component.
-fn packed_channels(pk: Packed) -> vec4<u32> {
-    let one = vec4<u32>(1u);
-    let zero = vec4<u32>(0u);
-    return select(zero, one, pk.past1) + select(zero, one, pk.past2) + select(zero, one, pk.past3);
-}
-
-// Each component's value among `v`, the values of the unit's four channels.
-fn packed_pick(pk: Packed, v: vec4<f32>) -> vec4<f32> {
-    let lo = select(vec4<f32>(v.x), vec4<f32>(v.y), pk.past1);
-    return select(select(lo, vec4<f32>(v.z), pk.past2), vec4<f32>(v.w), pk.past3);
 }
 
 // Four independent Welford streams (one per vec4 lane). `mean` is relative to the

@@ -199,8 +199,11 @@ fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = begin(t, wid, nwg);
-    let r = row_channels(p, walk_group(p, first)) * p.rep;
-    let pivot = vec4<f32>(x4[r.x / 4u][r.x % 4u], x4[r.y / 4u][r.y % 4u], x4[r.z / 4u][r.z % 4u], x4[r.w / 4u][r.w % 4u]);
+    let e = 4u * walk_group(p, first);
+    let c = row_channel(p, e);
+    let a = c * p.rep;
+    let b = row_next(p, c) * p.rep;
+    let pivot = select(vec4<f32>(x4[a / 4u][a % 4u]), vec4<f32>(x4[b / 4u][b % 4u]), row_past(p, c, e));
     finish_lanes(t, first, first.group, loop_vec4(first, pivot), pivot);
 }
 

@@ -556,14 +556,13 @@ impl BatchNorm {
         common::plan(shape, self.stride() as u32, self.ctx.tuning().reduce, pass)
     }
 
-    /// How an elementwise pass (`pass`: `Elementwise` for apply, `InputGradient`
-    /// for backward_dx) walks `shape` on this device.
-    fn elementwise_walk(&self, shape: &Shape, pass: common::Pass) -> common::WalkPlan {
+    /// How an elementwise pass walks `shape` on this device.
+    fn elementwise_walk(&self, shape: &Shape) -> common::WalkPlan {
         common::plan(
             shape,
             self.stride() as u32,
             self.ctx.tuning().elementwise,
-            pass,
+            common::Pass::Elementwise,
         )
     }
 
@@ -739,7 +738,7 @@ impl BatchNorm {
         y: &wgpu::Buffer,
         from: Coefficients,
     ) {
-        let mut plan = self.elementwise_walk(shape, common::Pass::Elementwise);
+        let mut plan = self.elementwise_walk(shape);
         let kernels = self.ctx.kernels();
         let (pipelines, coef) = match from {
             Coefficients::Finalized => (&kernels.apply.finalized, &self.coef),
@@ -940,7 +939,7 @@ impl BatchNorm {
             self.channel_workgroups(),
         );
         if let Some(dx) = grads.dx {
-            let mut ep = self.elementwise_walk(shape, common::Pass::InputGradient);
+            let mut ep = self.elementwise_walk(shape);
             ep.params.flags = if batch { backward_dx::WITH_X } else { 0 };
             let params = kernels.uniform(device, &ep.params);
             kernels.backward_dx.get(ep.variant).dispatch(

@@ -15,6 +15,7 @@ use wgpu_batchnorm::{
 
 const TOL: f64 = 1e-5;
 
+/// As gpu_forward.rs' shapes, less three of them.
 const SHAPES: &[&[usize]] = &[
     &[33, 17],
     &[5, 3, 11],
@@ -25,6 +26,9 @@ const SHAPES: &[&[usize]] = &[
     &[2, 17, 4, 4],
     &[2, 3, 3, 4, 5],
     &[3, 4, 2, 2, 2],
+    &[6, 6, 2],
+    &[3, 16, 5, 3],
+    &[4, 16, 13],
 ];
 
 const LAYOUTS: [Layout; 2] = [Layout::ChannelsFirst, Layout::ChannelsLast];

@@ -17,7 +17,9 @@ use wgpu_batchnorm::{
 const TOL: f64 = 1e-5;
 
 /// Odd and even sizes for every rank: C = 1, 3, 8, 17; 7x7 and 5x3 planes; N = 1
-/// with spatial > 1; element counts that are not multiples of 4 or of the workgroup.
+/// with spatial > 1; element counts that are not multiples of 4 or of the workgroup;
+/// channels-first runs of S = 2, 15 and 13 elements in batch items of whole vec4s
+/// (the rows view, 16 elements per invocation from S = 15).
 const SHAPES: &[&[usize]] = &[
     &[33, 17],
     &[64, 4],
@@ -31,6 +33,9 @@ const SHAPES: &[&[usize]] = &[
     &[2, 17, 4, 4],
     &[2, 3, 3, 4, 5],
     &[3, 4, 2, 2, 2],
+    &[6, 6, 2],
+    &[3, 16, 5, 3],
+    &[4, 16, 13],
 ];
 
 const LAYOUTS: [Layout; 2] = [Layout::ChannelsFirst, Layout::ChannelsLast];

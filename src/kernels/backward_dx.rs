@@ -22,6 +22,6 @@ pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Wal
         module,
         "bn.backward_dx",
         BINDINGS,
-        Pass::InputGradient,
+        Pass::Elementwise,
     )
 }

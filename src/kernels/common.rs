@@ -39,12 +39,6 @@ pub(crate) enum Variant {
     /// adapters: the tensor as one channel unit of `N * C` runs (a flat walk, as
     /// the copy's), each lane tracking the channel of its run.
     ChannelsFirstFlat,
-    /// `backward_dx` over channels-first tensors with `S % 4 != 0` but `C % 4 == 0`
-    /// on CPU adapters: [`Variant::ChannelsFirstFlat`] over packed units
-    /// (four channels' runs in a batch item, `S` vec4s, as
-    /// [`Variant::ChannelsFirstPacked`]), each element's coefficients picked among
-    /// its unit's four channels.
-    ChannelsFirstPackedFlat,
     /// Up to four f32 of one run as a unit (channels-first, `S % 4 != 0`).
     ChannelsFirstQuad,
     /// The backward sums over channels-first tensors with `S % 4 != 0` but `C % 4 == 0`:
@@ -60,8 +54,8 @@ pub(crate) enum Variant {
     /// Elementwise passes over channels-first tensors with `S % 4 != 0` but
     /// `C * S % 4 == 0`: a batch item read as a channels-last row, a channel every S.
     ChannelsFirstRowsVec4,
-    /// The same, 16 elements per invocation (`C * S % 16 == 0`, rows of at most
-    /// `Cut::max_wide_row` bytes).
+    /// The same, 16 elements per invocation (`C * S % 16 == 0`,
+    /// `S >= ROWS_VEC16_MIN_RUN`, rows of at most `Cut::max_wide_row` bytes).
     ChannelsFirstRowsVec16,
     /// f32 units (channels-last, `C % 4 != 0`).
     Scalar,
@@ -106,17 +100,8 @@ pub(crate) enum Pass {
     FusedForward,
     /// backward_reduce: partial sums per channel.
     Sums,
-    /// apply: each element on its own.
+    /// apply, backward_dx: each element on its own.
     Elementwise,
-    /// backward_dx: each element on its own, from two tensors (x and dy).
-    InputGradient,
-}
-
-impl Pass {
-    /// apply or backward_dx.
-    fn elementwise(self) -> bool {
-        matches!(self, Pass::Elementwise | Pass::InputGradient)
-    }
 }
 
 /// Vec4s (128 rows of 16 channels) each invocation of a reduction must walk for it
@@ -133,6 +118,12 @@ const WIDE_REDUCTION_MIN_WALK: u32 = 512;
 /// of a batch item and split, so the partials are at most a quarter of the tensor.
 const STATS_ROWS_MIN_BATCH: u32 = 16;
 
+/// Elements per channel (S) for the rows view to read 16 elements per invocation:
+/// its kernels pick each element's per-channel values between two channels, and 16
+/// consecutive elements lie in two channels at most where S ≥ 15 (four, from a
+/// multiple of 4, always do).
+const ROWS_VEC16_MIN_RUN: u32 = 15;
+
 /// The walk of `shape`: vec4 units where the layout allows, then [`plan_units`].
 /// A channels-first tensor without spatial dims is the same memory as a
 /// channels-last one, and is walked as such. One whose runs are not whole vec4s
@@ -142,10 +133,9 @@ const STATS_ROWS_MIN_BATCH: u32 = 16;
 /// ([`STATS_ROWS_MIN_BATCH`]); the backward sums read it in vec4s where C % 4 == 0,
 /// four channels' runs (S vec4s) per channel unit. Other such tensors are read in
 /// quads. On CPU adapters the elementwise passes walk channels-first tensors with
-/// S % 4 == 0 flat ([`flat_runs`]), and `backward_dx` those with S % 4 != 0 but
-/// C % 4 == 0 flat in packed units instead of the rows view ([`packed_flat_runs`]).
-/// Rows of at most `tuning.max_wide_row` bytes are
-/// read 16 elements per invocation where C % 16 == 0 (C * S for the rows view): by
+/// S % 4 == 0 flat ([`flat_runs`]). Rows of at most `tuning.max_wide_row` bytes are
+/// read 16 elements per invocation where C % 16 == 0 (for the rows view C * S, and
+/// S ≥ [`ROWS_VEC16_MIN_RUN`]): by
 /// the elementwise passes always, by the reductions over channels-last rows where
 /// each invocation walks at least [`WIDE_REDUCTION_MIN_WALK`] vec4s, never by the
 /// fused forward (which has no such kernel). `padded` is the stride of the
@@ -172,19 +162,16 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     if channels_last && c % 16 == 0 && wide(c) && pass != Pass::FusedForward {
         let params = plan_units(Units::rows(c / 16, n * s, 16), padded, tuning);
         let walk_vec4s = 4 * params.chunk.div_ceil(WORKGROUP_SIZE / params.tile);
-        if pass.elementwise() || walk_vec4s >= WIDE_REDUCTION_MIN_WALK {
+        if pass == Pass::Elementwise || walk_vec4s >= WIDE_REDUCTION_MIN_WALK {
             return WalkPlan {
                 params,
                 variant: Variant::ChannelsLastVec16,
             };
         }
     }
-    let runs_as_rows = odd_runs && pass.elementwise();
-    let packed_flat = pass == Pass::InputGradient && c % 4 == 0 && packed_flat_runs(s, tuning);
-    let (variant, units) = if odd_runs && packed_flat {
-        let units = Units::flat(c / 4, s, n).channel_every(s);
-        (Variant::ChannelsFirstPackedFlat, units)
-    } else if runs_as_rows && (c * s) % 16 == 0 && wide(c * s) {
+    let runs_as_rows = odd_runs && pass == Pass::Elementwise;
+    let rows_vec16 = s >= ROWS_VEC16_MIN_RUN && (c * s) % 16 == 0 && wide(c * s);
+    let (variant, units) = if runs_as_rows && rows_vec16 {
         let units = Units::rows(c * s / 16, n, 16).channel_every(s);
         (Variant::ChannelsFirstRowsVec16, units)
     } else if runs_as_rows && (c * s) % 4 == 0 {
@@ -196,7 +183,7 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
         } else {
             (Variant::Scalar, Units::rows(c, n * s, 1))
         }
-    } else if s % 4 == 0 && pass.elementwise() && flat_runs(s / 4, tuning) {
+    } else if s % 4 == 0 && pass == Pass::Elementwise && flat_runs(s / 4, tuning) {
         (Variant::ChannelsFirstFlat, Units::flat(c, s / 4, n))
     } else if s % 4 == 0 {
         (Variant::ChannelsFirstVec4, Units::runs(c, s / 4, n))
@@ -218,16 +205,6 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
 /// with runs at least a block long, so that a step enters at most one new run.
 fn flat_runs(len: u32, tuning: Cut) -> bool {
     tuning.lane_block != 0 && len >= tuning.lane_block
-}
-
-/// Whether `backward_dx` walks packed runs of `len` vec4s flat ([`flat_runs`]), where
-/// they are at least two blocks long: each run costs its lanes four channels'
-/// coefficient loads, and each element a pick among them (on lavapipe, 3x3 planes,
-/// runs of 9 vec4s, lost to the rows view, and 5x5 planes, 25, gained). `apply`
-/// keeps the rows view: with one tensor to read, the picks cost it about what the
-/// flat walk saves.
-fn packed_flat_runs(len: u32, tuning: Cut) -> bool {
-    flat_runs(len, tuning) && len >= tuning.lane_block.saturating_mul(2)
 }
 
 /// The walk of a copy of `vec4s` vec4s: one channel unit of one run.
@@ -457,8 +434,6 @@ pub(crate) struct WalkKernels {
     channels_first_quad: Kernel,
     /// Elementwise kernels only.
     flat: Option<Kernel>,
-    /// backward_dx only.
-    packed_flat: Option<Kernel>,
     channels_last_vec4: Kernel,
     channels_last_vec16: Kernel,
     scalar: Kernel,
@@ -475,8 +450,8 @@ impl WalkKernels {
     /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`; for the
     /// backward sums also `channels_first_packed`, for the statistics
     /// `channels_first_rows_vec4`, for an elementwise pass that,
-    /// `channels_first_rows_vec16` and `channels_first_flat`, and for backward_dx
-    /// `channels_first_packed_flat`; labelled `{name}.{entry}`.
+    /// `channels_first_rows_vec16` and `channels_first_flat`; labelled
+    /// `{name}.{entry}`.
     pub(crate) fn new(
         device: &wgpu::Device,
         module: &wgpu::ShaderModule,
@@ -506,12 +481,11 @@ impl WalkKernels {
             channels_last_vec4: k("channels_last_vec4"),
             channels_last_vec16: k("channels_last_vec16"),
             scalar: k("scalar"),
-            flat: pass.elementwise().then(|| k("channels_first_flat")),
-            packed_flat: (pass == Pass::InputGradient).then(|| k("channels_first_packed_flat")),
+            flat: (pass == Pass::Elementwise).then(|| k("channels_first_flat")),
             packed: (pass == Pass::Sums).then(|| k("channels_first_packed")),
-            rows_vec4: (pass.elementwise() || pass == Pass::Statistics)
+            rows_vec4: matches!(pass, Pass::Elementwise | Pass::Statistics)
                 .then(|| k("channels_first_rows_vec4")),
-            rows_vec16: pass.elementwise().then(|| k("channels_first_rows_vec16")),
+            rows_vec16: (pass == Pass::Elementwise).then(|| k("channels_first_rows_vec16")),
         }
     }
 
@@ -526,10 +500,6 @@ impl WalkKernels {
                 .flat
                 .as_ref()
                 .expect("plan() gives flat walks to elementwise passes only"),
-            Variant::ChannelsFirstPackedFlat => self
-                .packed_flat
-                .as_ref()
-                .expect("plan() gives packed flat walks to backward_dx only"),
             Variant::ChannelsFirstPacked => self
                 .packed
                 .as_ref()
