@@ -255,7 +255,7 @@ struct FinalizeParams {
     count: f32,       // m, elements per channel
     unbias: f32,      // m / (m - 1)
     count_index: u32, // index of num_batches_tracked in `running`
-    _pad0: u32,
+    unit_pairs: u32,  // 0, or S: partials per unit of 16 elements of the rows view
     _pad1: u32,
     _pad2: u32,
 }

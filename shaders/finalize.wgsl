@@ -50,11 +50,29 @@ fn train(@builtin(local_invocation_index) lid: u32,
     if c >= p.channels {
         return;
     }
-    let first = partials[c * p.splits];
-    let pivot = first.w;
-    var acc = scalar_state(first);
-    for (var s = 1u; s < p.splits; s++) {
-        acc = welford_merge(acc, scalar_state(partials[c * p.splits + s]));
+    // The channel's partials: `splits` from partials[c * splits], or with unit_pairs
+    // (stats.wgsl's rows view in 16-element units, a channel every S = unit_pairs
+    // elements) `splits` from each unit u that holds some of its elements, at
+    // partials[(2u + k) * splits], k = 1 where u begins in the channel before.
+    var units = vec2<u32>(c, c);
+    var begin = 0u;
+    if p.unit_pairs != 0u {
+        begin = c * p.unit_pairs;
+        units = vec2<u32>(begin / 16u, (begin + p.unit_pairs - 1u) / 16u);
+    }
+    var acc = welford_empty();
+    var pivot = 0.0;
+    for (var u = units.x; u <= units.y; u++) {
+        var at = u * p.splits;
+        if p.unit_pairs != 0u {
+            at = (2u * u + u32(16u * u < begin)) * p.splits;
+        }
+        if u == units.x {
+            pivot = partials[at].w;
+        }
+        for (var s = 0u; s < p.splits; s++) {
+            acc = welford_merge(acc, scalar_state(partials[at + s]));
+        }
     }
     let b = batch_stats(p, pivot, acc.mean.x, acc.m2.x);
     saved[c] = b.hi + b.lo;

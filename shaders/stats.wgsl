@@ -13,13 +13,19 @@
 //                        one state per element position of the row, whose partials
 //                        (C * S per split, position-major) finalize.wgsl merges per
 //                        channel; no per-element channel lookup, and vec4 loads.
+//   channels_first_rows_vec16: the rows view 16 elements per invocation (S ≥ 15 and
+//                        C * S % 16 == 0, on CPU adapters): each lane's states
+//                        merged into one per channel (two at most), partials per
+//                        unit of 16 elements (two per split), which finalize.wgsl
+//                        finds by channel.
 //   channels_last_vec4:  a unit is 4 adjacent channels (C % 4 == 0), one state each.
 //   channels_last_vec16: a unit is 16 adjacent channels (C % 16 == 0) as 4 vec4s:
 //                        a SIMD batch of a CPU adapter reads longer runs of a row.
 //   scalar:              a unit is one element (channels-last, C % 4 != 0).
 //
 // Reads x; writes partials[channel * splits + split] (rows view: partials[position *
-// splits + split]); with STATS_COUNT_BATCH, one invocation also adds 1 to
+// splits + split], or in 16 elements per invocation partials[(2 * unit + k) * splits
+// + split]); with STATS_COUNT_BATCH, one invocation also adds 1 to
 // num_batches_tracked (running[count_index]).
 //
 // The fused training forward (`fused_*`, for launches whose workgroups each hold
@@ -228,20 +234,20 @@ fn moments_push(s: Moments, d: vec4<f32>, inv: f32) -> Moments {
     return Moments(mean, s.m2 + delta * (d - mean));
 }
 
-// Sixteen channels per invocation, as four named states (not an array indexed in
-// a loop, which a CPU adapter may keep in memory rather than in registers); every
-// channel of a row-walking invocation has seen the same number of elements, so the
-// four share one count and one reciprocal.
-@compute @workgroup_size(WG)
-fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
-                       @builtin(workgroup_id) wid: vec3<u32>,
-                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = begin(t, wid, nwg);
-    let u = 4u * walk_group(p, first);
-    let p0 = x4[u];
-    let p1 = x4[u + 1u];
-    let p2 = x4[u + 2u];
-    let p3 = x4[u + 3u];
+// Sixteen elements per invocation (channels-last: adjacent channels), as four named
+// states (not an array indexed in a loop, which a CPU adapter may keep in memory
+// rather than in registers) of x minus the pivots p0..p3; every element of a
+// row-walking invocation has seen the same number of rows, so the four share one
+// count and one reciprocal.
+struct States16 {
+    n: f32,
+    s0: Moments,
+    s1: Moments,
+    s2: Moments,
+    s3: Moments,
+}
+
+fn loop_vec16(first: Walk, p0: vec4<f32>, p1: vec4<f32>, p2: vec4<f32>, p3: vec4<f32>) -> States16 {
     let zero = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
     var s0 = zero;
     var s1 = zero;
@@ -257,12 +263,92 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
         s2 = moments_push(s2, x4[i + 2u] - p2, inv);
         s3 = moments_push(s3, x4[i + 3u] - p3, inv);
     }
+    return States16(n, s0, s1, s2, s3);
+}
+
+@compute @workgroup_size(WG)
+fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = begin(t, wid, nwg);
+    let u = 4u * walk_group(p, first);
+    let p0 = x4[u];
+    let p1 = x4[u + 1u];
+    let p2 = x4[u + 2u];
+    let p3 = x4[u + 3u];
+    let q = loop_vec16(first, p0, p1, p2, p3);
     let v = 4u * first.group;
-    let count = vec4<f32>(n);
-    finish_lanes(t, first, v, Welford(count, s0.mean, s0.m2), p0);
-    finish_lanes(t, first, v + 1u, Welford(count, s1.mean, s1.m2), p1);
-    finish_lanes(t, first, v + 2u, Welford(count, s2.mean, s2.m2), p2);
-    finish_lanes(t, first, v + 3u, Welford(count, s3.mean, s3.m2), p3);
+    let count = vec4<f32>(q.n);
+    finish_lanes(t, first, v, Welford(count, q.s0.mean, q.s0.m2), p0);
+    finish_lanes(t, first, v + 1u, Welford(count, q.s1.mean, q.s1.m2), p1);
+    finish_lanes(t, first, v + 2u, Welford(count, q.s2.mean, q.s2.m2), p2);
+    finish_lanes(t, first, v + 3u, Welford(count, q.s3.mean, q.s3.m2), p3);
+}
+
+// Of the 16 element positions whose states `q` holds, those in channel c (`past`
+// false) and those in c + 1 (`past` true) merged into one state each: lane x and
+// lane y. The positions of a channel share its pivot and their count, so each
+// merged mean is their mean, and M2 adds the spread of their means about it.
+fn pair_state(q: States16, past0: vec4<bool>, past1: vec4<bool>, past2: vec4<bool>,
+              past3: vec4<bool>) -> Welford {
+    let zero = vec4<f32>(0.0);
+    let one = vec4<f32>(1.0);
+    let b0 = select(zero, one, past0);
+    let b1 = select(zero, one, past1);
+    let b2 = select(zero, one, past2);
+    let b3 = select(zero, one, past3);
+    let a0 = one - b0;
+    let a1 = one - b1;
+    let a2 = one - b2;
+    let a3 = one - b3;
+    let kb = dot(b0 + b1 + b2 + b3, one);
+    let k = vec2<f32>(16.0 - kb, kb);
+    let sums = vec2<f32>(dot(q.s0.mean * a0 + q.s1.mean * a1 + q.s2.mean * a2 + q.s3.mean * a3, one),
+                         dot(q.s0.mean * b0 + q.s1.mean * b1 + q.s2.mean * b2 + q.s3.mean * b3, one));
+    let mean = select(vec2<f32>(0.0), sums / k, k > vec2<f32>(0.0));
+    let ma = vec4<f32>(mean.x);
+    let mb = vec4<f32>(mean.y);
+    let d0 = q.s0.mean - select(ma, mb, past0);
+    let d1 = q.s1.mean - select(ma, mb, past1);
+    let d2 = q.s2.mean - select(ma, mb, past2);
+    let d3 = q.s3.mean - select(ma, mb, past3);
+    let e0 = q.s0.m2 + q.n * d0 * d0;
+    let e1 = q.s1.m2 + q.n * d1 * d1;
+    let e2 = q.s2.m2 + q.n * d2 * d2;
+    let e3 = q.s3.m2 + q.n * d3 * d3;
+    let m2 = vec2<f32>(dot(e0 * a0 + e1 * a1 + e2 * a2 + e3 * a3, one),
+                       dot(e0 * b0 + e1 * b1 + e2 * b2 + e3 * b3, one));
+    return Welford(vec4<f32>(q.n * k, 0.0, 0.0), vec4<f32>(mean, 0.0, 0.0), vec4<f32>(m2, 0.0, 0.0));
+}
+
+// The rows view 16 elements per invocation (S ≥ 15, so in two channels at most,
+// common.wgsl): four states per lane as channels_last_vec16's, each element
+// pivoted by its channel's first element; after its walk each lane merges them into
+// one state per channel (pair_state), the workgroup merges its rows, and unit u
+// writes two partials: partials[(2u + k) * splits + split], k = 0 for the channel of
+// its first element and 1 for the next (empty where the unit ends in the first).
+@compute @workgroup_size(WG)
+fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
+                             @builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = begin(t, wid, nwg);
+    let e = 16u * walk_group(p, first);
+    let c = row_channel(p, e);
+    let a = c * p.rep;
+    let b = row_next(p, c) * p.rep;
+    let pa = vec4<f32>(x4[a / 4u][a % 4u]);
+    let pb = vec4<f32>(x4[b / 4u][b % 4u]);
+    let past0 = row_past(p, c, e);
+    let past1 = row_past(p, c, e + 4u);
+    let past2 = row_past(p, c, e + 8u);
+    let past3 = row_past(p, c, e + 12u);
+    let q = loop_vec16(first, select(pa, pb, past0), select(pa, pb, past1), select(pa, pb, past2),
+                       select(pa, pb, past3));
+    let r = reduce_rows(t, first.row, pair_state(q, past0, past1, past2, past3));
+    if first.row == 0u && first.group < p.groups {
+        write_partial(2u * first.group, first.split, r, 0u, pa.x);
+        write_partial(2u * first.group + 1u, first.split, r, 1u, pb.x);
+    }
 }
 
 @compute @workgroup_size(WG)

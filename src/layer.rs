@@ -546,7 +546,8 @@ impl BatchNorm {
             count: m as f32,
             unbias: if m > 1.0 { (m / (m - 1.0)) as f32 } else { 1.0 },
             count_index: 2 * self.stride() as u32,
-            _pad: [0; 3],
+            unit_pairs: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -686,11 +687,14 @@ impl BatchNorm {
             ],
             plan.workgroups(),
         );
-        let fp = self.finalize_params(
-            plan.partials_per_channel(),
-            shape.per_channel(),
-            update_running,
-        );
+        let fp = finalize::FinalizeParams {
+            unit_pairs: plan.unit_pairs(),
+            ..self.finalize_params(
+                plan.partials_per_channel(),
+                shape.per_channel(),
+                update_running,
+            )
+        };
         let fparams = kernels.uniform(device, &fp);
         kernels.finalize.train.dispatch(
             device,

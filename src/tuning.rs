@@ -27,6 +27,8 @@ pub struct Cut {
     /// 4 (channels-last tensors with `C % 16 == 0` and, in the elementwise passes,
     /// channels-first ones read as rows, `C * S % 16 == 0`), so that a SIMD batch
     /// reads 512 contiguous bytes of a row per step rather than 128; 0 for none.
+    /// The statistics read channels-first tensors as rows 16 elements per
+    /// invocation whatever the row's width, unless this is 0.
     pub max_wide_row: u32,
     /// Work each invocation of such a 16-element walk should get, in vec4s, where
     /// that is more than `min_units`, as long as the launch keeps `min_workgroups`.

@@ -55,7 +55,8 @@ pub(crate) enum Variant {
     /// `C * S % 4 == 0`: a batch item read as a channels-last row, a channel every S.
     ChannelsFirstRowsVec4,
     /// The same, 16 elements per invocation (`C * S % 16 == 0`,
-    /// `S >= ROWS_VEC16_MIN_RUN`, rows of at most `Cut::max_wide_row` bytes).
+    /// `S >= ROWS_VEC16_MIN_RUN`; rows of at most `Cut::max_wide_row` bytes, and in
+    /// the statistics wherever that is not 0, writing partials per unit).
     ChannelsFirstRowsVec16,
     /// f32 units (channels-last, `C % 4 != 0`).
     Scalar,
@@ -77,7 +78,8 @@ impl WalkPlan {
 
     /// Partials a reduction over this walk writes per channel, consecutive: one per
     /// split, or for the statistics in the rows view one per split and element
-    /// position of the channel's run (`splits * S`).
+    /// position of the channel's run (`splits * S`); in the rows view in 16-element
+    /// units, per unit and channel ([`Self::unit_pairs`]).
     pub fn partials_per_channel(&self) -> u32 {
         match self.variant {
             Variant::ChannelsFirstRowsVec4 => self.params.splits * self.params.rep,
@@ -85,8 +87,22 @@ impl WalkPlan {
         }
     }
 
-    /// Partials a reduction over this walk writes: `C * partials_per_channel()`.
+    /// For the statistics in the rows view in 16-element units, S: each unit writes
+    /// `splits` partials for each of the two channels its elements may lie in, and
+    /// `finalize` finds a channel's by its units. Else 0.
+    pub fn unit_pairs(&self) -> u32 {
+        match self.variant {
+            Variant::ChannelsFirstRowsVec16 => self.params.rep,
+            _ => 0,
+        }
+    }
+
+    /// Partials a reduction over this walk writes: `C * partials_per_channel()`, or
+    /// with [`Self::unit_pairs`] two per unit and split.
     pub fn partial_count(&self, channels: usize) -> u64 {
+        if self.unit_pairs() != 0 {
+            return 2 * u64::from(self.params.groups) * u64::from(self.params.splits);
+        }
         channels as u64 * u64::from(self.partials_per_channel())
     }
 }
@@ -118,6 +134,13 @@ const WIDE_REDUCTION_MIN_WALK: u32 = 512;
 /// of a batch item and split, so the partials are at most a quarter of the tensor.
 const STATS_ROWS_MIN_BATCH: u32 = 16;
 
+/// The same for the rows view in 16-element units, which writes two partials per
+/// unit and split (at most a sixteenth of the tensor from 8 batch items per split).
+/// On lavapipe its walks gained on the quads from 8 batch items (8x2048x7x7
+/// forward-train 0.66 → 0.75–0.78 of a copy, 12x1024x7x7 0.65 → 0.75–0.78) and lost below
+/// (4x2048x5x5 0.59 → 0.56, 2x2048x7x7 0.56 → 0.44).
+const STATS_ROWS16_MIN_BATCH: u32 = 8;
+
 /// Elements per channel (S) for the rows view to read 16 elements per invocation:
 /// its kernels pick each element's per-channel values between two channels, and 16
 /// consecutive elements lie in two channels at most where S ≥ 15 (four, from a
@@ -130,16 +153,18 @@ const ROWS_VEC16_MIN_RUN: u32 = 15;
 /// (S % 4 != 0) but whose batch items are (C * S % 4 == 0) is read as rows of C * S
 /// elements, a channel every S, by the elementwise passes, and by the statistics
 /// pass where the batch is large enough for its partials per element position
-/// ([`STATS_ROWS_MIN_BATCH`]); the backward sums read it in vec4s where C % 4 == 0,
-/// four channels' runs (S vec4s) per channel unit. Other such tensors are read in
-/// quads. On CPU adapters the elementwise passes walk channels-first tensors with
-/// S % 4 == 0 flat ([`flat_runs`]). Rows of at most `tuning.max_wide_row` bytes are
-/// read 16 elements per invocation where C % 16 == 0 (for the rows view C * S, and
-/// S ≥ [`ROWS_VEC16_MIN_RUN`]): by
-/// the elementwise passes always, by the reductions over channels-last rows where
-/// each invocation walks at least [`WIDE_REDUCTION_MIN_WALK`] vec4s, never by the
-/// fused forward (which has no such kernel). `padded` is the stride of the
-/// per-channel vectors (C rounded up to 4).
+/// ([`STATS_ROWS_MIN_BATCH`]), or for 16-element units per unit
+/// ([`STATS_ROWS16_MIN_BATCH`], where `tuning.max_wide_row` is not 0); the
+/// backward sums read it in vec4s where C % 4 == 0, four channels' runs (S vec4s)
+/// per channel unit. Other such tensors are read in quads. On CPU adapters the
+/// elementwise passes walk channels-first tensors with S % 4 == 0 flat
+/// ([`flat_runs`]). Rows of at most `tuning.max_wide_row` bytes are read 16
+/// elements per invocation where C % 16 == 0 (for the rows view C * S, and S ≥
+/// [`ROWS_VEC16_MIN_RUN`]): by the elementwise passes always, by the reductions
+/// over channels-last rows where each invocation walks at least
+/// [`WIDE_REDUCTION_MIN_WALK`] vec4s, never by the fused forward (which has no
+/// such kernel). `padded` is the stride of the per-channel vectors (C rounded up
+/// to 4).
 pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkPlan {
     let (n, c, s) = (
         shape.n() as u32,
@@ -148,14 +173,22 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     );
     let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
     let odd_runs = !channels_last && s % 4 != 0;
+    let rows_vec16 = s >= ROWS_VEC16_MIN_RUN && (c * s) % 16 == 0;
     if odd_runs && pass == Pass::Statistics && (c * s) % 4 == 0 {
-        let units = Units::rows(c * s / 4, n, 4).channel_every(s);
+        let (variant, units) = if rows_vec16 && tuning.max_wide_row > 0 {
+            let units = Units::rows(c * s / 16, n, 16).channel_every(s);
+            (Variant::ChannelsFirstRowsVec16, units)
+        } else {
+            let units = Units::rows(c * s / 4, n, 4).channel_every(s);
+            (Variant::ChannelsFirstRowsVec4, units)
+        };
         let params = plan_units(units, padded, tuning);
-        if n >= STATS_ROWS_MIN_BATCH * params.splits {
-            return WalkPlan {
-                params,
-                variant: Variant::ChannelsFirstRowsVec4,
-            };
+        let min_batch = match variant {
+            Variant::ChannelsFirstRowsVec16 => STATS_ROWS16_MIN_BATCH,
+            _ => STATS_ROWS_MIN_BATCH,
+        };
+        if n >= min_batch * params.splits {
+            return WalkPlan { params, variant };
         }
     }
     let wide = |row_elements: u32| 4 * u64::from(row_elements) <= u64::from(tuning.max_wide_row);
@@ -170,8 +203,7 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
         }
     }
     let runs_as_rows = odd_runs && pass == Pass::Elementwise;
-    let rows_vec16 = s >= ROWS_VEC16_MIN_RUN && (c * s) % 16 == 0 && wide(c * s);
-    let (variant, units) = if runs_as_rows && rows_vec16 {
+    let (variant, units) = if runs_as_rows && rows_vec16 && wide(c * s) {
         let units = Units::rows(c * s / 16, n, 16).channel_every(s);
         (Variant::ChannelsFirstRowsVec16, units)
     } else if runs_as_rows && (c * s) % 4 == 0 {
@@ -449,8 +481,8 @@ impl WalkKernels {
     /// Pipelines for the entry points `channels_first_vec4`, `channels_first_quad`,
     /// `channels_last_vec4`, `channels_last_vec16` and `scalar` of `module`; for the
     /// backward sums also `channels_first_packed`, for the statistics
-    /// `channels_first_rows_vec4`, for an elementwise pass that,
-    /// `channels_first_rows_vec16` and `channels_first_flat`; labelled
+    /// `channels_first_rows_vec4` and `channels_first_rows_vec16`, for an elementwise
+    /// pass those and `channels_first_flat`; labelled
     /// `{name}.{entry}`.
     pub(crate) fn new(
         device: &wgpu::Device,
@@ -485,7 +517,8 @@ impl WalkKernels {
             packed: (pass == Pass::Sums).then(|| k("channels_first_packed")),
             rows_vec4: matches!(pass, Pass::Elementwise | Pass::Statistics)
                 .then(|| k("channels_first_rows_vec4")),
-            rows_vec16: (pass == Pass::Elementwise).then(|| k("channels_first_rows_vec16")),
+            rows_vec16: matches!(pass, Pass::Elementwise | Pass::Statistics)
+                .then(|| k("channels_first_rows_vec16")),
         }
     }
 
@@ -511,7 +544,7 @@ impl WalkKernels {
             Variant::ChannelsFirstRowsVec16 => self
                 .rows_vec16
                 .as_ref()
-                .expect("plan() gives rows of vec16 to elementwise passes only"),
+                .expect("plan() gives rows of vec16 to elementwise passes and statistics only"),
         }
     }
 }

@@ -16,7 +16,8 @@ pub(crate) struct FinalizeParams {
     pub count: f32,
     pub unbias: f32,
     pub count_index: u32,
-    pub _pad: [u32; 3],
+    pub unit_pairs: u32,
+    pub _pad: [u32; 2],
 }
 
 /// `FinalizeParams::flags` bits (reach WGSL as `FINALIZE_*`, see `sources::FLAGS`).

@@ -193,7 +193,9 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
 /// 5x160x29x29 channels-last has rows enough for the reductions to read them 16
 /// channels per invocation (walks of at least 128 rows) on any machine: under the
 /// "odd" tuning in one split (walks of 263 rows), under "wide reductions" in two
-/// (132 rows).
+/// (132 rows). 128x16x15 has runs of S = 15 in batch items of 16-element units:
+/// its statistics are read in the rows view per unit, in two splits under
+/// "finest".
 pub const SPLIT_SHAPES: &[&[usize]] = &[
     &[16, 8, 30, 30],
     &[7, 3, 4, 12],
@@ -212,4 +214,5 @@ pub const SPLIT_SHAPES: &[&[usize]] = &[
     &[17, 3, 4, 8],
     &[260, 8, 4, 8],
     &[5, 160, 29, 29],
+    &[128, 16, 15],
 ];
