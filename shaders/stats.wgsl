@@ -197,9 +197,17 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
     finish_channel(t, s.first, s.w, s.pivot.x);
 }
 
-// The rows view: each lane stays on one element position of a batch item, whose
-// channel's first element is its pivot (read through x4: an entry point may use only
-// one of a binding's two views); partials per position.
+// The pivots of the rows view's channel c and the next (common.wgsl): their first
+// elements, read through x4 (an entry point may use only one of a binding's two
+// views).
+fn row_pivots(c: u32) -> vec2<f32> {
+    let a = c * p.rep;
+    let b = row_next(p, c) * p.rep;
+    return vec2<f32>(x4[a / 4u][a % 4u], x4[b / 4u][b % 4u]);
+}
+
+// The rows view: each lane stays on four element positions of a batch item, each
+// pivoted by its channel's first element; partials per position.
 @compute @workgroup_size(WG)
 fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
                             @builtin(workgroup_id) wid: vec3<u32>,
@@ -207,9 +215,8 @@ fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
     let first = begin(t, wid, nwg);
     let e = 4u * walk_group(p, first);
     let c = row_channel(p, e);
-    let a = c * p.rep;
-    let b = row_next(p, c) * p.rep;
-    let pivot = select(vec4<f32>(x4[a / 4u][a % 4u]), vec4<f32>(x4[b / 4u][b % 4u]), row_past(p, c, e));
+    let pv = row_pivots(c);
+    let pivot = select(vec4<f32>(pv.x), vec4<f32>(pv.y), row_past(p, c, e));
     finish_lanes(t, first, first.group, loop_vec4(first, pivot), pivot);
 }
 
@@ -334,10 +341,9 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
     let first = begin(t, wid, nwg);
     let e = 16u * walk_group(p, first);
     let c = row_channel(p, e);
-    let a = c * p.rep;
-    let b = row_next(p, c) * p.rep;
-    let pa = vec4<f32>(x4[a / 4u][a % 4u]);
-    let pb = vec4<f32>(x4[b / 4u][b % 4u]);
+    let pv = row_pivots(c);
+    let pa = vec4<f32>(pv.x);
+    let pb = vec4<f32>(pv.y);
     let past0 = row_past(p, c, e);
     let past1 = row_past(p, c, e + 4u);
     let past2 = row_past(p, c, e + 8u);
