@@ -174,7 +174,7 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let e = 16u * walk_group(p, first);
+    let e = ROW_UNIT * walk_group(p, first);
     let c = row_channel(p, e);
     let a = coef_channel(c);
     let b = coef_channel(row_next(p, c));

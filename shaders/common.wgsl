@@ -91,8 +91,9 @@ fn walk_index(p: WalkParams, w: Walk) -> u32 {
 // The rows view (a channels-first tensor with S % 4 != 0 read as rows of C * S
 // elements, a channel every `rep` = S ≥ 2 elements): an invocation's elements lie
 // in two channels at most (the host sees to it: four from a multiple of 4 always,
-// sixteen where S ≥ 15), the channel of its first element and the next, whose
-// per-channel values it loads once and picks per element by comparisons.
+// ROW_UNIT (16, a host constant) where S ≥ 15), the channel of its first element
+// and the next, whose per-channel values it loads once and picks per element by
+// comparisons.
 fn row_channel(p: WalkParams, e: u32) -> u32 {
     return e / p.rep;
 }

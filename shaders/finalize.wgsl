@@ -58,14 +58,14 @@ fn train(@builtin(local_invocation_index) lid: u32,
     var begin = 0u;
     if p.unit_pairs != 0u {
         begin = c * p.unit_pairs;
-        units = vec2<u32>(begin / 16u, (begin + p.unit_pairs - 1u) / 16u);
+        units = vec2<u32>(begin / ROW_UNIT, (begin + p.unit_pairs - 1u) / ROW_UNIT);
     }
     var acc = welford_empty();
     var pivot = 0.0;
     for (var u = units.x; u <= units.y; u++) {
         var at = u * p.splits;
         if p.unit_pairs != 0u {
-            at = (2u * u + u32(16u * u < begin)) * p.splits;
+            at = (2u * u + u32(ROW_UNIT * u < begin)) * p.splits;
         }
         if u == units.x {
             pivot = partials[at].w;

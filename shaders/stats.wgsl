@@ -339,7 +339,7 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = begin(t, wid, nwg);
-    let e = 16u * walk_group(p, first);
+    let e = ROW_UNIT * walk_group(p, first);
     let c = row_channel(p, e);
     let pv = row_pivots(c);
     let pa = vec4<f32>(pv.x);

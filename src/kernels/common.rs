@@ -141,11 +141,16 @@ const STATS_ROWS_MIN_BATCH: u32 = 16;
 /// (4x2048x5x5 0.59 → 0.56, 2x2048x7x7 0.56 → 0.44).
 const STATS_ROWS16_MIN_BATCH: u32 = 8;
 
-/// Elements per channel (S) for the rows view to read 16 elements per invocation:
-/// its kernels pick each element's per-channel values between two channels, and 16
-/// consecutive elements lie in two channels at most where S ≥ 15 (four, from a
-/// multiple of 4, always do).
-const ROWS_VEC16_MIN_RUN: u32 = 15;
+/// Elements per unit of the rows view's 16-element walks
+/// ([`Variant::ChannelsFirstRowsVec16`]; `ROW_UNIT` in WGSL, where finalize.wgsl
+/// finds the statistics' partials by unit).
+pub(crate) const ROW_UNIT: u32 = 16;
+
+/// Elements per channel (S) for the rows view to read [`ROW_UNIT`] elements per
+/// invocation: its kernels pick each element's per-channel values between two
+/// channels, and 16 consecutive elements lie in two channels at most where S ≥ 15
+/// (four, from a multiple of 4, always do).
+const ROWS_VEC16_MIN_RUN: u32 = ROW_UNIT - 1;
 
 /// The walk of `shape`: vec4 units where the layout allows, then [`plan_units`].
 /// A channels-first tensor without spatial dims is the same memory as a
@@ -173,10 +178,10 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     );
     let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
     let odd_runs = !channels_last && s % 4 != 0;
-    let rows_vec16 = s >= ROWS_VEC16_MIN_RUN && (c * s) % 16 == 0;
+    let rows_vec16 = s >= ROWS_VEC16_MIN_RUN && (c * s) % ROW_UNIT == 0;
     if odd_runs && pass == Pass::Statistics && (c * s) % 4 == 0 {
         let (variant, units) = if rows_vec16 && tuning.max_wide_row > 0 {
-            let units = Units::rows(c * s / 16, n, 16).channel_every(s);
+            let units = Units::rows(c * s / ROW_UNIT, n, ROW_UNIT).channel_every(s);
             (Variant::ChannelsFirstRowsVec16, units)
         } else {
             let units = Units::rows(c * s / 4, n, 4).channel_every(s);
@@ -204,7 +209,7 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     }
     let runs_as_rows = odd_runs && pass == Pass::Elementwise;
     let (variant, units) = if runs_as_rows && rows_vec16 && wide(c * s) {
-        let units = Units::rows(c * s / 16, n, 16).channel_every(s);
+        let units = Units::rows(c * s / ROW_UNIT, n, ROW_UNIT).channel_every(s);
         (Variant::ChannelsFirstRowsVec16, units)
     } else if runs_as_rows && (c * s) % 4 == 0 {
         let units = Units::rows(c * s / 4, n, 4).channel_every(s);

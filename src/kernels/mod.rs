@@ -72,10 +72,16 @@ pub mod sources {
         ("BACKWARD_DX_WITH_X", super::backward_dx::WITH_X),
     ];
 
-    /// Full source of a kernel file: the flag constants, the shared piece, the kernel.
+    /// Sizes the host and the kernels share, as `(WGSL name, value)`, prepended as
+    /// the flags are.
+    pub const SIZES: &[(&str, u32)] = &[("ROW_UNIT", super::common::ROW_UNIT)];
+
+    /// Full source of a kernel file: the flag and size constants, the shared piece,
+    /// the kernel.
     pub fn full(kernel: &str) -> String {
         let flags: String = FLAGS
             .iter()
+            .chain(SIZES)
             .map(|(name, value)| format!("const {name}: u32 = {value}u;\n"))
             .collect();
         format!("{flags}\n{COMMON}\n{kernel}")
