@@ -187,15 +187,7 @@ fn welford_empty() -> Welford {
     return Welford(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
 }
 
-// Adds one value (already shifted by the pivot) to each lane.
-fn welford_push(w: Welford, d: vec4<f32>) -> Welford {
-    let n = w.n + 1.0;
-    let delta = d - w.mean;
-    let mean = w.mean + delta / n;
-    return Welford(n, mean, w.m2 + delta * (d - mean));
-}
-
-// Adds one value to each lane where `valid` holds.
+// Adds one value (already shifted by the pivot) to each lane where `valid` holds.
 fn welford_push_where(w: Welford, d: vec4<f32>, valid: vec4<bool>) -> Welford {
     let zero = vec4<f32>(0.0);
     let n = w.n + select(zero, vec4<f32>(1.0), valid);

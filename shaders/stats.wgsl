@@ -99,13 +99,30 @@ fn write_partial(c: u32, split: u32, w: Welford, lane: u32, pivot: f32) {
     partials[c * p.splits + split] = vec4<f32>(w.n[lane], w.mean[lane], w.m2[lane], pivot);
 }
 
-// The vec4 loop (channels-first runs, channels-last rows): Welford states of x - pivot.
+// Welford means and M2 of four channels (lanes) whose count is kept outside, shared
+// with other such states of the same rows: each step takes one reciprocal of the
+// count for all of them, instead of a division per lane.
+struct Moments {
+    mean: vec4<f32>,
+    m2: vec4<f32>,
+}
+
+fn moments_push(s: Moments, d: vec4<f32>, inv: f32) -> Moments {
+    let delta = d - s.mean;
+    let mean = s.mean + delta * inv;
+    return Moments(mean, s.m2 + delta * (d - mean));
+}
+
+// The vec4 loop (channels-first runs, channels-last rows): Welford states of x - pivot,
+// whose four lanes see the same number of elements.
 fn loop_vec4(first: Walk, pivot: vec4<f32>) -> Welford {
-    var acc = welford_empty();
+    var s = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
+    var n = 0.0;
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        acc = welford_push(acc, x4[walk_index(p, w)] - pivot);
+        n += 1.0;
+        s = moments_push(s, x4[walk_index(p, w)] - pivot, 1.0 / n);
     }
-    return acc;
+    return Welford(vec4<f32>(n), s.mean, s.m2);
 }
 
 // The quad loop (channels-first, S % 4 != 0): Welford states of x - pivot, a lane
@@ -122,11 +139,13 @@ fn loop_quad(first: Walk, pivot: f32) -> Welford {
 
 // The scalar loop (channels-last, C % 4 != 0): the Welford state in lane 0.
 fn loop_scalar(first: Walk, pivot: f32) -> Welford {
-    var acc = welford_empty();
+    var s = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
+    var n = 0.0;
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        acc = welford_push_where(acc, vec4<f32>(x[walk_index(p, w)] - pivot), vec4<bool>(true, false, false, false));
+        n += 1.0;
+        s = moments_push(s, vec4<f32>(x[walk_index(p, w)] - pivot, 0.0, 0.0, 0.0), 1.0 / n);
     }
-    return acc;
+    return Welford(vec4<f32>(n, 0.0, 0.0, 0.0), s.mean, s.m2);
 }
 
 // An invocation's walk, Welford state and pivot after its loop, for the variants
@@ -226,19 +245,6 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
     let s = start_channels_last_vec4(t, wid, nwg);
     finish_lanes(t, s.first, s.first.group, s.w, s.pivot);
-}
-
-// Welford means and M2 of four channels (lanes) whose count is kept outside, shared
-// with other such states of the same rows.
-struct Moments {
-    mean: vec4<f32>,
-    m2: vec4<f32>,
-}
-
-fn moments_push(s: Moments, d: vec4<f32>, inv: f32) -> Moments {
-    let delta = d - s.mean;
-    let mean = s.mean + delta * inv;
-    return Moments(mean, s.m2 + delta * (d - mean));
 }
 
 // Sixteen elements per invocation (channels-last: adjacent channels), as four named
