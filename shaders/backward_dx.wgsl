@@ -4,7 +4,9 @@
 // Walks the tensor as apply.wgsl does (same WalkParams and entry points); each
 // invocation stays on one channel unit and loads its coefficients once, or in the
 // flat walk once per run.
-// With running statistics k_x = 0 and x is not read (no BACKWARD_DX_WITH_X).
+// With running statistics k_x = 0 and x is not read: the pipelines built with the
+// override WITH_X false (a constant per pipeline rather than a flag in `p`, so that
+// the loops carry no branch on it).
 // Reads x, dy, coef; writes dx.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
@@ -17,9 +19,8 @@
 @group(0) @binding(4) var<storage, read> coef: array<f32>;
 @group(0) @binding(4) var<storage, read> coef4: array<vec4<f32>>;
 
-fn with_x() -> bool {
-    return (p.flags & BACKWARD_DX_WITH_X) != 0u;
-}
+// true: the x term (batch statistics; set by the host per pipeline).
+override WITH_X: bool;
 
 // The dx coefficients of four lanes: one channel each, or one channel splatted.
 struct Coef {
@@ -32,7 +33,7 @@ struct Coef {
 // dx of four lanes; `xv` is only read with the x term.
 fn dx_of(k: Coef, g: vec4<f32>, xv: vec4<f32>) -> vec4<f32> {
     var r = g * k.k_dy + k.k_c;
-    if with_x() {
+    if WITH_X {
         r += (xv - k.hi) * k.k_x;
     }
     return r;
@@ -59,7 +60,7 @@ fn pick(a: Coef, b: Coef, past: vec4<bool>) -> Coef {
 
 // x4[i] when the x term is used (else not read).
 fn x4_if_used(i: u32, k: Coef) -> vec4<f32> {
-    if with_x() {
+    if WITH_X {
         return x4[i];
     }
     return k.hi;
@@ -125,7 +126,7 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
         var xv = k.hi;
-        if with_x() {
+        if WITH_X {
             xv = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
         }
         let r = dx_of(k, vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]), xv);
@@ -191,7 +192,7 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         var xv = k.hi.x;
-        if with_x() {
+        if WITH_X {
             xv = x[i];
         }
         dx[i] = dx_of(k, vec4<f32>(dy[i]), vec4<f32>(xv)).x;

@@ -9,7 +9,9 @@
 // (sum dy, sum dy * (x - hi), 0, 0), where hi is the high part of the saved mean
 // pair (x - hi is exact near the mean; the low part is applied by
 // backward_finalize.wgsl). Sums run in a fixed order: deterministic.
-// Without BACKWARD_REDUCE_WITH_X only sum dy is needed and x is not read.
+// In the pipelines built with the override WITH_X false only sum dy is needed and x
+// is not read (a constant per pipeline rather than a flag in `p`, so that the loops
+// carry no branch on it).
 //
 // Reads x, dy, saved = [mean | invstd | hi | lo]; writes partials[channel * splits + split].
 
@@ -31,14 +33,13 @@ struct Sums {
     dyx: vec4<f32>,
 }
 
-fn wants_x() -> bool {
-    return (p.flags & BACKWARD_REDUCE_WITH_X) != 0u;
-}
+// true: also sum dy * (x - hi) (set by the host per pipeline).
+override WITH_X: bool;
 
 fn accumulate(acc: Sums, g: vec4<f32>, xv: vec4<f32>, hi: vec4<f32>) -> Sums {
     var r = acc;
     r.dy += g;
-    if wants_x() {
+    if WITH_X {
         r.dyx += g * (xv - hi);
     }
     return r;
@@ -100,7 +101,7 @@ fn hi_group(v: u32) -> vec4<f32> {
 
 // x4[i] when the x sum is wanted (else not read).
 fn x4_if_wanted(i: u32, hi: vec4<f32>) -> vec4<f32> {
-    if wants_x() {
+    if WITH_X {
         return x4[i];
     }
     return hi;
@@ -154,7 +155,7 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
         let i = quad_indices(p, w);
         let valid = quad_valid(p, w);
         var xv = hi;
-        if wants_x() {
+        if WITH_X {
             xv = select(hi, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]), valid);
         }
         let g = select(vec4<f32>(0.0), vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]), valid);
@@ -236,7 +237,7 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         var xv = hi;
-        if wants_x() {
+        if WITH_X {
             xv = vec4<f32>(x[i], hi.yzw);
         }
         acc = accumulate(acc, vec4<f32>(dy[i], 0.0, 0.0, 0.0), xv, hi);

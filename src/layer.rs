@@ -2,8 +2,7 @@
 
 use crate::context::GpuContext;
 use crate::kernels::{
-    apply, backward_dx, backward_finalize, backward_reduce, binding, common, finalize, stats,
-    whole, Kernel, WORKGROUP_SIZE,
+    apply, backward_finalize, binding, common, finalize, stats, whole, Kernel, WORKGROUP_SIZE,
 };
 use crate::{
     BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
@@ -745,13 +744,13 @@ impl BatchNorm {
         let mut plan = self.elementwise_walk(shape);
         let kernels = self.ctx.kernels();
         let (pipelines, coef) = match from {
-            Coefficients::Finalized => (&kernels.apply.finalized, &self.coef),
+            Coefficients::Finalized => (kernels.apply.get(false), &self.coef),
             Coefficients::Running => {
                 if self.config.affine {
                     plan.params.flags = apply::AFFINE;
                 }
                 plan.params.eps = self.config.eps;
-                (&kernels.apply.running, &self.running)
+                (kernels.apply.get(true), &self.running)
             }
         };
         let device = self.ctx.device();
@@ -876,18 +875,15 @@ impl BatchNorm {
             return;
         }
         let stride = self.stride() as u32;
-        let mut plan = self.reduce_walk(shape, common::Pass::Sums);
-        plan.params.flags = if batch || want_dgamma {
-            backward_reduce::WITH_X
-        } else {
-            0
-        };
+        let plan = self.reduce_walk(shape, common::Pass::Sums);
+        let with_x = batch || want_dgamma;
         let partials = self.partials(plan.partial_count(self.config.num_features));
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
         if need_sums {
             let params = kernels.uniform(device, &plan.params);
-            kernels.backward_reduce.get(plan.variant).dispatch(
+            let sums = kernels.backward_reduce.get(with_x).get(plan.variant);
+            sums.dispatch(
                 device,
                 pass,
                 &[
@@ -943,10 +939,9 @@ impl BatchNorm {
             self.channel_workgroups(),
         );
         if let Some(dx) = grads.dx {
-            let mut ep = self.elementwise_walk(shape);
-            ep.params.flags = if batch { backward_dx::WITH_X } else { 0 };
+            let ep = self.elementwise_walk(shape);
             let params = kernels.uniform(device, &ep.params);
-            kernels.backward_dx.get(ep.variant).dispatch(
+            kernels.backward_dx.get(batch).get(ep.variant).dispatch(
                 device,
                 pass,
                 &[

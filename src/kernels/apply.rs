@@ -1,6 +1,6 @@
 //! Host side of `shaders/apply.wgsl`: normalize + scale/shift over common.rs' walk.
 
-use super::common::{Pass, WalkKernels};
+use super::common::{Pass, SwitchedWalkKernels};
 use super::Access;
 
 /// `WalkParams::flags` bit (reaches WGSL as `APPLY_AFFINE`, see `sources::FLAGS`) of
@@ -20,30 +20,16 @@ const BINDINGS: &[Access] = &[
     Access::Read,
 ];
 
-/// The entry points of apply.wgsl, twice.
-pub(crate) struct ApplyKernels {
-    /// With the coefficients finalize.wgsl wrote.
-    pub finalized: WalkKernels,
-    /// With coefficients computed from the running statistics (one-dispatch eval).
-    pub running: WalkKernels,
-}
-
-impl ApplyKernels {
-    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let with = |name: &str, from_running: bool| {
-            let overrides = [(FROM_RUNNING, f64::from(u8::from(from_running)))];
-            WalkKernels::with_overrides(
-                device,
-                module,
-                name,
-                BINDINGS,
-                Pass::Elementwise,
-                &overrides,
-            )
-        };
-        Self {
-            finalized: with("bn.apply", false),
-            running: with("bn.apply.running", true),
-        }
-    }
+/// The entry points of apply.wgsl, twice: `get(false)` with the coefficients
+/// finalize.wgsl wrote, `get(true)` computing them from the running statistics
+/// (one-dispatch eval).
+pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
+    SwitchedWalkKernels::new(
+        device,
+        module,
+        "bn.apply",
+        BINDINGS,
+        Pass::Elementwise,
+        FROM_RUNNING,
+    )
 }

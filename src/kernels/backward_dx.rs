@@ -1,10 +1,11 @@
 //! Host side of `shaders/backward_dx.wgsl`: dx over common.rs' walk.
 
-use super::common::{Pass, WalkKernels};
+use super::common::{Pass, SwitchedWalkKernels};
 use super::Access;
 
-/// Bit of `WalkParams::flags`: the x term is used (batch statistics).
-pub(crate) const WITH_X: u32 = 1;
+/// The `override` of backward_dx.wgsl that builds the pipelines with the x term
+/// (batch statistics).
+const WITH_X: &str = "WITH_X";
 
 /// params, x, dy, dx, coef.
 const BINDINGS: &[Access] = &[
@@ -15,13 +16,15 @@ const BINDINGS: &[Access] = &[
     Access::Read,
 ];
 
-/// The entry points of backward_dx.wgsl.
-pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
-    WalkKernels::new(
+/// The entry points of backward_dx.wgsl, twice: `get(true)` with the x term,
+/// `get(false)` without it (running statistics: x is not read).
+pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
+    SwitchedWalkKernels::new(
         device,
         module,
         "bn.backward_dx",
         BINDINGS,
         Pass::Elementwise,
+        WITH_X,
     )
 }

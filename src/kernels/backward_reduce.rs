@@ -1,11 +1,12 @@
 //! Host side of `shaders/backward_reduce.wgsl`: per-channel partial sums of the
 //! backward over common.rs' walk (split as the forward statistics are).
 
-use super::common::{Pass, WalkKernels};
+use super::common::{Pass, SwitchedWalkKernels};
 use super::Access;
 
-/// Bit of `WalkParams::flags`: also sum dy * (x - mean).
-pub(crate) const WITH_X: u32 = 1;
+/// The `override` of backward_reduce.wgsl that builds the pipelines which also sum
+/// dy * (x - mean).
+const WITH_X: &str = "WITH_X";
 
 /// params, x, dy, saved, partials.
 const BINDINGS: &[Access] = &[
@@ -16,7 +17,15 @@ const BINDINGS: &[Access] = &[
     Access::ReadWrite,
 ];
 
-/// The entry points of backward_reduce.wgsl.
-pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> WalkKernels {
-    WalkKernels::new(device, module, "bn.backward_reduce", BINDINGS, Pass::Sums)
+/// The entry points of backward_reduce.wgsl, twice: `get(true)` also sums
+/// dy * (x - mean), `get(false)` sums dy only and does not read x.
+pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
+    SwitchedWalkKernels::new(
+        device,
+        module,
+        "bn.backward_reduce",
+        BINDINGS,
+        Pass::Sums,
+        WITH_X,
+    )
 }

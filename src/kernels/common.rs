@@ -465,6 +465,45 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     }
 }
 
+/// A kernel's [`WalkKernels`] built twice, with a boolean `override` of its module
+/// (`switch`) false and true: a choice fixed per pipeline, so that neither set
+/// carries the other's code, nor a branch on it in its loops (which a CPU adapter
+/// runs on every step).
+pub(crate) struct SwitchedWalkKernels {
+    off: WalkKernels,
+    on: WalkKernels,
+}
+
+impl SwitchedWalkKernels {
+    /// Labelled `{name}.{entry}` (`switch` false) and `{name}.{switch}.{entry}` (true).
+    pub(crate) fn new(
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        name: &str,
+        bindings: &[Access],
+        pass: Pass,
+        switch: &str,
+    ) -> Self {
+        let with = |on: bool, label: &str| {
+            let overrides = [(switch, f64::from(u8::from(on)))];
+            WalkKernels::with_overrides(device, module, label, bindings, pass, &overrides)
+        };
+        Self {
+            off: with(false, name),
+            on: with(true, &format!("{name}.{switch}")),
+        }
+    }
+
+    /// The pipelines built with the switch `on`.
+    pub(crate) fn get(&self, on: bool) -> &WalkKernels {
+        if on {
+            &self.on
+        } else {
+            &self.off
+        }
+    }
+}
+
 /// The entry points of a kernel that walks the tensor, one per [`Variant`].
 pub(crate) struct WalkKernels {
     channels_first_vec4: Kernel,

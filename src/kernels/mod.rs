@@ -57,7 +57,6 @@ pub mod sources {
         ("FINALIZE_CUMULATIVE", super::finalize::CUMULATIVE),
         ("FINALIZE_UNBIASED", super::finalize::UNBIASED),
         ("APPLY_AFFINE", super::apply::AFFINE),
-        ("BACKWARD_REDUCE_WITH_X", super::backward_reduce::WITH_X),
         ("BACKWARD_AFFINE", super::backward_finalize::AFFINE),
         (
             "BACKWARD_WANT_DGAMMA",
@@ -69,7 +68,6 @@ pub mod sources {
             super::backward_finalize::BATCH_STATS,
         ),
         ("BACKWARD_ACCUMULATE", super::backward_finalize::ACCUMULATE),
-        ("BACKWARD_DX_WITH_X", super::backward_dx::WITH_X),
     ];
 
     /// Sizes the host and the kernels share, as `(WGSL name, value)`, prepended as
@@ -229,10 +227,10 @@ pub(crate) fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
 pub(crate) struct Kernels {
     pub stats: stats::StatsKernels,
     pub finalize: finalize::FinalizeKernels,
-    pub apply: apply::ApplyKernels,
-    pub backward_reduce: common::WalkKernels,
+    pub apply: common::SwitchedWalkKernels,
+    pub backward_reduce: common::SwitchedWalkKernels,
     pub backward_finalize: backward_finalize::BackwardFinalizeKernels,
-    pub backward_dx: common::WalkKernels,
+    pub backward_dx: common::SwitchedWalkKernels,
     pub copy: Kernel,
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
 }
@@ -298,7 +296,7 @@ impl Kernels {
                 device,
                 &module("bn.finalize", src("finalize.wgsl")),
             ),
-            apply: apply::ApplyKernels::new(device, &module("bn.apply", src("apply.wgsl"))),
+            apply: apply::kernels(device, &module("bn.apply", src("apply.wgsl"))),
             backward_reduce: backward_reduce::kernels(
                 device,
                 &module("bn.backward_reduce", src("backward_reduce.wgsl")),
