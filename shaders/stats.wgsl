@@ -41,7 +41,8 @@
 // the tensor is too large for the fused forward): row 0 of each channel unit
 // finalizes its channels as the fused forward does and writes their coefficients
 // (coef = [hi | scale | shift], for apply.wgsl) instead of partials: no finalize
-// dispatch, and no second walk after the barriers.
+// dispatch, and no second walk after the barriers. These also serve the 16-channel
+// walk (`finalized_channels_last_vec16`), which the fused forward does not take.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -279,23 +280,42 @@ fn loop_vec16(first: Walk, p0: vec4<f32>, p1: vec4<f32>, p2: vec4<f32>, p3: vec4
     return States16(n, s0, s1, s2, s3);
 }
 
-@compute @workgroup_size(WG)
-fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
-                       @builtin(workgroup_id) wid: vec3<u32>,
-                       @builtin(num_workgroups) nwg: vec3<u32>) {
+// An invocation's walk of 16 adjacent channels (channels-last), their pivots (their
+// first row) and states, for the partial and the finalized statistics.
+struct Start16 {
+    first: Walk,
+    q: States16,
+    p0: vec4<f32>,
+    p1: vec4<f32>,
+    p2: vec4<f32>,
+    p3: vec4<f32>,
+}
+
+fn start_channels_last_vec16(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start16 {
     let first = begin(t, wid, nwg);
     let u = 4u * walk_group(p, first);
     let p0 = x4[u];
     let p1 = x4[u + 1u];
     let p2 = x4[u + 2u];
     let p3 = x4[u + 3u];
-    let q = loop_vec16(first, p0, p1, p2, p3);
-    let v = 4u * first.group;
-    let count = vec4<f32>(q.n);
-    finish_lanes(t, first, v, Welford(count, q.s0.mean, q.s0.m2), p0);
-    finish_lanes(t, first, v + 1u, Welford(count, q.s1.mean, q.s1.m2), p1);
-    finish_lanes(t, first, v + 2u, Welford(count, q.s2.mean, q.s2.m2), p2);
-    finish_lanes(t, first, v + 3u, Welford(count, q.s3.mean, q.s3.m2), p3);
+    return Start16(first, loop_vec16(first, p0, p1, p2, p3), p0, p1, p2, p3);
+}
+
+// The Welford state of one vec4 `s` of the 16 channels of `q`.
+fn state16(q: States16, s: Moments) -> Welford {
+    return Welford(vec4<f32>(q.n), s.mean, s.m2);
+}
+
+@compute @workgroup_size(WG)
+fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
+                       @builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let s = start_channels_last_vec16(t, wid, nwg);
+    let v = 4u * s.first.group;
+    finish_lanes(t, s.first, v, state16(s.q, s.q.s0), s.p0);
+    finish_lanes(t, s.first, v + 1u, state16(s.q, s.q.s1), s.p1);
+    finish_lanes(t, s.first, v + 2u, state16(s.q, s.q.s2), s.p2);
+    finish_lanes(t, s.first, v + 3u, state16(s.q, s.q.s3), s.p3);
 }
 
 // Of the 16 element positions whose states `q` holds, those in channel c (`past`
@@ -476,12 +496,13 @@ fn fused_scalar(@builtin(local_invocation_index) t: u32,
 // ----- statistics with their finalize -------------------------------------------
 
 // Merges the workgroup's states of each channel unit (`lanes` channels, as in
-// fused_norm), finalizes them and writes their coefficients.
-fn finalize_units(t: u32, first: Walk, w: Welford, pivot: vec4<f32>, lanes: u32) {
+// fused_norm: channels lanes * v.. of `w`'s lanes), finalizes them and writes their
+// coefficients.
+fn finalize_units(t: u32, first: Walk, v: u32, w: Welford, pivot: vec4<f32>, lanes: u32) {
     let r = reduce_rows(t, first.row, w);
     if first.row == 0u && first.group < p.groups {
         for (var lane = 0u; lane < lanes; lane++) {
-            let c = lanes * first.group + lane;
+            let c = lanes * v + lane;
             let k = finalize_channel(c, r, lane, pivot[lane]);
             coef_out[c] = k.x;
             coef_out[fp.padded + c] = k.y;
@@ -495,7 +516,7 @@ fn finalized_channels_first_vec4(@builtin(local_invocation_index) t: u32,
                                  @builtin(workgroup_id) wid: vec3<u32>,
                                  @builtin(num_workgroups) nwg: vec3<u32>) {
     let s = start_channels_first_vec4(t, wid, nwg);
-    finalize_units(t, s.first, s.w, s.pivot, 1u);
+    finalize_units(t, s.first, s.first.group, s.w, s.pivot, 1u);
 }
 
 @compute @workgroup_size(WG)
@@ -503,7 +524,7 @@ fn finalized_channels_first_quad(@builtin(local_invocation_index) t: u32,
                                  @builtin(workgroup_id) wid: vec3<u32>,
                                  @builtin(num_workgroups) nwg: vec3<u32>) {
     let s = start_channels_first_quad(t, wid, nwg);
-    finalize_units(t, s.first, s.w, s.pivot, 1u);
+    finalize_units(t, s.first, s.first.group, s.w, s.pivot, 1u);
 }
 
 @compute @workgroup_size(WG)
@@ -511,7 +532,7 @@ fn finalized_channels_last_vec4(@builtin(local_invocation_index) t: u32,
                                 @builtin(workgroup_id) wid: vec3<u32>,
                                 @builtin(num_workgroups) nwg: vec3<u32>) {
     let s = start_channels_last_vec4(t, wid, nwg);
-    finalize_units(t, s.first, s.w, s.pivot, 4u);
+    finalize_units(t, s.first, s.first.group, s.w, s.pivot, 4u);
 }
 
 @compute @workgroup_size(WG)
@@ -519,5 +540,18 @@ fn finalized_scalar(@builtin(local_invocation_index) t: u32,
                     @builtin(workgroup_id) wid: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>) {
     let s = start_scalar(t, wid, nwg);
-    finalize_units(t, s.first, s.w, s.pivot, 1u);
+    finalize_units(t, s.first, s.first.group, s.w, s.pivot, 1u);
+}
+
+// The 16-channel walk finalized: its four vec4s of channels one after another.
+@compute @workgroup_size(WG)
+fn finalized_channels_last_vec16(@builtin(local_invocation_index) t: u32,
+                                 @builtin(workgroup_id) wid: vec3<u32>,
+                                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let s = start_channels_last_vec16(t, wid, nwg);
+    let v = 4u * s.first.group;
+    finalize_units(t, s.first, v, state16(s.q, s.q.s0), s.p0, 4u);
+    finalize_units(t, s.first, v + 1u, state16(s.q, s.q.s1), s.p1, 4u);
+    finalize_units(t, s.first, v + 2u, state16(s.q, s.q.s2), s.p2, 4u);
+    finalize_units(t, s.first, v + 3u, state16(s.q, s.q.s3), s.p3, 4u);
 }

@@ -132,8 +132,9 @@ fn check_random(
 
 /// Every option on the statistics finalized in place (`stats.wgsl`'s `finalized_*`):
 /// with one split per channel and no fused forward, each forward with batch
-/// statistics takes them, here in all four of their walks (channels-first vec4
-/// and quads, channels-last vec4 and scalar).
+/// statistics takes them, here in all five of their walks (channels-first vec4
+/// and quads, channels-last vec4, 16 channels per invocation (48 channels: the
+/// third unit's tile slot idle; walks of 130 rows) and scalar).
 #[test]
 fn every_option_with_the_statistics_finalized_in_place() {
     let mut rng = rng("every_option_with_the_statistics_finalized_in_place");
@@ -152,6 +153,7 @@ fn every_option_with_the_statistics_finalized_in_place() {
         &[7, 5, 33, 17],
         &[1000, 12],
         &[513, 7],
+        &[2, 48, 64, 65],
     ] {
         for layout in LAYOUTS {
             let shape = Shape::new(dims, layout).unwrap();

@@ -35,29 +35,29 @@ const FUSED_BINDINGS: &[Access] = &[
 pub(crate) struct StatsKernels {
     /// Partial statistics, one entry point per walk variant.
     pub partial: WalkKernels,
-    fused: [Kernel; 4],
-    finalized: [Kernel; 4],
+    fused: Vec<(Variant, Kernel)>,
+    finalized: Vec<(Variant, Kernel)>,
 }
 
 impl StatsKernels {
     pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        // The entry points `{prefix}_{variant}` for the variants of WHOLE_CHANNELS.
-        let kernels = |prefix: &str| {
-            WHOLE_CHANNELS.map(|(_, variant)| {
-                let entry = format!("{prefix}_{variant}");
-                Kernel::new(
-                    device,
-                    module,
-                    format!("bn.stats.{entry}"),
-                    &entry,
-                    FUSED_BINDINGS,
-                )
-            })
+        // The entry points `{prefix}_{suffix}` for the variants of `lists`.
+        let kernels = |prefix: &str, lists: &[&[(Variant, &str)]]| {
+            lists
+                .iter()
+                .flat_map(|list| list.iter())
+                .map(|&(variant, suffix)| {
+                    let entry = format!("{prefix}_{suffix}");
+                    let label = format!("bn.stats.{entry}");
+                    let kernel = Kernel::new(device, module, label, &entry, FUSED_BINDINGS);
+                    (variant, kernel)
+                })
+                .collect()
         };
         Self {
             partial: WalkKernels::new(device, module, "bn.stats", BINDINGS, Pass::Statistics),
-            fused: kernels("fused"),
-            finalized: kernels("finalized"),
+            fused: kernels("fused", &[WHOLE_CHANNELS]),
+            finalized: kernels("finalized", &[WHOLE_CHANNELS, FINALIZED_ONLY]),
         }
     }
 
@@ -75,21 +75,25 @@ impl StatsKernels {
 
 /// The variants that the fused forward and the finalized statistics have, with the
 /// suffix of their entry points.
-const WHOLE_CHANNELS: [(Variant, &str); 4] = [
+const WHOLE_CHANNELS: &[(Variant, &str)] = &[
     (Variant::ChannelsFirstVec4, "channels_first_vec4"),
     (Variant::ChannelsFirstQuad, "channels_first_quad"),
     (Variant::ChannelsLastVec4, "channels_last_vec4"),
     (Variant::Scalar, "scalar"),
 ];
 
-/// The kernel of `kernels` (one per WHOLE_CHANNELS variant) for `plan`, when every
-/// workgroup holds whole channels (no splits) and the variant is one of them.
-fn whole_channels<'a>(kernels: &'a [Kernel; 4], plan: &WalkPlan) -> Option<&'a Kernel> {
+/// The variants that only the finalized statistics have (the fused forward never
+/// walks in them: `plan` does not give them to it).
+const FINALIZED_ONLY: &[(Variant, &str)] = &[(Variant::ChannelsLastVec16, "channels_last_vec16")];
+
+/// The kernel of `kernels` for `plan`, when every workgroup holds whole channels (no
+/// splits) and `kernels` has one for its variant.
+fn whole_channels<'a>(kernels: &'a [(Variant, Kernel)], plan: &WalkPlan) -> Option<&'a Kernel> {
     if plan.params.splits != 1 {
         return None;
     }
-    let i = WHOLE_CHANNELS
+    kernels
         .iter()
-        .position(|&(v, _)| v == plan.variant)?;
-    Some(&kernels[i])
+        .find(|(v, _)| *v == plan.variant)
+        .map(|(_, kernel)| kernel)
 }
