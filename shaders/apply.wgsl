@@ -71,7 +71,7 @@ fn pick(a: Norm, b: Norm, past: vec4<bool>) -> Norm {
                 select(a.shift, b.shift, past));
 }
 
-// The vec4 loop (channels-first runs, channels-last rows).
+// The vec4 loop (channels-first runs).
 fn loop_vec4(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
@@ -79,16 +79,29 @@ fn loop_vec4(first: Walk, k: Norm) {
     }
 }
 
-// The loop over 16 channels (four vec4) per invocation, with their coefficients as
+// The vec4 loop over rows (len == 1: channels-last, the rows view), its index
+// advanced by one addition per step.
+fn loop_vec4_rows(first: Walk, k: Norm) {
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
+        y4[i] = normalize(k, x4[i]);
+        i += step;
+    }
+}
+
+// The loop over rows 16 channels (four vec4) per invocation, with their coefficients as
 // four named values (not an array indexed in a loop, which a CPU adapter may keep
 // in memory rather than in registers).
 fn loop_vec16(first: Walk, k0: Norm, k1: Norm, k2: Norm, k3: Norm) {
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = 4u * walk_index(p, w);
+    let step = 4u * row_step(p);
+    var i = 4u * walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
         y4[i] = normalize(k0, x4[i]);
         y4[i + 1u] = normalize(k1, x4[i + 1u]);
         y4[i + 2u] = normalize(k2, x4[i + 2u]);
         y4[i + 3u] = normalize(k3, x4[i + 3u]);
+        i += step;
     }
 }
 
@@ -142,7 +155,7 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    loop_vec4(first, coef_group(walk_group(p, first)));
+    loop_vec4_rows(first, coef_group(walk_group(p, first)));
 }
 
 // A channels-first tensor with S % 4 != 0 read as rows of C * S elements (a channel
@@ -155,7 +168,7 @@ fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let e = 4u * walk_group(p, first);
     let c = row_channel(p, e);
-    loop_vec4(first, pick(coef_channel(c), coef_channel(row_next(p, c)), row_past(p, c, e)));
+    loop_vec4_rows(first, pick(coef_channel(c), coef_channel(row_next(p, c)), row_past(p, c, e)));
 }
 
 @compute @workgroup_size(WG)

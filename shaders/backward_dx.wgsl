@@ -66,7 +66,7 @@ fn x4_if_used(i: u32, k: Coef) -> vec4<f32> {
     return k.hi;
 }
 
-// The vec4 loop (channels-first runs, channels-last rows).
+// The vec4 loop (channels-first runs).
 fn loop_vec4(first: Walk, k: Coef) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
@@ -74,16 +74,29 @@ fn loop_vec4(first: Walk, k: Coef) {
     }
 }
 
+// The vec4 loop over rows (len == 1: channels-last, the rows view), its index
+// advanced by one addition per step.
+fn loop_vec4_rows(first: Walk, k: Coef) {
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
+        dx4[i] = dx_of(k, dy4[i], x4_if_used(i, k));
+        i += step;
+    }
+}
+
 // The loop over 16 channels (four vec4) per invocation, with their coefficients as
 // four named values (not an array indexed in a loop, which a CPU adapter may keep
 // in memory rather than in registers).
 fn loop_vec16(first: Walk, k0: Coef, k1: Coef, k2: Coef, k3: Coef) {
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = 4u * walk_index(p, w);
+    let step = 4u * row_step(p);
+    var i = 4u * walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
         dx4[i] = dx_of(k0, dy4[i], x4_if_used(i, k0));
         dx4[i + 1u] = dx_of(k1, dy4[i + 1u], x4_if_used(i + 1u, k1));
         dx4[i + 2u] = dx_of(k2, dy4[i + 2u], x4_if_used(i + 2u, k2));
         dx4[i + 3u] = dx_of(k3, dy4[i + 3u], x4_if_used(i + 3u, k3));
+        i += step;
     }
 }
 
@@ -143,7 +156,7 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    loop_vec4(first, coef_group(walk_group(p, first)));
+    loop_vec4_rows(first, coef_group(walk_group(p, first)));
 }
 
 @compute @workgroup_size(WG)
@@ -165,7 +178,7 @@ fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let e = 4u * walk_group(p, first);
     let c = row_channel(p, e);
-    loop_vec4(first, pick(coef_channel(c), coef_channel(row_next(p, c)), row_past(p, c, e)));
+    loop_vec4_rows(first, pick(coef_channel(c), coef_channel(row_next(p, c)), row_past(p, c, e)));
 }
 
 // channels_first_rows_vec4 with 16 elements per invocation (S ≥ 15: still two

@@ -107,12 +107,25 @@ fn x4_if_wanted(i: u32, hi: vec4<f32>) -> vec4<f32> {
     return hi;
 }
 
-// The vec4 loop (channels-first runs, channels-last rows).
+// The vec4 loop (channels-first runs).
 fn loop_vec4(first: Walk, hi: vec4<f32>) -> Sums {
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         acc = accumulate(acc, dy4[i], x4_if_wanted(i, hi), hi);
+    }
+    return acc;
+}
+
+// The vec4 loop over rows (len == 1: channels-last), its index advanced by one
+// addition per step.
+fn loop_vec4_rows(first: Walk, hi: vec4<f32>) -> Sums {
+    var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
+        acc = accumulate(acc, dy4[i], x4_if_wanted(i, hi), hi);
+        i += step;
     }
     return acc;
 }
@@ -193,7 +206,7 @@ fn channels_last_vec4(@builtin(local_invocation_index) t: u32,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let v = walk_group(p, first);
-    finish_lanes(t, first, first.group, loop_vec4(first, hi_group(v)));
+    finish_lanes(t, first, first.group, loop_vec4_rows(first, hi_group(v)));
 }
 
 // Sixteen channels per invocation, as four named sums (not an array indexed in a
@@ -213,12 +226,14 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     var a1 = zero;
     var a2 = zero;
     var a3 = zero;
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = 4u * walk_index(p, w);
+    let step = 4u * row_step(p);
+    var i = 4u * walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
         a0 = accumulate(a0, dy4[i], x4_if_wanted(i, h0), h0);
         a1 = accumulate(a1, dy4[i + 1u], x4_if_wanted(i + 1u, h1), h1);
         a2 = accumulate(a2, dy4[i + 2u], x4_if_wanted(i + 2u, h2), h2);
         a3 = accumulate(a3, dy4[i + 3u], x4_if_wanted(i + 3u, h3), h3);
+        i += step;
     }
     let v = 4u * first.group;
     finish_lanes(t, first, v, a0);

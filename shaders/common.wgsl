@@ -108,6 +108,13 @@ fn row_past(p: WalkParams, c: u32, e: u32) -> vec4<bool> {
     return vec4<u32>(e) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>((c + 1u) * p.rep);
 }
 
+// Walks of rows (len == 1: channels-last, and the rows view): units an invocation
+// steps from one of its rows to the next (`block` rows of `stride` units), so that a
+// loop over rows advances its index by one addition.
+fn row_step(p: WalkParams) -> u32 {
+    return p.block * p.stride;
+}
+
 // Quad walks (channels-first with S % 4 != 0): a unit is up to four consecutive
 // elements of a run (len = ceil(S / 4) units per run, `stride` in elements), read
 // as f32 and handled as one vec4 (without branches, so that SIMD lanes stay together).

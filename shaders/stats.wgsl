@@ -114,14 +114,29 @@ fn moments_push(s: Moments, d: vec4<f32>, inv: f32) -> Moments {
     return Moments(mean, s.m2 + delta * (d - mean));
 }
 
-// The vec4 loop (channels-first runs, channels-last rows): Welford states of x - pivot,
-// whose four lanes see the same number of elements.
+// The vec4 loop (channels-first runs): Welford states of x - pivot, whose four lanes
+// see the same number of elements.
 fn loop_vec4(first: Walk, pivot: vec4<f32>) -> Welford {
     var s = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
     var n = 0.0;
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         n += 1.0;
         s = moments_push(s, x4[walk_index(p, w)] - pivot, 1.0 / n);
+    }
+    return Welford(vec4<f32>(n), s.mean, s.m2);
+}
+
+// loop_vec4 over rows (len == 1: channels-last, the rows view), its index advanced by
+// one addition per step.
+fn loop_vec4_rows(first: Walk, pivot: vec4<f32>) -> Welford {
+    var s = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
+    var n = 0.0;
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
+        n += 1.0;
+        s = moments_push(s, x4[i] - pivot, 1.0 / n);
+        i += step;
     }
     return Welford(vec4<f32>(n), s.mean, s.m2);
 }
@@ -173,7 +188,7 @@ fn start_channels_first_quad(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
 fn start_channels_last_vec4(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
     let first = begin(t, wid, nwg);
     let pivot = x4[walk_group(p, first)];
-    return Start(first, loop_vec4(first, pivot), pivot);
+    return Start(first, loop_vec4_rows(first, pivot), pivot);
 }
 
 fn start_scalar(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
@@ -237,7 +252,7 @@ fn channels_first_rows_vec4(@builtin(local_invocation_index) t: u32,
     let c = row_channel(p, e);
     let pv = row_pivots(c);
     let pivot = select(vec4<f32>(pv.x), vec4<f32>(pv.y), row_past(p, c, e));
-    finish_lanes(t, first, first.group, loop_vec4(first, pivot), pivot);
+    finish_lanes(t, first, first.group, loop_vec4_rows(first, pivot), pivot);
 }
 
 @compute @workgroup_size(WG)
@@ -268,14 +283,16 @@ fn loop_vec16(first: Walk, p0: vec4<f32>, p1: vec4<f32>, p2: vec4<f32>, p3: vec4
     var s2 = zero;
     var s3 = zero;
     var n = 0.0;
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = 4u * walk_index(p, w);
+    let step = 4u * row_step(p);
+    var i = 4u * walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
         n += 1.0;
         let inv = 1.0 / n;
         s0 = moments_push(s0, x4[i] - p0, inv);
         s1 = moments_push(s1, x4[i + 1u] - p1, inv);
         s2 = moments_push(s2, x4[i + 2u] - p2, inv);
         s3 = moments_push(s3, x4[i + 3u] - p3, inv);
+        i += step;
     }
     return States16(n, s0, s1, s2, s3);
 }
