@@ -201,8 +201,10 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let k = coef_channel(walk_group(p, first));
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = walk_index(p, w);
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
         y[i] = (x[i] - k.hi.x) * k.scale.x + k.shift.x;
+        i += step;
     }
 }

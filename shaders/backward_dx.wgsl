@@ -202,12 +202,14 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let k = coef_channel(walk_group(p, first));
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = walk_index(p, w);
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
         var xv = k.hi.x;
         if WITH_X {
             xv = x[i];
         }
         dx[i] = dx_of(k, vec4<f32>(dy[i]), vec4<f32>(xv)).x;
+        i += step;
     }
 }

@@ -249,13 +249,15 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
     let hi = hi_channel(walk_group(p, first));
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
-        let i = walk_index(p, w);
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
         var xv = hi;
         if WITH_X {
             xv = vec4<f32>(x[i], hi.yzw);
         }
         acc = accumulate(acc, vec4<f32>(dy[i], 0.0, 0.0, 0.0), xv, hi);
+        i += step;
     }
     // Lanes 1..3 hold zeros, so the lane sum is lane 0 exactly.
     finish_channel(t, first, acc);

@@ -153,13 +153,16 @@ fn loop_quad(first: Walk, pivot: f32) -> Welford {
     return acc;
 }
 
-// The scalar loop (channels-last, C % 4 != 0): the Welford state in lane 0.
+// The scalar loop (channels-last rows, C % 4 != 0): the Welford state in lane 0.
 fn loop_scalar(first: Walk, pivot: f32) -> Welford {
     var s = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
     var n = 0.0;
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
         n += 1.0;
-        s = moments_push(s, vec4<f32>(x[walk_index(p, w)] - pivot, 0.0, 0.0, 0.0), 1.0 / n);
+        s = moments_push(s, vec4<f32>(x[i] - pivot, 0.0, 0.0, 0.0), 1.0 / n);
+        i += step;
     }
     return Welford(vec4<f32>(n, 0.0, 0.0, 0.0), s.mean, s.m2);
 }
