@@ -191,8 +191,9 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
     let c = row_channel(p, e);
     let a = coef_channel(c);
     let b = coef_channel(row_next(p, c));
-    loop_vec16(first, pick(a, b, row_past(p, c, e)), pick(a, b, row_past(p, c, e + 4u)),
-               pick(a, b, row_past(p, c, e + 8u)), pick(a, b, row_past(p, c, e + 12u)));
+    let past = row_past16(p, c, e);
+    loop_vec16(first, pick(a, b, past.v0), pick(a, b, past.v1), pick(a, b, past.v2),
+               pick(a, b, past.v3));
 }
 
 @compute @workgroup_size(WG)

@@ -108,6 +108,20 @@ fn row_past(p: WalkParams, c: u32, e: u32) -> vec4<bool> {
     return vec4<u32>(e) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>((c + 1u) * p.rep);
 }
 
+// Which of the ROW_UNIT (16) elements from e are past channel c, by vec4: the
+// rows view's 16-element units, four vec4s each picked between c and c + 1.
+struct RowPast16 {
+    v0: vec4<bool>,
+    v1: vec4<bool>,
+    v2: vec4<bool>,
+    v3: vec4<bool>,
+}
+
+fn row_past16(p: WalkParams, c: u32, e: u32) -> RowPast16 {
+    return RowPast16(row_past(p, c, e), row_past(p, c, e + 4u), row_past(p, c, e + 8u),
+                     row_past(p, c, e + 12u));
+}
+
 // Walks of rows (len == 1: channels-last, and the rows view): units an invocation
 // steps from one of its rows to the next (`block` rows of `stride` units), so that a
 // loop over rows advances its index by one addition.

@@ -342,14 +342,13 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
 // false) and those in c + 1 (`past` true) merged into one state each: lane x and
 // lane y. The positions of a channel share its pivot and their count, so each
 // merged mean is their mean, and M2 adds the spread of their means about it.
-fn pair_state(q: States16, past0: vec4<bool>, past1: vec4<bool>, past2: vec4<bool>,
-              past3: vec4<bool>) -> Welford {
+fn pair_state(q: States16, past: RowPast16) -> Welford {
     let zero = vec4<f32>(0.0);
     let one = vec4<f32>(1.0);
-    let b0 = select(zero, one, past0);
-    let b1 = select(zero, one, past1);
-    let b2 = select(zero, one, past2);
-    let b3 = select(zero, one, past3);
+    let b0 = select(zero, one, past.v0);
+    let b1 = select(zero, one, past.v1);
+    let b2 = select(zero, one, past.v2);
+    let b3 = select(zero, one, past.v3);
     let a0 = one - b0;
     let a1 = one - b1;
     let a2 = one - b2;
@@ -361,10 +360,10 @@ fn pair_state(q: States16, past0: vec4<bool>, past1: vec4<bool>, past2: vec4<boo
     let mean = select(vec2<f32>(0.0), sums / k, k > vec2<f32>(0.0));
     let ma = vec4<f32>(mean.x);
     let mb = vec4<f32>(mean.y);
-    let d0 = q.s0.mean - select(ma, mb, past0);
-    let d1 = q.s1.mean - select(ma, mb, past1);
-    let d2 = q.s2.mean - select(ma, mb, past2);
-    let d3 = q.s3.mean - select(ma, mb, past3);
+    let d0 = q.s0.mean - select(ma, mb, past.v0);
+    let d1 = q.s1.mean - select(ma, mb, past.v1);
+    let d2 = q.s2.mean - select(ma, mb, past.v2);
+    let d3 = q.s3.mean - select(ma, mb, past.v3);
     let e0 = q.s0.m2 + q.n * d0 * d0;
     let e1 = q.s1.m2 + q.n * d1 * d1;
     let e2 = q.s2.m2 + q.n * d2 * d2;
@@ -390,13 +389,10 @@ fn channels_first_rows_vec16(@builtin(local_invocation_index) t: u32,
     let pv = row_pivots(c);
     let pa = vec4<f32>(pv.x);
     let pb = vec4<f32>(pv.y);
-    let past0 = row_past(p, c, e);
-    let past1 = row_past(p, c, e + 4u);
-    let past2 = row_past(p, c, e + 8u);
-    let past3 = row_past(p, c, e + 12u);
-    let q = loop_vec16(first, select(pa, pb, past0), select(pa, pb, past1), select(pa, pb, past2),
-                       select(pa, pb, past3));
-    let r = reduce_rows(t, first.row, pair_state(q, past0, past1, past2, past3));
+    let past = row_past16(p, c, e);
+    let q = loop_vec16(first, select(pa, pb, past.v0), select(pa, pb, past.v1),
+                       select(pa, pb, past.v2), select(pa, pb, past.v3));
+    let r = reduce_rows(t, first.row, pair_state(q, past));
     if first.row == 0u && first.group < p.groups {
         write_partial(2u * first.group, first.split, r, 0u, pa.x);
         write_partial(2u * first.group + 1u, first.split, r, 1u, pb.x);
