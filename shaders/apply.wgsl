@@ -17,7 +17,11 @@
 //   channels_first_rows_vec4/_vec16: S % 4 != 0 but C * S % 4 (16) == 0: a batch item
 //                        is read as a channels-last row with a channel every S.
 //   scalar:              a unit is one element (channels-last, C % 4 != 0).
-// Reads x, coef and (from the running statistics) affine; writes y.
+// The pipelines built with the override UNIFORM_COEF read finalize's coefficients
+// through `coef_window`, a uniform binding of the same buffer (where they fit in its
+// COEF_WINDOW vec4s), instead of `coef`: a CPU adapter loads a uniform array lane by
+// lane without a storage load's branches and bounds checks.
+// Reads x, coef (or coef_window) and (from the running statistics) affine; writes y.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -27,9 +31,29 @@
 @group(0) @binding(3) var<storage, read> coef: array<f32>;
 @group(0) @binding(3) var<storage, read> coef4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> affine: array<f32>;
+@group(0) @binding(5) var<uniform> coef_window: array<vec4<f32>, COEF_WINDOW>;
 
 // true: coefficients from the running statistics (set by the host per pipeline).
-override FROM_RUNNING: bool = false;
+override FROM_RUNNING: bool;
+// true: finalize's coefficients read through coef_window (set by the host per
+// pipeline).
+override UNIFORM_COEF: bool;
+
+// Element i of finalize's coefficients.
+fn coef_at(i: u32) -> f32 {
+    if UNIFORM_COEF {
+        return coef_window[i / 4u][i % 4u];
+    }
+    return coef[i];
+}
+
+// vec4 v of finalize's coefficients.
+fn coef4_at(v: u32) -> vec4<f32> {
+    if UNIFORM_COEF {
+        return coef_window[v];
+    }
+    return coef4[v];
+}
 
 // Four channels' coefficients from their running means and variances; `ch`: the
 // channels (for gamma and beta).
@@ -53,7 +77,8 @@ fn coef_channel(c: u32) -> Norm {
     if FROM_RUNNING {
         return running_norm(vec4<f32>(coef[c]), vec4<f32>(coef[p.padded + c]), vec4<u32>(c));
     }
-    return Norm(vec4<f32>(coef[c]), vec4<f32>(coef[p.padded + c]), vec4<f32>(coef[2u * p.padded + c]));
+    return Norm(vec4<f32>(coef_at(c)), vec4<f32>(coef_at(p.padded + c)),
+                vec4<f32>(coef_at(2u * p.padded + c)));
 }
 
 // The coefficients of channels 4c..4c+3.
@@ -62,7 +87,7 @@ fn coef_group(c: u32) -> Norm {
     if FROM_RUNNING {
         return running_norm(coef4[c], coef4[seg + c], vec4<u32>(4u * c) + vec4<u32>(0u, 1u, 2u, 3u));
     }
-    return Norm(coef4[c], coef4[seg + c], coef4[2u * seg + c]);
+    return Norm(coef4_at(c), coef4_at(seg + c), coef4_at(2u * seg + c));
 }
 
 // `b` where `past` holds, else `a` (the rows view's pick between two channels).

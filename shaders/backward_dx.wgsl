@@ -7,7 +7,10 @@
 // With running statistics k_x = 0 and x is not read: the pipelines built with the
 // override WITH_X false (a constant per pipeline rather than a flag in `p`, so that
 // the loops carry no branch on it).
-// Reads x, dy, coef; writes dx.
+// The pipelines built with the override UNIFORM_COEF read the coefficients through
+// `coef_window`, a uniform binding of the same buffer (where they fit in its
+// COEF_WINDOW vec4s), as apply.wgsl's do.
+// Reads x, dy, coef (or coef_window); writes dx.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -18,9 +21,28 @@
 @group(0) @binding(3) var<storage, read_write> dx4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> coef: array<f32>;
 @group(0) @binding(4) var<storage, read> coef4: array<vec4<f32>>;
+@group(0) @binding(5) var<uniform> coef_window: array<vec4<f32>, COEF_WINDOW>;
 
 // true: the x term (batch statistics; set by the host per pipeline).
 override WITH_X: bool;
+// true: the coefficients read through coef_window (set by the host per pipeline).
+override UNIFORM_COEF: bool;
+
+// Element i of the coefficients.
+fn coef_at(i: u32) -> f32 {
+    if UNIFORM_COEF {
+        return coef_window[i / 4u][i % 4u];
+    }
+    return coef[i];
+}
+
+// vec4 v of the coefficients.
+fn coef4_at(v: u32) -> vec4<f32> {
+    if UNIFORM_COEF {
+        return coef_window[v];
+    }
+    return coef4[v];
+}
 
 // The dx coefficients of four lanes: one channel each, or one channel splatted.
 struct Coef {
@@ -42,14 +64,14 @@ fn dx_of(k: Coef, g: vec4<f32>, xv: vec4<f32>) -> vec4<f32> {
 // Channel c's coefficients in every lane.
 fn coef_channel(c: u32) -> Coef {
     let b = p.padded;
-    return Coef(vec4<f32>(coef[c]), vec4<f32>(coef[b + c]), vec4<f32>(coef[2u * b + c]),
-                vec4<f32>(coef[3u * b + c]));
+    return Coef(vec4<f32>(coef_at(c)), vec4<f32>(coef_at(b + c)), vec4<f32>(coef_at(2u * b + c)),
+                vec4<f32>(coef_at(3u * b + c)));
 }
 
 // The coefficients of channels 4c..4c+3.
 fn coef_group(c: u32) -> Coef {
     let seg = p.padded / 4u;
-    return Coef(coef4[c], coef4[seg + c], coef4[2u * seg + c], coef4[3u * seg + c]);
+    return Coef(coef4_at(c), coef4_at(seg + c), coef4_at(2u * seg + c), coef4_at(3u * seg + c));
 }
 
 // `b` where `past` holds, else `a` (the rows view's pick between two channels).

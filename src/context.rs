@@ -61,9 +61,10 @@ impl GpuContext {
     /// context reports as its adapter (`adapter.get_info()`).
     ///
     /// The device needs compute shaders with 256 invocations per workgroup (12 KiB
-    /// of workgroup memory), 6 storage buffers per shader stage and 65535
-    /// workgroups per dispatch dimension: `wgpu::Limits::default()` has them,
-    /// `wgpu::Limits::downlevel_defaults()` (4 storage buffers) does not. Anything
+    /// of workgroup memory), 6 storage buffers per shader stage, uniform bindings of
+    /// 64 KiB and 65535 workgroups per dispatch dimension: `wgpu::Limits::default()`
+    /// has them, `wgpu::Limits::downlevel_defaults()` (4 storage buffers, 16 KiB
+    /// uniform bindings) does not. Anything
     /// less is reported as [`Error::DeviceLimit`]. Tensors and per-channel buffers
     /// must fit in one storage binding ([`Self::max_binding_size`]); request the
     /// adapter's limits (`adapter.limits()`) for tensors past WebGPU's default of
@@ -326,6 +327,20 @@ impl GpuContext {
             label: Some(label),
             size: bytes.max(4).next_multiple_of(4),
             usage: storage_usages(),
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A zeroed storage buffer of `bytes` bytes that the kernels also bind as the
+    /// uniform window of their coefficients (`kernels::COEF_WINDOW_BYTES`, so at least
+    /// that long).
+    pub(crate) fn coefficient_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes
+                .max(crate::kernels::COEF_WINDOW_BYTES)
+                .next_multiple_of(4),
+            usage: storage_usages() | wgpu::BufferUsages::UNIFORM,
             mapped_at_creation: false,
         })
     }

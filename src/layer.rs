@@ -2,7 +2,8 @@
 
 use crate::context::GpuContext;
 use crate::kernels::{
-    apply, backward_finalize, binding, common, finalize, stats, whole, Kernel, WORKGROUP_SIZE,
+    apply, backward_dx, backward_finalize, binding, coefficients_fit, common, finalize, stats,
+    whole, Kernel, COEF_WINDOW_BYTES, WORKGROUP_SIZE,
 };
 use crate::{
     BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
@@ -189,7 +190,7 @@ impl BatchNorm {
         let layer = Self {
             affine: ctx.storage_buffer("bn.affine", 2 * p * 4),
             running: ctx.storage_buffer("bn.running", (2 * p + 1) * 4),
-            coef: ctx.storage_buffer("bn.coef", 4 * p * 4),
+            coef: ctx.coefficient_buffer("bn.coef", 4 * p * 4),
             scratch_saved: SavedStats::new(ctx, c)?,
             scratch_grads: [
                 ctx.storage_buffer("bn.scratch_dgamma", p * 4),
@@ -744,13 +745,16 @@ impl BatchNorm {
         let mut plan = self.elementwise_walk(shape);
         let kernels = self.ctx.kernels();
         let (pipelines, coef) = match from {
-            Coefficients::Finalized => (kernels.apply.get(false), &self.coef),
+            Coefficients::Finalized => {
+                let uniform = coefficients_fit(apply::SEGMENTS, self.stride() as u32);
+                (kernels.apply.get(&[false, uniform]), &self.coef)
+            }
             Coefficients::Running => {
                 if self.config.affine {
                     plan.params.flags = apply::AFFINE;
                 }
                 plan.params.eps = self.config.eps;
-                (kernels.apply.get(true), &self.running)
+                (kernels.apply.get(&[true, false]), &self.running)
             }
         };
         let device = self.ctx.device();
@@ -764,6 +768,7 @@ impl BatchNorm {
                 binding(y, shape.bytes()),
                 whole(coef),
                 whole(&self.affine),
+                binding(&self.coef, COEF_WINDOW_BYTES),
             ],
             plan.workgroups(),
         );
@@ -882,7 +887,7 @@ impl BatchNorm {
         let device = self.ctx.device();
         if need_sums {
             let params = kernels.uniform(device, &plan.params);
-            let sums = kernels.backward_reduce.get(with_x).get(plan.variant);
+            let sums = kernels.backward_reduce.get(&[with_x]).get(plan.variant);
             sums.dispatch(
                 device,
                 pass,
@@ -941,18 +946,24 @@ impl BatchNorm {
         if let Some(dx) = grads.dx {
             let ep = self.elementwise_walk(shape);
             let params = kernels.uniform(device, &ep.params);
-            kernels.backward_dx.get(batch).get(ep.variant).dispatch(
-                device,
-                pass,
-                &[
-                    whole(&params),
-                    binding(x, shape.bytes()),
-                    binding(dy, shape.bytes()),
-                    binding(dx, shape.bytes()),
-                    whole(&self.coef),
-                ],
-                ep.workgroups(),
-            );
+            let uniform = coefficients_fit(backward_dx::SEGMENTS, self.stride() as u32);
+            kernels
+                .backward_dx
+                .get(&[batch, uniform])
+                .get(ep.variant)
+                .dispatch(
+                    device,
+                    pass,
+                    &[
+                        whole(&params),
+                        binding(x, shape.bytes()),
+                        binding(dy, shape.bytes()),
+                        binding(dx, shape.bytes()),
+                        whole(&self.coef),
+                        binding(&self.coef, COEF_WINDOW_BYTES),
+                    ],
+                    ep.workgroups(),
+                );
         }
     }
 

@@ -282,6 +282,9 @@ fn large_mean_large_channel_and_many_channels() {
         (&[8, 2, 256, 256][..], Layout::ChannelsLast, false),
         (&[64, 4099][..], Layout::ChannelsFirst, false),
         (&[4, 2048, 3, 3][..], Layout::ChannelsLast, false),
+        // dx's coefficients (four segments) fill its uniform window at 4096 channels;
+        // past it (4099 above) they are read from the storage binding.
+        (&[3, 4096, 2][..], Layout::ChannelsLast, false),
     ] {
         let shape = Shape::new(dims, layout).unwrap();
         let x = if large_mean {

@@ -389,12 +389,15 @@ fn device_with(change: LimitChange) -> (wgpu::Device, wgpu::Queue, wgpu::Adapter
 
 #[test]
 fn devices_short_of_what_the_kernels_need_are_refused() {
-    let cases: [(&str, LimitChange); 2] = [
+    let cases: [(&str, LimitChange); 3] = [
         ("max_compute_workgroups_per_dimension", |l| {
             l.max_compute_workgroups_per_dimension = 256
         }),
         ("max_storage_buffers_per_shader_stage", |l| {
             l.max_storage_buffers_per_shader_stage = 4
+        }),
+        ("max_uniform_buffer_binding_size", |l| {
+            l.max_uniform_buffer_binding_size = 16 << 10
         }),
     ];
     for (limit, change) in cases {

@@ -299,27 +299,42 @@ fn a_channel_with_millions_of_elements() {
     }
 }
 
+/// Thousands of channels, on either side of what the normalize reads through its
+/// uniform window of coefficients (three segments of C rounded up to 4: up to 5460
+/// channels): 4099 and 5460 through it, 5472 and 5467 from the storage binding
+/// (16 channels per invocation and one). On the adapter's tuning and without the
+/// one-dispatch forwards, so that every forward runs the normalize pass.
 #[test]
 fn thousands_of_channels() {
     let mut rng = rng("thousands_of_channels");
+    let unfused = ctx().with_tuning(Tuning {
+        fused_forward_max_elements: 0,
+        fused_eval_max_elements: 0,
+        ..ctx().tuning()
+    });
     for (dims, layout) in [
         (&[64usize, 4099][..], Layout::ChannelsFirst),
         (&[4, 2048, 3, 3][..], Layout::ChannelsLast),
         (&[2, 3001, 2, 2][..], Layout::ChannelsFirst),
+        (&[3, 5460, 2][..], Layout::ChannelsLast),
+        (&[3, 5472][..], Layout::ChannelsLast),
+        (&[2, 5467, 3][..], Layout::ChannelsLast),
     ] {
         let shape = Shape::new(dims, layout).unwrap();
         let config = BatchNormConfig::new(shape.c());
-        let (mut gpu, mut cpu) = layer_pair(&mut rng, &config);
-        let x = normal(&mut rng, &shape, -1.0, 0.5);
-        let e = check_train_eval(
-            &mut gpu,
-            &mut cpu,
-            &shape,
-            &[x],
-            TOL,
-            &format!("{dims:?} {layout:?}"),
-        );
-        println!("{dims:?} {layout:?}: largest error {e:.3e}");
+        for (tuning, ctx) in [("adapter", ctx()), ("unfused", &unfused)] {
+            let (mut gpu, mut cpu) = layer_pair_on(ctx, &mut rng, &config);
+            let x = normal(&mut rng, &shape, -1.0, 0.5);
+            let e = check_train_eval(
+                &mut gpu,
+                &mut cpu,
+                &shape,
+                &[x],
+                TOL,
+                &format!("{dims:?} {layout:?} {tuning}"),
+            );
+            println!("{dims:?} {layout:?} {tuning}: largest error {e:.3e}");
+        }
     }
 }
 

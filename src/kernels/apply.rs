@@ -11,18 +11,27 @@ pub(crate) const AFFINE: u32 = 1;
 /// coefficients from the running statistics.
 const FROM_RUNNING: &str = "FROM_RUNNING";
 
-/// params, x, y, coef (or the running statistics), affine.
+/// The `override` of apply.wgsl that builds the pipelines reading the coefficients
+/// through the uniform window (`coef_window`) instead of `coef`.
+const UNIFORM_COEF: &str = "UNIFORM_COEF";
+
+/// Per-channel segments of the coefficients apply.wgsl reads: hi, scale, shift.
+pub(crate) const SEGMENTS: u32 = 3;
+
+/// params, x, y, coef (or the running statistics), affine, coef_window.
 const BINDINGS: &[Access] = &[
     Access::Uniform,
     Access::Read,
     Access::ReadWrite,
     Access::Read,
     Access::Read,
+    Access::Uniform,
 ];
 
-/// The entry points of apply.wgsl, twice: `get(false)` with the coefficients
-/// finalize.wgsl wrote, `get(true)` computing them from the running statistics
-/// (one-dispatch eval).
+/// The entry points of apply.wgsl, three times (`get(&[from_running, uniform])`):
+/// with the coefficients finalize.wgsl wrote, read from `coef` (`[false, false]`) or
+/// from the uniform window (`[false, true]`), and computing them from the running
+/// statistics (`[true, false]`, one-dispatch eval).
 pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
     SwitchedWalkKernels::new(
         device,
@@ -30,6 +39,7 @@ pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Swi
         "bn.apply",
         BINDINGS,
         Pass::Elementwise,
-        FROM_RUNNING,
+        &[FROM_RUNNING, UNIFORM_COEF],
+        &[&[false, false], &[false, true], &[true, false]],
     )
 }

@@ -7,17 +7,27 @@ use super::Access;
 /// (batch statistics).
 const WITH_X: &str = "WITH_X";
 
-/// params, x, dy, dx, coef.
+/// The `override` of backward_dx.wgsl that builds the pipelines reading the
+/// coefficients through the uniform window (`coef_window`) instead of `coef`.
+const UNIFORM_COEF: &str = "UNIFORM_COEF";
+
+/// Per-channel segments of the coefficients backward_dx.wgsl reads: hi, k_dy, k_x,
+/// k_c.
+pub(crate) const SEGMENTS: u32 = 4;
+
+/// params, x, dy, dx, coef, coef_window.
 const BINDINGS: &[Access] = &[
     Access::Uniform,
     Access::Read,
     Access::Read,
     Access::ReadWrite,
     Access::Read,
+    Access::Uniform,
 ];
 
-/// The entry points of backward_dx.wgsl, twice: `get(true)` with the x term,
-/// `get(false)` without it (running statistics: x is not read).
+/// The entry points of backward_dx.wgsl, four times (`get(&[with_x, uniform])`):
+/// with the x term (batch statistics) or without it (running statistics: x is not
+/// read), each with the coefficients read from `coef` or from the uniform window.
 pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
     SwitchedWalkKernels::new(
         device,
@@ -25,6 +35,12 @@ pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Swi
         "bn.backward_dx",
         BINDINGS,
         Pass::Elementwise,
-        WITH_X,
+        &[WITH_X, UNIFORM_COEF],
+        &[
+            &[false, false],
+            &[false, true],
+            &[true, false],
+            &[true, true],
+        ],
     )
 }

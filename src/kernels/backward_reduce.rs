@@ -17,8 +17,8 @@ const BINDINGS: &[Access] = &[
     Access::ReadWrite,
 ];
 
-/// The entry points of backward_reduce.wgsl, twice: `get(true)` also sums
-/// dy * (x - mean), `get(false)` sums dy only and does not read x.
+/// The entry points of backward_reduce.wgsl, twice: `get(&[true])` also sums
+/// dy * (x - mean), `get(&[false])` sums dy only and does not read x.
 pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
     SwitchedWalkKernels::new(
         device,
@@ -26,6 +26,7 @@ pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Swi
         "bn.backward_reduce",
         BINDINGS,
         Pass::Sums,
-        WITH_X,
+        &[WITH_X],
+        &[&[false], &[true]],
     )
 }

@@ -465,42 +465,61 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     }
 }
 
-/// A kernel's [`WalkKernels`] built twice, with a boolean `override` of its module
-/// (`switch`) false and true: a choice fixed per pipeline, so that neither set
-/// carries the other's code, nor a branch on it in its loops (which a CPU adapter
-/// runs on every step).
+/// A kernel's [`WalkKernels`] built once for each listed setting of boolean
+/// `override`s of its module: choices fixed per pipeline, so that no set carries
+/// another's code, nor a branch on it in its loops (which a CPU adapter runs on
+/// every step).
 pub(crate) struct SwitchedWalkKernels {
-    off: WalkKernels,
-    on: WalkKernels,
+    sets: Vec<(Vec<bool>, WalkKernels)>,
 }
 
 impl SwitchedWalkKernels {
-    /// Labelled `{name}.{entry}` (`switch` false) and `{name}.{switch}.{entry}` (true).
+    /// One set per entry of `settings` (a value for each of `switches`, in order),
+    /// labelled `{name}.{entry}`, with the names of the switches set true between
+    /// (`{name}.{switch}.{entry}`).
     pub(crate) fn new(
         device: &wgpu::Device,
         module: &wgpu::ShaderModule,
         name: &str,
         bindings: &[Access],
         pass: Pass,
-        switch: &str,
+        switches: &[&str],
+        settings: &[&[bool]],
     ) -> Self {
-        let with = |on: bool, label: &str| {
-            let overrides = [(switch, f64::from(u8::from(on)))];
-            WalkKernels::with_overrides(device, module, label, bindings, pass, &overrides)
-        };
-        Self {
-            off: with(false, name),
-            on: with(true, &format!("{name}.{switch}")),
-        }
+        let sets = settings
+            .iter()
+            .map(|setting| {
+                let overrides: Vec<(&str, f64)> = switches
+                    .iter()
+                    .zip(setting.iter())
+                    .map(|(switch, &on)| (*switch, f64::from(u8::from(on))))
+                    .collect();
+                let label = std::iter::once(name)
+                    .chain(
+                        switches
+                            .iter()
+                            .zip(setting.iter())
+                            .filter(|(_, &on)| on)
+                            .map(|(s, _)| *s),
+                    )
+                    .collect::<Vec<_>>()
+                    .join(".");
+                let kernels =
+                    WalkKernels::with_overrides(device, module, &label, bindings, pass, &overrides);
+                (setting.to_vec(), kernels)
+            })
+            .collect();
+        Self { sets }
     }
 
-    /// The pipelines built with the switch `on`.
-    pub(crate) fn get(&self, on: bool) -> &WalkKernels {
-        if on {
-            &self.on
-        } else {
-            &self.off
-        }
+    /// The pipelines built with `setting`; one that was not built is a bug of the
+    /// caller.
+    pub(crate) fn get(&self, setting: &[bool]) -> &WalkKernels {
+        self.sets
+            .iter()
+            .find(|(s, _)| s.as_slice() == setting)
+            .map(|(_, kernels)| kernels)
+            .expect("the kernel's host module builds every setting it asks for")
     }
 }
 

@@ -23,6 +23,22 @@ pub(crate) const WORKGROUP_SIZE: u32 = 256;
 /// Largest workgroup count in one dispatch dimension (WebGPU's guaranteed minimum).
 const MAX_GRID_DIM: u32 = 65535;
 
+/// vec4s of the uniform binding through which apply.wgsl and backward_dx.wgsl read
+/// their per-channel coefficients where those fit in it (`COEF_WINDOW` in WGSL):
+/// 64 KiB, `wgpu::Limits::default()`'s uniform binding size. A CPU adapter loads a
+/// uniform array lane by lane without the branches and bounds checks of a storage
+/// load, and these loads are a sizeable part of a short walk's.
+pub(crate) const COEF_WINDOW: u32 = 4096;
+
+/// Bytes of that binding.
+pub(crate) const COEF_WINDOW_BYTES: u64 = 16 * COEF_WINDOW as u64;
+
+/// Whether `segments` per-channel segments of `padded` floats each (the layout of the
+/// coefficients) fit in the uniform window.
+pub(crate) fn coefficients_fit(segments: u32, padded: u32) -> bool {
+    u64::from(segments) * u64::from(padded) <= 4 * u64::from(COEF_WINDOW)
+}
+
 /// The shader sources: the shared piece followed by one kernel file.
 pub mod sources {
     /// Shared declarations prepended to every kernel.
@@ -72,7 +88,10 @@ pub mod sources {
 
     /// Sizes the host and the kernels share, as `(WGSL name, value)`, prepended as
     /// the flags are.
-    pub const SIZES: &[(&str, u32)] = &[("ROW_UNIT", super::common::ROW_UNIT)];
+    pub const SIZES: &[(&str, u32)] = &[
+        ("ROW_UNIT", super::common::ROW_UNIT),
+        ("COEF_WINDOW", super::COEF_WINDOW),
+    ];
 
     /// Full source of a kernel file: the flag and size constants, the shared piece,
     /// the kernel.
@@ -261,6 +280,11 @@ impl Kernels {
                 "max_compute_workgroup_storage_size",
                 limits.max_compute_workgroup_storage_size as u64,
                 3 * 16 * WORKGROUP_SIZE as u64,
+            ),
+            (
+                "max_uniform_buffer_binding_size",
+                limits.max_uniform_buffer_binding_size,
+                COEF_WINDOW_BYTES,
             ),
             (
                 "max_compute_workgroups_per_dimension",
