@@ -489,19 +489,13 @@ impl SwitchedWalkKernels {
         let sets = settings
             .iter()
             .map(|setting| {
-                let overrides: Vec<(&str, f64)> = switches
-                    .iter()
-                    .zip(setting.iter())
-                    .map(|(switch, &on)| (*switch, f64::from(u8::from(on))))
+                let pairs = || switches.iter().copied().zip(setting.iter().copied());
+                let overrides: Vec<(&str, f64)> = pairs()
+                    .map(|(switch, on)| (switch, f64::from(u8::from(on))))
                     .collect();
+                let on = pairs().filter(|&(_, on)| on).map(|(switch, _)| switch);
                 let label = std::iter::once(name)
-                    .chain(
-                        switches
-                            .iter()
-                            .zip(setting.iter())
-                            .filter(|(_, &on)| on)
-                            .map(|(s, _)| *s),
-                    )
+                    .chain(on)
                     .collect::<Vec<_>>()
                     .join(".");
                 let kernels =
