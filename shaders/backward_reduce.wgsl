@@ -59,10 +59,17 @@ fn packed_channels(p: WalkParams, w: Walk) -> vec4<u32> {
 }
 
 // Adds one element (dy `g`, x `xv`) to the lane of its channel `ch` (0..3) of a
-// packed unit, through a one-hot mask over the lanes.
+// packed unit: the other lanes add exact zeros, chosen by select (a one-hot mask
+// multiplied in would turn a NaN or inf of this channel into NaN in theirs).
 fn packed_push(acc: Sums, ch: u32, g: f32, xv: f32, hi: vec4<f32>) -> Sums {
-    let mask = select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(ch));
-    return accumulate(acc, mask * g, vec4<f32>(xv), hi);
+    let mine = vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(ch);
+    let zero = vec4<f32>(0.0);
+    var r = acc;
+    r.dy += select(zero, vec4<f32>(g), mine);
+    if WITH_X {
+        r.dyx += select(zero, g * (vec4<f32>(xv) - hi), mine);
+    }
+    return r;
 }
 
 // Tree-sums each channel unit's rows in a fixed order (deterministic); row 0 ends

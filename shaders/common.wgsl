@@ -284,13 +284,32 @@ struct BatchStats {
     invstd: f32,
 }
 
+// 1 / sqrt(v), 0 where v == 0 (var + eps == 0); NaN stays NaN.
 fn inv_sqrt_or_zero(v: f32) -> f32 {
-    return select(0.0, 1.0 / sqrt(v), v > 0.0);
+    return select(1.0 / sqrt(v), 0.0, v == 0.0);
+}
+
+// Whether v is neither NaN nor ±inf, read from its bits (a comparison of v with
+// itself may be folded away by a driver that assumes no NaN).
+fn is_finite(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
+}
+
+// A quiet NaN, made from the bits of any value at run time (a NaN constant is a
+// shader-creation error in WGSL).
+fn nan_from(v: f32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(v) | 0x7fc00000u);
 }
 
 // The statistics of a channel whose merged Welford state of x - pivot has mean `lo`
-// and sum of squared deviations `m2`.
+// and sum of squared deviations `m2`. A NaN or ±inf in the channel leaves the pivot
+// or `lo` non-finite (inf - inf and 0 * inf give NaN on the way): then every
+// statistic is NaN, wherever the value sat (docs/semantics.md).
 fn batch_stats(fp: FinalizeParams, pivot: f32, lo: f32, m2: f32) -> BatchStats {
+    if !(is_finite(pivot) && is_finite(lo)) {
+        let nan = nan_from(lo);
+        return BatchStats(nan, nan, nan, nan);
+    }
     let v = max(m2 / fp.count, 0.0);
     return BatchStats(pivot, lo, v, inv_sqrt_or_zero(v + fp.eps));
 }

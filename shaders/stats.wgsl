@@ -338,6 +338,15 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     finish_lanes(t, s.first, v + 3u, state16(s.q, s.q.s3), s.p3);
 }
 
+// The sum of v0..v3 over the positions whose `past` is `second` (the others add 0).
+fn pick(v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, past: RowPast16,
+        second: bool) -> vec4<f32> {
+    let zero = vec4<f32>(0.0);
+    let s = vec4<bool>(second);
+    return select(zero, v0, past.v0 == s) + select(zero, v1, past.v1 == s)
+         + select(zero, v2, past.v2 == s) + select(zero, v3, past.v3 == s);
+}
+
 // Of the 16 element positions whose states `q` holds, those in channel c (`past`
 // false) and those in c + 1 (`past` true) merged into one state each: lane x and
 // lane y. The positions of a channel share its pivot and their count, so each
@@ -349,14 +358,13 @@ fn pair_state(q: States16, past: RowPast16) -> Welford {
     let b1 = select(zero, one, past.v1);
     let b2 = select(zero, one, past.v2);
     let b3 = select(zero, one, past.v3);
-    let a0 = one - b0;
-    let a1 = one - b1;
-    let a2 = one - b2;
-    let a3 = one - b3;
     let kb = dot(b0 + b1 + b2 + b3, one);
     let k = vec2<f32>(16.0 - kb, kb);
-    let sums = vec2<f32>(dot(q.s0.mean * a0 + q.s1.mean * a1 + q.s2.mean * a2 + q.s3.mean * a3, one),
-                         dot(q.s0.mean * b0 + q.s1.mean * b1 + q.s2.mean * b2 + q.s3.mean * b3, one));
+    // Each channel's positions picked by select, the other's replaced by exact
+    // zeros (multiplying by a 0/1 mask would carry a NaN or inf of one channel into
+    // the other).
+    let sums = vec2<f32>(dot(pick(q.s0.mean, q.s1.mean, q.s2.mean, q.s3.mean, past, false), one),
+                         dot(pick(q.s0.mean, q.s1.mean, q.s2.mean, q.s3.mean, past, true), one));
     let mean = select(vec2<f32>(0.0), sums / k, k > vec2<f32>(0.0));
     let ma = vec4<f32>(mean.x);
     let mb = vec4<f32>(mean.y);
@@ -368,8 +376,8 @@ fn pair_state(q: States16, past: RowPast16) -> Welford {
     let e1 = q.s1.m2 + q.n * d1 * d1;
     let e2 = q.s2.m2 + q.n * d2 * d2;
     let e3 = q.s3.m2 + q.n * d3 * d3;
-    let m2 = vec2<f32>(dot(e0 * a0 + e1 * a1 + e2 * a2 + e3 * a3, one),
-                       dot(e0 * b0 + e1 * b1 + e2 * b2 + e3 * b3, one));
+    let m2 = vec2<f32>(dot(pick(e0, e1, e2, e3, past, false), one),
+                       dot(pick(e0, e1, e2, e3, past, true), one));
     return Welford(vec4<f32>(q.n * k, 0.0, 0.0), vec4<f32>(mean, 0.0, 0.0), vec4<f32>(m2, 0.0, 0.0));
 }
 

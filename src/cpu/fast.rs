@@ -353,6 +353,11 @@ pub fn batch_stats(shape: &Shape, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
         .into_iter()
         .zip(&center)
         .map(|([s1, s2], &p)| {
+            // A NaN or ±inf in the channel (and only that: f64 sums of f32 values
+            // cannot overflow) makes the whole channel's statistics NaN.
+            if !(s1.is_finite() && p.is_finite()) {
+                return (f64::NAN, f64::NAN);
+            }
             let m2 = s2 - s1 * s1 / m;
             // Keeps NaN (f64::max would not).
             let var = if m2 < 0.0 { 0.0 } else { m2 / m };

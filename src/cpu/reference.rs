@@ -60,12 +60,17 @@ pub fn channel_values<'a>(
     (0..shape.n()).flat_map(move |n| (0..s).map(move |i| x[shape.index(n, c, i)]))
 }
 
-/// Per-channel batch mean and biased variance, two-pass in f64.
+/// Per-channel batch mean and biased variance, two-pass in f64. A channel with a
+/// NaN or ±inf gets NaN for both (an f64 sum of f32 values is non-finite exactly
+/// then).
 pub fn batch_stats(shape: &Shape, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let m = shape.per_channel() as f64;
     (0..shape.c())
         .map(|c| {
             let mean = channel_values(shape, x, c).map(f64::from).sum::<f64>() / m;
+            if !mean.is_finite() {
+                return (f64::NAN, f64::NAN);
+            }
             let var = channel_values(shape, x, c)
                 .map(|v| (f64::from(v) - mean).powi(2))
                 .sum::<f64>()
