@@ -9,6 +9,7 @@ pub(crate) mod backward_reduce;
 pub(crate) mod common;
 pub(crate) mod copy;
 pub(crate) mod finalize;
+pub(crate) mod optimizer;
 pub(crate) mod stats;
 
 use std::collections::HashMap;
@@ -61,6 +62,7 @@ pub mod sources {
             include_str!("../../shaders/backward_dx.wgsl"),
         ),
         ("copy.wgsl", include_str!("../../shaders/copy.wgsl")),
+        ("optimizer.wgsl", include_str!("../../shaders/optimizer.wgsl")),
     ];
 
     /// The flag bits the host sets in the kernels' parameters, as `(WGSL name,
@@ -84,6 +86,10 @@ pub mod sources {
             super::backward_finalize::BATCH_STATS,
         ),
         ("BACKWARD_ACCUMULATE", super::backward_finalize::ACCUMULATE),
+        ("OPTIMIZER_WEIGHT_DECAY", super::optimizer::WEIGHT_DECAY),
+        ("OPTIMIZER_MOMENTUM", super::optimizer::MOMENTUM),
+        ("OPTIMIZER_FIRST_STEP", super::optimizer::FIRST_STEP),
+        ("OPTIMIZER_NESTEROV", super::optimizer::NESTEROV),
     ];
 
     /// Sizes the host and the kernels share, as `(WGSL name, value)`, prepended as
@@ -251,6 +257,7 @@ pub(crate) struct Kernels {
     pub backward_finalize: backward_finalize::BackwardFinalizeKernels,
     pub backward_dx: common::SwitchedWalkKernels,
     pub copy: Kernel,
+    pub optimizer: optimizer::OptimizerKernels,
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
 }
 
@@ -334,6 +341,10 @@ impl Kernels {
                 &module("bn.backward_dx", src("backward_dx.wgsl")),
             ),
             copy: copy::kernel(device, &module("bn.copy", src("copy.wgsl"))),
+            optimizer: optimizer::OptimizerKernels::new(
+                device,
+                &module("bn.optimizer", src("optimizer.wgsl")),
+            ),
             uniforms: Mutex::new(HashMap::new()),
         };
         if let Some(e) = pollster::block_on(scope.pop()) {
