@@ -156,12 +156,20 @@ impl GpuCase {
         let mut case = Self {
             ctx: ctx.clone(),
             bn: BatchNorm::new(ctx, BatchNormConfig::new(c)).expect("layer"),
-            x: ctx.upload("bench.x", x),
-            dy: ctx.upload("bench.dy", dy),
-            y: ctx.storage_buffer("bench.y", shape.bytes()),
-            dx: ctx.storage_buffer("bench.dx", shape.bytes()),
-            dgamma: ctx.storage_buffer("bench.dgamma", c as u64 * 4),
-            dbeta: ctx.storage_buffer("bench.dbeta", c as u64 * 4),
+            x: ctx.upload("bench.x", x).expect("buffer"),
+            dy: ctx.upload("bench.dy", dy).expect("buffer"),
+            y: ctx
+                .storage_buffer("bench.y", shape.bytes())
+                .expect("buffer"),
+            dx: ctx
+                .storage_buffer("bench.dx", shape.bytes())
+                .expect("buffer"),
+            dgamma: ctx
+                .storage_buffer("bench.dgamma", c as u64 * 4)
+                .expect("buffer"),
+            dbeta: ctx
+                .storage_buffer("bench.dbeta", c as u64 * 4)
+                .expect("buffer"),
             saved: SavedStats::new(ctx, c).expect("saved"),
             train_saved: SavedStats::new(ctx, c).expect("saved"),
         };
@@ -205,12 +213,10 @@ impl GpuCase {
                     &self.x,
                     &self.dy,
                     Some(&self.saved),
-                    GradBuffers {
-                        dx: Some(&self.dx),
-                        dgamma: Some(&self.dgamma),
-                        dbeta: Some(&self.dbeta),
-                        accumulate: false,
-                    },
+                    GradBuffers::new()
+                        .dx(&self.dx)
+                        .dgamma(&self.dgamma)
+                        .dbeta(&self.dbeta),
                 ),
             };
             recorded.expect("record");

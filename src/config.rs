@@ -47,11 +47,28 @@ impl BatchNormConfig {
     }
 
     /// Keras' defaults: `eps = 1e-3`, `momentum = 0.99` weighting the old value,
-    /// biased running variance. (ONNX: the same with `.momentum(Some(0.9))`.)
+    /// biased running variance.
     pub fn keras(num_features: usize) -> Self {
         Self {
             eps: 1e-3,
             momentum: Some(0.99),
+            convention: Convention::Keras,
+            ..Self::new(num_features)
+        }
+    }
+
+    /// ONNX `BatchNormalization`'s defaults: `epsilon = 1e-5`, `momentum = 0.9`
+    /// weighting the old value (the Keras convention), biased running variance.
+    ///
+    /// ```
+    /// use wgpu_batchnorm::{BatchNormConfig, Convention};
+    /// let c = BatchNormConfig::onnx(8);
+    /// assert_eq!((c.eps, c.momentum, c.convention), (1e-5, Some(0.9), Convention::Keras));
+    /// ```
+    pub fn onnx(num_features: usize) -> Self {
+        Self {
+            eps: 1e-5,
+            momentum: Some(0.9),
             convention: Convention::Keras,
             ..Self::new(num_features)
         }
@@ -142,6 +159,39 @@ impl BatchNormState {
             running_var: if r { vec![1.0; c] } else { vec![] },
             num_batches_tracked: 0,
         }
+    }
+
+    /// A state from its parts (e.g. a checkpoint's tensors), checked against
+    /// `config`: every vector of the length it asks for (empty where it has no such
+    /// state), else [`Error::LengthMismatch`] naming the vector.
+    ///
+    /// ```
+    /// use wgpu_batchnorm::{BatchNormConfig, BatchNormState};
+    /// let config = BatchNormConfig::new(2);
+    /// let s = BatchNormState::from_parts(
+    ///     &config, vec![1.0, 2.0], vec![0.0, 0.5], vec![0.1, 0.2], vec![1.0, 3.0], 7,
+    /// )?;
+    /// assert_eq!(s.num_batches_tracked, 7);
+    /// assert!(BatchNormState::from_parts(&config, vec![1.0], vec![], vec![], vec![], 0).is_err());
+    /// # Ok::<(), wgpu_batchnorm::Error>(())
+    /// ```
+    pub fn from_parts(
+        config: &BatchNormConfig,
+        gamma: Vec<f32>,
+        beta: Vec<f32>,
+        running_mean: Vec<f32>,
+        running_var: Vec<f32>,
+        num_batches_tracked: u64,
+    ) -> Result<Self> {
+        let state = Self {
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+        };
+        state.validate(config)?;
+        Ok(state)
     }
 
     /// Checks that every vector has the length `config` asks for.

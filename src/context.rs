@@ -1,10 +1,10 @@
 //! The GPU context: a device and queue (chosen from the environment or given by the
 //! caller) and the kernels' pipelines, compiled once.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::kernels::Kernels;
-use crate::{Error, Result, Tuning};
+use crate::{Error, Result, TensorBuffer, Tuning};
 
 /// A `wgpu` device and queue with this crate's pipelines built on it.
 ///
@@ -22,6 +22,8 @@ struct Inner {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     kernels: Kernels,
+    /// Why the device was lost, once its device-lost callback has run.
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 /// Optional device features the crate knows how to use or report.
@@ -54,11 +56,15 @@ impl GpuContext {
                 ..Default::default()
             })
             .await?;
-        Self::from_device(device, queue, adapter.get_info())
+        Self::from_device(device, queue)
     }
 
-    /// Builds the pipelines on a device the caller already has. `info` is what the
-    /// context reports as its adapter (`adapter.get_info()`).
+    /// Builds the pipelines on a device the caller already has.
+    ///
+    /// The context sets the device's device-lost callback (replacing one set
+    /// before), so that every call after a loss returns [`Error::DeviceLost`]
+    /// instead of reaching wgpu's error handler; a callback set afterwards replaces
+    /// it, and calls then report the loss as [`Error::Gpu`] or [`Error::Readback`].
     ///
     /// The device needs compute shaders with 256 invocations per workgroup (12 KiB
     /// of workgroup memory), 6 storage buffers per shader stage, uniform bindings of
@@ -69,11 +75,14 @@ impl GpuContext {
     /// must fit in one storage binding ([`Self::max_binding_size`]); request the
     /// adapter's limits (`adapter.limits()`) for tensors past WebGPU's default of
     /// 128 MiB.
-    pub fn from_device(
-        device: wgpu::Device,
-        queue: wgpu::Queue,
-        info: wgpu::AdapterInfo,
-    ) -> Result<Self> {
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        let lost = Arc::new(Mutex::new(None));
+        let flag = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            let mut lost = flag.lock().unwrap_or_else(|e| e.into_inner());
+            *lost = Some(format!("{reason:?}: {message}"));
+        });
+        let info = device.adapter_info();
         let kernels = Kernels::new(&device)?;
         Ok(Self {
             tuning: Tuning::for_adapter(&info),
@@ -82,8 +91,54 @@ impl GpuContext {
                 queue,
                 info,
                 kernels,
+                lost,
             }),
         })
+    }
+
+    /// Fails with [`Error::DeviceLost`] once the device is lost.
+    pub fn check_device(&self) -> Result<()> {
+        match &*self.inner.lost.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(Error::DeviceLost(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` (which creates, writes or submits on the device) inside error scopes:
+    /// a loss of the device, before or during, is [`Error::DeviceLost`], an
+    /// allocation failure [`Error::OutOfMemory`], any other error wgpu raised
+    /// [`Error::Gpu`] (naming `context`), instead of reaching the device's handler.
+    pub(crate) fn guarded<T>(
+        &self,
+        context: &'static str,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        self.check_device()?;
+        let device = &self.inner.device;
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let result = f();
+        let invalid = pollster::block_on(invalid.pop());
+        let oom = pollster::block_on(oom.pop());
+        if invalid.is_some() || oom.is_some() {
+            // A destroyed device reports its loss at the next poll: an error here
+            // may be the first sign of it.
+            let _ = device.poll(wgpu::PollType::Poll);
+        }
+        self.check_device()?;
+        if let Some(e) = oom {
+            return Err(Error::OutOfMemory {
+                context,
+                message: e.to_string(),
+            });
+        }
+        if let Some(e) = invalid {
+            return Err(Error::Gpu {
+                context,
+                message: e.to_string(),
+            });
+        }
+        result
     }
 
     /// This context with another launch geometry (sharing device and pipelines).
@@ -126,17 +181,48 @@ impl GpuContext {
             .contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
-    /// One line naming the adapter, its type, driver and backend.
+    /// One line naming the adapter, the API it runs through, its type and driver
+    /// (`llvmpipe (LLVM 15.0.6, 256 bits) on Vulkan, CPU, driver llvmpipe: Mesa 22.3.6`),
+    /// and the optional features enabled.
     pub fn describe(&self) -> String {
         let i = &self.inner.info;
+        let api = match i.backend {
+            wgpu::Backend::Vulkan => "Vulkan",
+            wgpu::Backend::Metal => "Metal",
+            wgpu::Backend::Dx12 => "DirectX 12",
+            wgpu::Backend::Gl => "OpenGL",
+            wgpu::Backend::BrowserWebGpu => "WebGPU",
+            wgpu::Backend::Noop => "no backend",
+        };
+        let kind = match i.device_type {
+            wgpu::DeviceType::Cpu => "CPU",
+            wgpu::DeviceType::IntegratedGpu => "integrated GPU",
+            wgpu::DeviceType::DiscreteGpu => "discrete GPU",
+            wgpu::DeviceType::VirtualGpu => "virtual GPU",
+            wgpu::DeviceType::Other => "unknown device type",
+        };
+        let driver = match (i.driver.trim(), i.driver_info.trim()) {
+            ("", "") => "not reported".to_string(),
+            (name, "") | ("", name) => name.to_string(),
+            (name, version) => format!("{name}: {version}"),
+        };
+        let features: Vec<&str> = [
+            (wgpu::Features::TIMESTAMP_QUERY, "timestamps"),
+            (wgpu::Features::SUBGROUP, "subgroups"),
+            (wgpu::Features::SHADER_F16, "f16"),
+        ]
+        .into_iter()
+        .filter(|(f, _)| self.optional_features().contains(*f))
+        .map(|(_, name)| name)
+        .collect();
         format!(
-            "{} ({:?}, {:?} backend, driver {} {}; optional features: {:?})",
+            "{} on {api}, {kind}, driver {driver}; optional features: {}",
             i.name,
-            i.device_type,
-            i.backend,
-            i.driver,
-            i.driver_info,
-            self.optional_features()
+            if features.is_empty() {
+                "none".to_string()
+            } else {
+                features.join(", ")
+            }
         )
     }
 
@@ -187,12 +273,41 @@ impl GpuContext {
         buffer: &wgpu::Buffer,
         bytes: u64,
     ) -> Result<()> {
+        self.check_tensor(name, buffer.into(), bytes)
+    }
+
+    /// Checks that the first `bytes` of `tensor` can be bound as a storage buffer on
+    /// this device: within the binding limit, its offset aligned, inside its range and
+    /// its buffer, with `STORAGE`.
+    pub(crate) fn check_tensor(
+        &self,
+        name: &'static str,
+        tensor: TensorBuffer<'_>,
+        bytes: u64,
+    ) -> Result<()> {
         self.check_size(name, bytes)?;
-        if buffer.size() < bytes {
+        let alignment = u64::from(
+            self.inner
+                .device
+                .limits()
+                .min_storage_buffer_offset_alignment,
+        )
+        .max(16);
+        let offset = tensor.offset();
+        if !offset.is_multiple_of(alignment) {
+            return Err(Error::MisalignedOffset {
+                name,
+                offset,
+                alignment,
+            });
+        }
+        let buffer = tensor.buffer();
+        let available = tensor.size().min(buffer.size().saturating_sub(offset));
+        if available < bytes {
             return Err(Error::BufferTooSmall {
                 name,
                 needed: bytes,
-                got: buffer.size(),
+                got: available,
             });
         }
         if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
@@ -230,14 +345,20 @@ impl GpuContext {
 
     /// Submits the encoder and waits for the GPU to finish it.
     pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        self.check_device()?;
         let index = self.inner.queue.submit([encoder.finish()]);
-        self.inner
-            .device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| Error::Readback(e.to_string()))?;
+        self.wait(Some(index))
+    }
+
+    /// Waits for the submission `index` (or all work); a failure is
+    /// [`Error::DeviceLost`] when the device is lost, else [`Error::Readback`].
+    fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        let waited = self.inner.device.poll(wgpu::PollType::Wait {
+            submission_index: index,
+            timeout: None,
+        });
+        self.check_device()?;
+        waited.map_err(|e| Error::Readback(e.to_string()))?;
         Ok(())
     }
 
@@ -275,27 +396,29 @@ impl GpuContext {
             });
         }
         let device = &self.inner.device;
-        let staging = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("bn.readback"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("bn.readback"),
-        });
-        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
-        self.submit_and_wait(encoder)?;
+        let staging = self.guarded("reading a buffer back", || {
+            let staging = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("bn.readback"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("bn.readback"),
+            });
+            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+            self.submit_and_wait(encoder)?;
+            Ok(staging)
+        })?;
         let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = sender.send(r);
         });
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Readback(e.to_string()))?;
-        pollster::block_on(receiver.receive())
-            .ok_or_else(|| Error::Readback("map callback dropped".into()))?
-            .map_err(|e| Error::Readback(e.to_string()))?;
+        self.wait(None)?;
+        let mapped = pollster::block_on(receiver.receive())
+            .ok_or_else(|| Error::Readback("map callback dropped".into()))?;
+        self.check_device()?;
+        mapped.map_err(|e| Error::Readback(e.to_string()))?;
         let view = staging
             .get_mapped_range(..)
             .map_err(|e| Error::Readback(e.to_string()))?;
@@ -306,42 +429,64 @@ impl GpuContext {
     }
 
     /// Creates a storage buffer holding `data` (usable as input, output and copy
-    /// source/destination).
-    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
-        use wgpu::util::DeviceExt;
+    /// source/destination; written through the queue, so it holds `data` from the
+    /// next submission on).
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
         let contents: &[u8] = bytemuck::cast_slice(data);
-        // wgpu rejects zero-sized mapped buffers; keep one word.
-        let pad = [0u8; 4];
-        self.inner
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: if contents.is_empty() { &pad } else { contents },
-                usage: storage_usages(),
-            })
+        let buffer = self.storage_buffer(label, contents.len() as u64)?;
+        self.write(&buffer, contents)?;
+        Ok(buffer)
     }
 
-    /// Creates a zeroed storage buffer of `bytes` bytes (at least 4).
-    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
-        self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes.max(4).next_multiple_of(4),
-            usage: storage_usages(),
-            mapped_at_creation: false,
+    /// Writes `bytes` at the start of `buffer` through the queue (see
+    /// [`Self::guarded`] for the errors).
+    pub(crate) fn write(&self, buffer: &wgpu::Buffer, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.guarded("writing a buffer", || {
+            self.inner.queue.write_buffer(buffer, 0, bytes);
+            Ok(())
         })
+    }
+
+    /// Creates a zeroed storage buffer of `bytes` bytes (at least 4). Larger than
+    /// the device can create is [`Error::TooLargeForDevice`]; a failed allocation
+    /// [`Error::OutOfMemory`].
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        self.create_buffer(label, bytes, storage_usages())
     }
 
     /// A zeroed storage buffer of `bytes` bytes that the kernels also bind as the
     /// uniform window of their coefficients (`kernels::COEF_WINDOW_BYTES`, so at least
     /// that long).
-    pub(crate) fn coefficient_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
-        self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes
-                .max(crate::kernels::COEF_WINDOW_BYTES)
-                .next_multiple_of(4),
-            usage: storage_usages() | wgpu::BufferUsages::UNIFORM,
-            mapped_at_creation: false,
+    pub(crate) fn coefficient_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        let bytes = bytes.max(crate::kernels::COEF_WINDOW_BYTES);
+        self.create_buffer(label, bytes, storage_usages() | wgpu::BufferUsages::UNIFORM)
+    }
+
+    fn create_buffer(
+        &self,
+        label: &str,
+        bytes: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        let size = bytes.max(4).next_multiple_of(4);
+        let limit = self.inner.device.limits().max_buffer_size;
+        if size > limit {
+            return Err(Error::TooLargeForDevice {
+                name: "buffer",
+                bytes: size,
+                limit,
+            });
+        }
+        self.guarded("creating a buffer", || {
+            Ok(self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            }))
         })
     }
 }

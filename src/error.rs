@@ -48,6 +48,17 @@ pub enum Error {
     /// Waiting for the GPU or mapping a buffer for reading failed.
     #[error("GPU readback failed: {0}")]
     Readback(String),
+    /// The device was lost (destroyed, reset or removed): nothing more can run on it.
+    #[error("the GPU device is lost ({0}); create a new GpuContext")]
+    DeviceLost(String),
+    /// The device could not allocate memory for a buffer or pipeline.
+    #[error("GPU out of memory while {context}: {message}")]
+    OutOfMemory {
+        /// What the crate was doing.
+        context: &'static str,
+        /// wgpu's message.
+        message: String,
+    },
 
     /// A tensor shape has the wrong rank.
     #[error("a tensor must have 2 to 5 dims (N, C, *spatial), got {0}")]
@@ -74,6 +85,16 @@ pub enum Error {
         /// The layer's `num_features`.
         expected: usize,
         /// The input's channel dimension.
+        got: usize,
+    },
+    /// The saved statistics are for another channel count than the layer's.
+    #[error(
+        "the saved statistics hold {got} channels, the layer expects num_features = {expected}"
+    )]
+    SavedStatsMismatch {
+        /// The layer's `num_features`.
+        expected: usize,
+        /// The saved statistics' channel count.
         got: usize,
     },
     /// Training needs more than one value per channel.
@@ -128,13 +149,30 @@ pub enum Error {
         /// The usages it has.
         got: wgpu::BufferUsages,
     },
-    /// The same buffer was passed for an input and an output.
-    #[error("buffers {a} and {b} are the same buffer; in-place operation is not supported")]
+    /// A buffer a call writes is also another of its tensors or the layer's own state
+    /// (wgpu checks usages per buffer, so two ranges of one buffer count too).
+    #[error(
+        "{a} and {b} are in the same buffer, and the call writes one of them; \
+         in-place operation is not supported"
+    )]
     AliasedBuffers {
         /// One argument.
         a: &'static str,
         /// The other.
         b: &'static str,
+    },
+    /// A tensor's offset in its buffer is not aligned as storage bindings need.
+    #[error(
+        "{name} starts at byte {offset} of its buffer, which is not a multiple of {alignment} \
+         (the device's min_storage_buffer_offset_alignment, and 16)"
+    )]
+    MisalignedOffset {
+        /// Which argument.
+        name: &'static str,
+        /// Its offset in bytes.
+        offset: u64,
+        /// The alignment needed.
+        alignment: u64,
     },
     /// A tensor or buffer is larger than one storage binding can hold on this device.
     #[error(
@@ -155,6 +193,19 @@ pub enum Error {
     /// `momentum` is not finite or outside [0, 1].
     #[error("momentum must be finite and in [0, 1], got {0}")]
     BadMomentum(f32),
+    /// An optimizer hyper-parameter is outside its range.
+    #[error("{name} = {value} is not allowed: {requirement}")]
+    BadHyperParameter {
+        /// The hyper-parameter's name.
+        name: &'static str,
+        /// Its value.
+        value: f32,
+        /// What it must satisfy.
+        requirement: &'static str,
+    },
+    /// Objects of two different [`crate::GpuContext`]s (devices) were used together.
+    #[error("{0} belongs to another GpuContext (another device)")]
+    ContextMismatch(&'static str),
     /// `num_batches_tracked` past what the GPU layer's 32-bit counter holds.
     #[error("num_batches_tracked must be at most 2^32 - 1 on the GPU, got {0}")]
     BatchCountTooLarge(u64),

@@ -7,8 +7,9 @@ use crate::kernels::{
 };
 use crate::{
     BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
-    SavedStatsHost, Shape,
+    SavedStatsHost, Shape, TensorBuffer, TrainOutput,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where the normalize pass takes its coefficients from.
 #[derive(Clone, Copy)]
@@ -33,9 +34,15 @@ fn padded(channels: usize) -> usize {
 /// `save_mean`), and `hi + lo` is the mean to about twice f32's precision (`hi` a
 /// value of the batch, `lo` the mean of `x - hi`), which the backward uses. Create
 /// one per forward whose backward you will run.
+///
+/// A backward refuses statistics that no training forward (or eval forward with
+/// batch statistics) was recorded into and that were not loaded from the host
+/// ([`Error::MissingSavedStats`]): fresh ones hold zeros, which would give wrong
+/// gradients without a word.
 pub struct SavedStats {
     buffer: wgpu::Buffer,
     channels: usize,
+    filled: AtomicBool,
 }
 
 impl SavedStats {
@@ -44,8 +51,9 @@ impl SavedStats {
     pub fn new(ctx: &GpuContext, channels: usize) -> Result<Self> {
         let bytes = Self::checked_bytes(ctx, channels)?;
         Ok(Self {
-            buffer: ctx.storage_buffer("bn.saved", bytes),
+            buffer: ctx.storage_buffer("bn.saved", bytes)?,
             channels,
+            filled: AtomicBool::new(false),
         })
     }
 
@@ -70,8 +78,9 @@ impl SavedStats {
         data[2 * p..2 * p + c].copy_from_slice(&saved.mean);
         data[3 * p..3 * p + c].copy_from_slice(&saved.mean_lo);
         Ok(Self {
-            buffer: ctx.upload("bn.saved", &data),
+            buffer: ctx.upload("bn.saved", &data)?,
             channels: c,
+            filled: AtomicBool::new(true),
         })
     }
 
@@ -91,6 +100,19 @@ impl SavedStats {
     /// Channel count.
     pub fn channels(&self) -> usize {
         self.channels
+    }
+
+    /// Whether a forward was recorded into these statistics or they were loaded from
+    /// the host (a backward needs one or the other).
+    pub fn is_filled(&self) -> bool {
+        self.filled.load(Ordering::Relaxed)
+    }
+
+    /// Marks the statistics as filled: for a buffer written by other means (e.g.
+    /// copied from PyTorch's `save_mean`/`save_invstd` on the GPU, in the layout of
+    /// [`Self::buffer`]).
+    pub fn mark_filled(&self) {
+        self.filled.store(true, Ordering::Relaxed);
     }
 
     /// Distance in f32 between the buffer's segments (channels rounded up to 4).
@@ -117,18 +139,62 @@ impl SavedStats {
 
 /// Output buffers of a recorded backward pass; `None` skips that gradient and the
 /// work only it needs.
+///
+/// ```no_run
+/// # fn demo(dx: &wgpu::Buffer, dgamma: &wgpu::Buffer, dbeta: &wgpu::Buffer) {
+/// use wgpu_batchnorm::GradBuffers;
+/// let all = GradBuffers::new().dx(dx).dgamma(dgamma).dbeta(dbeta);
+/// let params_only = GradBuffers::new().dgamma(dgamma).dbeta(dbeta).accumulate(true);
+/// # }
+/// ```
 #[derive(Clone, Copy, Default)]
 pub struct GradBuffers<'a> {
     /// Receives `dx` (same shape and layout as `x`).
-    pub dx: Option<&'a wgpu::Buffer>,
+    pub dx: Option<TensorBuffer<'a>>,
     /// Receives `dgamma` (C f32).
-    pub dgamma: Option<&'a wgpu::Buffer>,
+    pub dgamma: Option<TensorBuffer<'a>>,
     /// Receives `dbeta` (C f32).
-    pub dbeta: Option<&'a wgpu::Buffer>,
+    pub dbeta: Option<TensorBuffer<'a>>,
     /// Add `dgamma`/`dbeta` to the buffers' contents (as PyTorch accumulates into
     /// `.grad`) instead of overwriting them (the default, like the functional
     /// backward). `dx` is always overwritten.
     pub accumulate: bool,
+}
+
+impl<'a> GradBuffers<'a> {
+    /// No outputs (then the backward records nothing).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Computes `dx` into `dx` (a buffer, slice or binding).
+    pub fn dx(self, dx: impl Into<TensorBuffer<'a>>) -> Self {
+        Self {
+            dx: Some(dx.into()),
+            ..self
+        }
+    }
+
+    /// Computes `dgamma` into `dgamma`.
+    pub fn dgamma(self, dgamma: impl Into<TensorBuffer<'a>>) -> Self {
+        Self {
+            dgamma: Some(dgamma.into()),
+            ..self
+        }
+    }
+
+    /// Computes `dbeta` into `dbeta`.
+    pub fn dbeta(self, dbeta: impl Into<TensorBuffer<'a>>) -> Self {
+        Self {
+            dbeta: Some(dbeta.into()),
+            ..self
+        }
+    }
+
+    /// Adds `dgamma`/`dbeta` to the buffers' contents instead of overwriting them.
+    pub fn accumulate(self, accumulate: bool) -> Self {
+        Self { accumulate, ..self }
+    }
 }
 
 /// A batch-normalization layer on the GPU: PyTorch's `BatchNorm{1,2,3}d` with its
@@ -188,19 +254,19 @@ impl BatchNorm {
         // bytes a channel.
         ctx.check_size("per-channel state", 16 * p)?;
         let layer = Self {
-            affine: ctx.storage_buffer("bn.affine", 2 * p * 4),
-            running: ctx.storage_buffer("bn.running", (2 * p + 1) * 4),
-            coef: ctx.coefficient_buffer("bn.coef", 4 * p * 4),
+            affine: ctx.storage_buffer("bn.affine", 2 * p * 4)?,
+            running: ctx.storage_buffer("bn.running", (2 * p + 1) * 4)?,
+            coef: ctx.coefficient_buffer("bn.coef", 4 * p * 4)?,
             scratch_saved: SavedStats::new(ctx, c)?,
             scratch_grads: [
-                ctx.storage_buffer("bn.scratch_dgamma", p * 4),
-                ctx.storage_buffer("bn.scratch_dbeta", p * 4),
+                ctx.storage_buffer("bn.scratch_dgamma", p * 4)?,
+                ctx.storage_buffer("bn.scratch_dbeta", p * 4)?,
             ],
-            partials: ctx.storage_buffer("bn.partials", 16 * p),
+            partials: ctx.storage_buffer("bn.partials", 16 * p)?,
             ctx: ctx.clone(),
             config,
         };
-        layer.write_state(state);
+        layer.write_state(state)?;
         Ok(layer)
     }
 
@@ -260,8 +326,7 @@ impl BatchNorm {
     /// fit the GPU's 32-bit counter.
     pub fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
         Self::check_state(&self.config, state)?;
-        self.write_state(state);
-        Ok(())
+        self.write_state(state)
     }
 
     fn check_state(config: &BatchNormConfig, state: &BatchNormState) -> Result<()> {
@@ -272,7 +337,7 @@ impl BatchNorm {
         Ok(())
     }
 
-    fn write_state(&self, state: &BatchNormState) {
+    fn write_state(&self, state: &BatchNormState) -> Result<()> {
         let (c, p) = (self.config.num_features, self.stride());
         let mut affine = vec![0f32; 2 * p];
         if self.config.affine {
@@ -287,9 +352,10 @@ impl BatchNorm {
             }
             running[2 * p] = state.num_batches_tracked as u32;
         }
-        let q = self.ctx.queue();
-        q.write_buffer(&self.affine, 0, bytemuck::cast_slice(&affine));
-        q.write_buffer(&self.running, 0, bytemuck::cast_slice(&running));
+        self.ctx
+            .write(&self.affine, bytemuck::cast_slice(&affine))?;
+        self.ctx
+            .write(&self.running, bytemuck::cast_slice(&running))
     }
 
     // ----- validation -------------------------------------------------------------
@@ -311,7 +377,7 @@ impl BatchNorm {
 
     fn check_saved(&self, saved: &SavedStats) -> Result<()> {
         if saved.channels != self.config.num_features {
-            return Err(Error::ChannelMismatch {
+            return Err(Error::SavedStatsMismatch {
                 expected: self.config.num_features,
                 got: saved.channels,
             });
@@ -322,14 +388,52 @@ impl BatchNorm {
     /// Fails unless the partial results of the reduction `pass` over `shape` fit in
     /// one storage binding (they are at most a few per element position).
     fn check_partials(&self, shape: &Shape, pass: common::Pass) -> Result<()> {
+        self.ctx
+            .check_size("partial results", self.partial_bytes(shape, pass))
+    }
+
+    fn partial_bytes(&self, shape: &Shape, pass: common::Pass) -> u64 {
         let count = self
             .reduce_walk(shape, pass)
             .partial_count(self.config.num_features);
-        self.ctx.check_size("partial results", count.max(1) * 16)
+        count.max(1) * 16
     }
 
-    /// Fails if a buffer that is written appears twice.
-    fn check_aliasing(buffers: &[(&'static str, Option<&wgpu::Buffer>, bool)]) -> Result<()> {
+    /// Grows the partials buffer to what the reduction `pass` over `shape` needs
+    /// (after the checks, before anything is recorded).
+    fn reserve_partials(&mut self, shape: &Shape, pass: common::Pass) -> Result<()> {
+        let bytes = self.partial_bytes(shape, pass);
+        if self.partials.size() < bytes {
+            self.partials = self.ctx.storage_buffer("bn.partials", bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Fails if a buffer that is written appears twice among a call's tensors, or
+    /// any of them is one of the layer's own buffers (which its kernels bind too).
+    fn check_aliasing(
+        &self,
+        buffers: &[(&'static str, Option<&wgpu::Buffer>, bool)],
+    ) -> Result<()> {
+        let own = [
+            ("the layer's gamma/beta (affine_buffer)", &self.affine),
+            (
+                "the layer's running statistics (running_buffer)",
+                &self.running,
+            ),
+            ("the layer's coefficients", &self.coef),
+            ("the layer's partial results", &self.partials),
+            ("the layer's scratch statistics", &self.scratch_saved.buffer),
+            ("the layer's scratch dgamma", &self.scratch_grads[0]),
+            ("the layer's scratch dbeta", &self.scratch_grads[1]),
+        ];
+        for (a, buffer, _) in buffers {
+            if let Some(buffer) = buffer {
+                if let Some((b, _)) = own.iter().find(|(_, o)| *o == *buffer) {
+                    return Err(Error::AliasedBuffers { a, b });
+                }
+            }
+        }
         for (i, (a, ba, wa)) in buffers.iter().enumerate() {
             for (b, bb, wb) in &buffers[i + 1..] {
                 if let (Some(ba), Some(bb)) = (ba, bb) {
@@ -347,14 +451,15 @@ impl BatchNorm {
     fn check_forward(
         &self,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
+        y: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
         batch_stats: bool,
     ) -> Result<()> {
+        self.ctx.check_device()?;
         self.check_shape(shape, batch_stats)?;
-        self.ctx.check_storage("x", x, shape.bytes())?;
-        self.ctx.check_storage("y", y, shape.bytes())?;
+        self.ctx.check_tensor("x", x, shape.bytes())?;
+        self.ctx.check_tensor("y", y, shape.bytes())?;
         let saved = saved.filter(|_| batch_stats);
         if let Some(s) = saved {
             self.check_saved(s)?;
@@ -363,9 +468,9 @@ impl BatchNorm {
             self.check_partials(shape, common::Pass::Statistics)?;
         }
         let written_saved = saved.map(|s| &s.buffer);
-        Self::check_aliasing(&[
-            ("x", Some(x), false),
-            ("y", Some(y), true),
+        self.check_aliasing(&[
+            ("x", Some(x.buffer()), false),
+            ("y", Some(y.buffer()), true),
             ("saved", written_saved, true),
         ])
     }
@@ -375,16 +480,18 @@ impl BatchNorm {
     /// Records a training-mode forward into `encoder`: batch statistics, `y`, the
     /// saved statistics into `saved`, and (with `track_running_stats`) the running
     /// statistics and `num_batches_tracked`. `x` and `y` are f32 tensors of `shape`
-    /// in STORAGE buffers (distinct).
-    pub fn forward_train(
+    /// in STORAGE buffers (whole buffers, slices or bindings: [`TensorBuffer`]); `y`
+    /// must not share a buffer with `x`, `saved` or the layer's own buffers.
+    pub fn forward_train<'a>(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
         saved: &SavedStats,
     ) -> Result<()> {
-        self.check_forward(shape, x, y, Some(saved), true)?;
+        let (x, y) = (x.into(), y.into());
+        self.prepare_forward(shape, x, y, Some(saved), true)?;
         let mut pass = begin(encoder, "bn.forward_train");
         self.record_forward_train(&mut pass, shape, x, y, saved);
         Ok(())
@@ -392,15 +499,16 @@ impl BatchNorm {
 
     /// [`Self::forward_train`] recorded into a compute pass the caller has begun
     /// (e.g. one with timestamp writes).
-    pub fn forward_train_in_pass(
+    pub fn forward_train_in_pass<'a>(
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
         saved: &SavedStats,
     ) -> Result<()> {
-        self.check_forward(shape, x, y, Some(saved), true)?;
+        let (x, y) = (x.into(), y.into());
+        self.prepare_forward(shape, x, y, Some(saved), true)?;
         self.record_forward_train(pass, shape, x, y, saved);
         Ok(())
     }
@@ -408,50 +516,72 @@ impl BatchNorm {
     /// Records an eval-mode forward: with `track_running_stats` it normalizes with
     /// the running statistics (and `saved` is ignored); without, it uses batch
     /// statistics, written to `saved` when given, and updates nothing.
-    pub fn forward_eval(
+    pub fn forward_eval<'a>(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
         saved: Option<&SavedStats>,
     ) -> Result<()> {
-        self.check_eval(shape, x, y, saved)?;
+        let (x, y) = (x.into(), y.into());
+        self.prepare_eval(shape, x, y, saved)?;
         let mut pass = begin(encoder, "bn.forward_eval");
         self.record_forward_eval(&mut pass, shape, x, y, saved);
         Ok(())
     }
 
     /// [`Self::forward_eval`] recorded into a compute pass the caller has begun.
-    pub fn forward_eval_in_pass(
+    pub fn forward_eval_in_pass<'a>(
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
         saved: Option<&SavedStats>,
     ) -> Result<()> {
-        self.check_eval(shape, x, y, saved)?;
+        let (x, y) = (x.into(), y.into());
+        self.prepare_eval(shape, x, y, saved)?;
         self.record_forward_eval(pass, shape, x, y, saved);
         Ok(())
     }
 
-    fn check_eval(
-        &self,
+    fn prepare_eval(
+        &mut self,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
+        y: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
     ) -> Result<()> {
-        self.check_forward(shape, x, y, saved, !self.config.track_running_stats)
+        self.prepare_forward(shape, x, y, saved, !self.config.track_running_stats)
+    }
+
+    /// Checks a forward's arguments, then makes room for its partial results and
+    /// marks `saved` (when batch statistics are written to it) as filled.
+    fn prepare_forward(
+        &mut self,
+        shape: &Shape,
+        x: TensorBuffer<'_>,
+        y: TensorBuffer<'_>,
+        saved: Option<&SavedStats>,
+        batch_stats: bool,
+    ) -> Result<()> {
+        self.check_forward(shape, x, y, saved, batch_stats)?;
+        if batch_stats {
+            self.reserve_partials(shape, common::Pass::Statistics)?;
+            if let Some(s) = saved {
+                s.mark_filled();
+            }
+        }
+        Ok(())
     }
 
     fn record_forward_train(
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
+        y: TensorBuffer<'_>,
         saved: &SavedStats,
     ) {
         let update = self.config.track_running_stats;
@@ -462,8 +592,8 @@ impl BatchNorm {
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
+        y: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
     ) {
         if self.config.track_running_stats {
@@ -490,8 +620,8 @@ impl BatchNorm {
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
+        y: TensorBuffer<'_>,
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
@@ -502,7 +632,7 @@ impl BatchNorm {
             .then(|| self.stats_walk(shape, update_running, common::Pass::FusedForward))
             .and_then(|plan| Some((plan, kernels.stats.fused(&plan)?)));
         if let Some((plan, fused)) = fused {
-            let y = binding(y, shape.bytes());
+            let y = y.binding(shape.bytes());
             self.record_whole_channels(pass, fused, &plan, shape, x, y, saved, update_running);
         } else {
             self.record_batch_stats(pass, shape, x, saved, update_running);
@@ -588,12 +718,10 @@ impl BatchNorm {
         (self.config.num_features as u32).div_ceil(WORKGROUP_SIZE)
     }
 
-    /// Makes sure the partials buffer holds `count` vec4 and returns it.
-    fn partials(&mut self, count: u64) -> wgpu::Buffer {
-        let bytes = count.max(1) * 16;
-        if self.partials.size() < bytes {
-            self.partials = self.ctx.storage_buffer("bn.partials", bytes);
-        }
+    /// The partials buffer, which [`Self::reserve_partials`] made large enough for
+    /// `count` vec4.
+    fn partials(&self, count: u64) -> wgpu::Buffer {
+        debug_assert!(self.partials.size() >= count.max(1) * 16);
         self.partials.clone()
     }
 
@@ -607,7 +735,7 @@ impl BatchNorm {
         kernel: &Kernel,
         plan: &common::WalkPlan,
         shape: &Shape,
-        x: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
         out: wgpu::BufferBinding<'_>,
         saved: &wgpu::Buffer,
         update_running: bool,
@@ -624,7 +752,7 @@ impl BatchNorm {
             pass,
             &[
                 whole(&params),
-                binding(x, shape.bytes()),
+                x.binding(shape.bytes()),
                 out,
                 whole(&self.running),
                 whole(saved),
@@ -651,7 +779,7 @@ impl BatchNorm {
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
         saved: &wgpu::Buffer,
         update_running: bool,
     ) {
@@ -681,7 +809,7 @@ impl BatchNorm {
             pass,
             &[
                 whole(&params),
-                binding(x, shape.bytes()),
+                x.binding(shape.bytes()),
                 whole(&partials),
                 whole(&self.running),
             ],
@@ -738,8 +866,8 @@ impl BatchNorm {
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
+        y: TensorBuffer<'_>,
         from: Coefficients,
     ) {
         let mut plan = self.elementwise_walk(shape);
@@ -764,8 +892,8 @@ impl BatchNorm {
             pass,
             &[
                 whole(&params),
-                binding(x, shape.bytes()),
-                binding(y, shape.bytes()),
+                x.binding(shape.bytes()),
+                y.binding(shape.bytes()),
                 whole(coef),
                 whole(&self.affine),
                 binding(&self.coef, COEF_WINDOW_BYTES),
@@ -781,46 +909,68 @@ impl BatchNorm {
     /// `saved`: the statistics of the training forward (batch statistics: `dx` has
     /// the full training form), or `None` for the running statistics of an eval
     /// forward (constants). The outputs not given in `grads` are not computed.
-    pub fn backward(
+    pub fn backward<'a>(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        dy: &wgpu::Buffer,
+        x: impl Into<TensorBuffer<'a>>,
+        dy: impl Into<TensorBuffer<'a>>,
         saved: Option<&SavedStats>,
         grads: GradBuffers<'_>,
     ) -> Result<()> {
-        self.check_backward(shape, x, dy, saved, &grads)?;
+        let (x, dy) = (x.into(), dy.into());
+        self.prepare_backward(shape, x, dy, saved, &grads)?;
         let mut pass = begin(encoder, "bn.backward");
         self.record_backward(&mut pass, shape, x, dy, saved, &grads);
         Ok(())
     }
 
     /// [`Self::backward`] recorded into a compute pass the caller has begun.
-    pub fn backward_in_pass(
+    pub fn backward_in_pass<'a>(
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        dy: &wgpu::Buffer,
+        x: impl Into<TensorBuffer<'a>>,
+        dy: impl Into<TensorBuffer<'a>>,
         saved: Option<&SavedStats>,
         grads: GradBuffers<'_>,
     ) -> Result<()> {
-        self.check_backward(shape, x, dy, saved, &grads)?;
+        let (x, dy) = (x.into(), dy.into());
+        self.prepare_backward(shape, x, dy, saved, &grads)?;
         self.record_backward(pass, shape, x, dy, saved, &grads);
         Ok(())
+    }
+
+    /// Checks a backward's arguments, then makes room for its partial results.
+    fn prepare_backward(
+        &mut self,
+        shape: &Shape,
+        x: TensorBuffer<'_>,
+        dy: TensorBuffer<'_>,
+        saved: Option<&SavedStats>,
+        grads: &GradBuffers<'_>,
+    ) -> Result<()> {
+        self.check_backward(shape, x, dy, saved, grads)?;
+        self.reserve_partials(shape, common::Pass::Sums)
     }
 
     fn check_backward(
         &self,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        dy: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
+        dy: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
         grads: &GradBuffers<'_>,
     ) -> Result<()> {
+        self.ctx.check_device()?;
         self.check_shape(shape, saved.is_some())?;
         match saved {
+            Some(s) if !s.is_filled() => {
+                return Err(Error::MissingSavedStats(
+                    "the saved statistics were never written: record a training forward \
+                     into them (or load them with SavedStats::from_host) before the backward",
+                ))
+            }
             Some(s) => self.check_saved(s)?,
             None if !self.config.track_running_stats => {
                 return Err(Error::MissingSavedStats(
@@ -837,26 +987,26 @@ impl BatchNorm {
             ));
         }
         let bytes = shape.bytes();
-        self.ctx.check_storage("x", x, bytes)?;
-        self.ctx.check_storage("dy", dy, bytes)?;
+        self.ctx.check_tensor("x", x, bytes)?;
+        self.ctx.check_tensor("dy", dy, bytes)?;
         self.check_partials(shape, common::Pass::Sums)?;
         let c_bytes = self.config.num_features as u64 * 4;
         if let Some(b) = grads.dx {
-            self.ctx.check_storage("dx", b, bytes)?;
+            self.ctx.check_tensor("dx", b, bytes)?;
         }
         if let Some(b) = grads.dgamma {
-            self.ctx.check_storage("dgamma", b, c_bytes)?;
+            self.ctx.check_tensor("dgamma", b, c_bytes)?;
         }
         if let Some(b) = grads.dbeta {
-            self.ctx.check_storage("dbeta", b, c_bytes)?;
+            self.ctx.check_tensor("dbeta", b, c_bytes)?;
         }
-        Self::check_aliasing(&[
-            ("x", Some(x), false),
-            ("dy", Some(dy), false),
+        self.check_aliasing(&[
+            ("x", Some(x.buffer()), false),
+            ("dy", Some(dy.buffer()), false),
             ("saved", saved.map(|s| &s.buffer), false),
-            ("dx", grads.dx, true),
-            ("dgamma", grads.dgamma, true),
-            ("dbeta", grads.dbeta, true),
+            ("dx", grads.dx.map(|t| t.buffer()), true),
+            ("dgamma", grads.dgamma.map(|t| t.buffer()), true),
+            ("dbeta", grads.dbeta.map(|t| t.buffer()), true),
         ])
     }
 
@@ -864,8 +1014,8 @@ impl BatchNorm {
         &mut self,
         pass: &mut wgpu::ComputePass<'_>,
         shape: &Shape,
-        x: &wgpu::Buffer,
-        dy: &wgpu::Buffer,
+        x: TensorBuffer<'_>,
+        dy: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
         grads: &GradBuffers<'_>,
     ) {
@@ -893,8 +1043,8 @@ impl BatchNorm {
                 pass,
                 &[
                     whole(&params),
-                    binding(x, shape.bytes()),
-                    binding(dy, shape.bytes()),
+                    x.binding(shape.bytes()),
+                    dy.binding(shape.bytes()),
                     whole(&stats_buffer),
                     whole(&partials),
                 ],
@@ -927,8 +1077,8 @@ impl BatchNorm {
         };
         let fparams = kernels.uniform(device, &fp);
         let c_bytes = self.config.num_features as u64 * 4;
-        let dgamma = grads.dgamma.unwrap_or(&self.scratch_grads[0]);
-        let dbeta = grads.dbeta.unwrap_or(&self.scratch_grads[1]);
+        let dgamma = grads.dgamma.unwrap_or((&self.scratch_grads[0]).into());
+        let dbeta = grads.dbeta.unwrap_or((&self.scratch_grads[1]).into());
         kernels.backward_finalize.main.dispatch(
             device,
             pass,
@@ -938,8 +1088,8 @@ impl BatchNorm {
                 whole(&stats_buffer),
                 whole(&self.affine),
                 whole(&self.coef),
-                binding(dgamma, c_bytes),
-                binding(dbeta, c_bytes),
+                dgamma.binding(c_bytes),
+                dbeta.binding(c_bytes),
             ],
             self.channel_workgroups(),
         );
@@ -956,9 +1106,9 @@ impl BatchNorm {
                     pass,
                     &[
                         whole(&params),
-                        binding(x, shape.bytes()),
-                        binding(dy, shape.bytes()),
-                        binding(dx, shape.bytes()),
+                        x.binding(shape.bytes()),
+                        dy.binding(shape.bytes()),
+                        dx.binding(shape.bytes()),
                         whole(&self.coef),
                         binding(&self.coef, COEF_WINDOW_BYTES),
                     ],
@@ -975,22 +1125,22 @@ impl BatchNorm {
 
     /// Training forward on host data: uploads `x`, runs, reads back `y` and the
     /// saved statistics. Running statistics are updated on the GPU.
-    pub fn forward_train_host(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
+    pub fn forward_train_host(&mut self, shape: &Shape, x: &[f32]) -> Result<TrainOutput> {
         Self::check_len("x", shape, x)?;
         self.check_shape(shape, true)?;
         self.ctx.check_size("x", shape.bytes())?;
         let ctx = self.ctx.clone();
         let (xb, yb) = (
-            ctx.upload("bn.x", x),
-            ctx.storage_buffer("bn.y", shape.bytes()),
+            ctx.upload("bn.x", x)?,
+            ctx.storage_buffer("bn.y", shape.bytes())?,
         );
         let saved = SavedStats::new(&ctx, self.config.num_features)?;
         run(&ctx, "forward_train", |enc| {
             self.forward_train(enc, shape, &xb, &yb, &saved)
         })?;
-        Ok(ForwardOutput {
+        Ok(TrainOutput {
             y: ctx.read_buffer(&yb, shape.numel())?,
-            saved: Some(saved.to_host(&ctx)?),
+            saved: saved.to_host(&ctx)?,
         })
     }
 
@@ -1003,8 +1153,8 @@ impl BatchNorm {
         self.ctx.check_size("x", shape.bytes())?;
         let ctx = self.ctx.clone();
         let (xb, yb) = (
-            ctx.upload("bn.x", x),
-            ctx.storage_buffer("bn.y", shape.bytes()),
+            ctx.upload("bn.x", x)?,
+            ctx.storage_buffer("bn.y", shape.bytes())?,
         );
         let saved = batch
             .then(|| SavedStats::new(&ctx, self.config.num_features))
@@ -1036,15 +1186,16 @@ impl BatchNorm {
         let saved = saved.map(|s| SavedStats::from_host(&ctx, s)).transpose()?;
         let affine = self.config.affine;
         let c = self.config.num_features;
-        let alloc = |on: bool, label, bytes| on.then(|| ctx.storage_buffer(label, bytes));
-        let dx = alloc(mask.dx, "bn.dx", shape.bytes());
-        let dgamma = alloc(mask.dgamma && affine, "bn.dgamma", c as u64 * 4);
-        let dbeta = alloc(mask.dbeta && affine, "bn.dbeta", c as u64 * 4);
-        let (xb, dyb) = (ctx.upload("bn.x", x), ctx.upload("bn.dy", dy));
+        let alloc =
+            |on: bool, label, bytes| on.then(|| ctx.storage_buffer(label, bytes)).transpose();
+        let dx = alloc(mask.dx, "bn.dx", shape.bytes())?;
+        let dgamma = alloc(mask.dgamma && affine, "bn.dgamma", c as u64 * 4)?;
+        let dbeta = alloc(mask.dbeta && affine, "bn.dbeta", c as u64 * 4)?;
+        let (xb, dyb) = (ctx.upload("bn.x", x)?, ctx.upload("bn.dy", dy)?);
         let grads = GradBuffers {
-            dx: dx.as_ref(),
-            dgamma: dgamma.as_ref(),
-            dbeta: dbeta.as_ref(),
+            dx: dx.as_ref().map(TensorBuffer::from),
+            dgamma: dgamma.as_ref().map(TensorBuffer::from),
+            dbeta: dbeta.as_ref().map(TensorBuffer::from),
             accumulate: false,
         };
         run(&ctx, "backward", |enc| {
@@ -1059,26 +1210,22 @@ impl BatchNorm {
     }
 }
 
-/// Records with `record`, submits, waits, and reports any wgpu validation error
-/// as [`Error::Gpu`] rather than letting it reach the device's error handler.
+/// Records with `record`, submits and waits, with wgpu's errors and a lost device
+/// reported as this crate's errors ([`GpuContext::guarded`]) rather than reaching
+/// the device's error handler.
 fn run(
     ctx: &GpuContext,
     context: &'static str,
     record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<()> {
-    let device = ctx.device();
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-        label: Some(context),
-    });
-    let submitted = record(&mut encoder).and_then(|()| ctx.submit_and_wait(encoder));
-    if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(Error::Gpu {
-            context,
-            message: e.to_string(),
+    ctx.guarded(context, || {
+        let device = ctx.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some(context),
         });
-    }
-    submitted
+        record(&mut encoder)?;
+        ctx.submit_and_wait(encoder)
+    })
 }
 
 fn begin<'e>(encoder: &'e mut wgpu::CommandEncoder, label: &str) -> wgpu::ComputePass<'e> {

@@ -51,8 +51,8 @@ impl From<LayoutArg> for Layout {
 ///
 /// The default table: (256, 1024), (4096, 256), the ResNet-50 batch-norm shapes at
 /// batch 32, a tiny (8, 16, 8, 8) and a 3-D (2, 32, 16, 32, 32), in both layouts;
-/// under a minute on a 2-core machine with a software GPU. `--batch` changes the
-/// ResNet batch, `--quick` runs only the tiny shape.
+/// from about 45 s (idle) to 2 minutes (busy) on a 2-core machine with a software
+/// GPU. `--batch` changes the ResNet batch, `--quick` runs only the tiny shape.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, after_help = AFTER_HELP)]
 struct Args {

@@ -55,17 +55,17 @@ fn require_affine(layer: &BatchNorm) -> Result<()> {
 }
 
 /// A hyper-parameter outside its range: `name` must satisfy `requirement`.
-/// (Reported through [`Error::MissingState`], whose message is the requirement.)
-fn bad_hyper_parameter(_name: &'static str, _value: f32, requirement: &'static str) -> Error {
-    Error::MissingState(requirement)
+fn bad_hyper_parameter(name: &'static str, value: f32, requirement: &'static str) -> Error {
+    Error::BadHyperParameter {
+        name,
+        value,
+        requirement,
+    }
 }
 
 /// The layer is on another context than the optimizer.
-/// (Reported through [`Error::MissingState`], whose message says so.)
 fn other_context() -> Error {
-    Error::MissingState(
-        "the optimizer was built for a layer of another GpuContext (another device)",
-    )
+    Error::ContextMismatch("the layer")
 }
 
 /// An optimizer for gamma and beta, with PyTorch's semantics and hyper-parameters.

@@ -18,7 +18,17 @@ pub struct SavedStatsHost {
     pub mean_lo: Vec<f32>,
 }
 
-/// Output of a forward pass on the host.
+/// Output of a training forward on the host: `y` and the batch statistics it
+/// saved for the backward.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOutput {
+    /// The normalized tensor, same shape and layout as `x`.
+    pub y: Vec<f32>,
+    /// The batch statistics (PyTorch's `save_mean`, `save_invstd`).
+    pub saved: SavedStatsHost,
+}
+
+/// Output of an eval forward on the host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ForwardOutput {
     /// The normalized tensor, same shape and layout as `x`.

@@ -46,12 +46,7 @@ fn check_backward(
     what: &str,
 ) -> f64 {
     let saved = match source {
-        StatsSource::Batch => Some(
-            gpu.forward_train_host(shape, x)
-                .expect("forward")
-                .saved
-                .expect("saved"),
-        ),
+        StatsSource::Batch => Some(gpu.forward_train_host(shape, x).expect("forward").saved),
         StatsSource::Running => None,
     };
     let g = gpu
@@ -327,23 +322,23 @@ fn gradients_accumulate_when_asked() {
     let x = normal(&mut rng, &shape, 1.0, 2.0);
     let dy = normal(&mut rng, &shape, 0.0, 1.0);
     let out = gpu.forward_train_host(&shape, &x).unwrap();
-    let saved = wgpu_batchnorm::SavedStats::from_host(ctx, out.saved.as_ref().unwrap()).unwrap();
+    let saved = wgpu_batchnorm::SavedStats::from_host(ctx, &out.saved).unwrap();
     let prior_g: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
     let prior_b: Vec<f32> = (0..6).map(|i| 2.0 - i as f32).collect();
-    let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
+    let (xb, dyb) = (ctx.upload("x", &x).unwrap(), ctx.upload("dy", &dy).unwrap());
     let r = cpu
         .backward(&shape, &x, &dy, StatsSource::Batch, GradMask::default())
         .unwrap();
     for accumulate in [false, true] {
         let (dg, db) = (
-            ctx.upload("dgamma", &prior_g),
-            ctx.upload("dbeta", &prior_b),
+            ctx.upload("dgamma", &prior_g).unwrap(),
+            ctx.upload("dbeta", &prior_b).unwrap(),
         );
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         let grads = GradBuffers {
             dx: None,
-            dgamma: Some(&dg),
-            dbeta: Some(&db),
+            dgamma: Some((&dg).into()),
+            dbeta: Some((&db).into()),
             accumulate,
         };
         gpu.backward(&mut enc, &shape, &xb, &dyb, Some(&saved), grads)
@@ -382,7 +377,7 @@ fn backward_is_deterministic() {
         let dy = normal(&mut rng, &shape, 0.0, 1.0);
         let run = || {
             let mut bn = BatchNorm::new(ctx(), BatchNormConfig::new(32)).unwrap();
-            let saved = bn.forward_train_host(&shape, &x).unwrap().saved;
+            let saved = Some(bn.forward_train_host(&shape, &x).unwrap().saved);
             bn.backward_host(&shape, &x, &dy, saved.as_ref(), GradMask::default())
                 .unwrap()
         };

@@ -26,13 +26,20 @@ fn fixture(config: BatchNormConfig) -> Fixture {
     let shape = Shape::new(&[4, c, 3, 3], Layout::ChannelsFirst).unwrap();
     let x: Vec<f32> = (0..shape.numel()).map(|i| (i % 11) as f32).collect();
     let mut bn = BatchNorm::new(ctx, config).unwrap();
-    // One real step so that the state is not the initial one.
-    bn.forward_train_host(&shape, &x).unwrap();
+    // One real step so that the state is not the initial one, and the saved
+    // statistics are filled.
+    let xb = ctx.upload("x", &x).unwrap();
+    let saved = SavedStats::new(ctx, c).unwrap();
+    let scratch_y = ctx.storage_buffer("y0", shape.bytes()).unwrap();
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    bn.forward_train(&mut enc, &shape, &xb, &scratch_y, &saved)
+        .unwrap();
+    ctx.submit_and_wait(enc).unwrap();
     let before = bn.state().unwrap();
     Fixture {
-        x: ctx.upload("x", &x),
-        y: ctx.upload("y", &vec![SENTINEL; shape.numel()]),
-        saved: SavedStats::new(ctx, c).unwrap(),
+        x: xb,
+        y: ctx.upload("y", &vec![SENTINEL; shape.numel()]).unwrap(),
+        saved,
         bn,
         shape,
         before,
@@ -87,7 +94,7 @@ fn channel_count_must_match_the_layer() {
     assert!(
         matches!(
             e,
-            Error::ChannelMismatch {
+            Error::SavedStatsMismatch {
                 expected: 3,
                 got: 5
             }
@@ -96,7 +103,7 @@ fn channel_count_must_match_the_layer() {
     );
     f.assert_untouched(enc, "channel mismatch");
     // An eval forward with running statistics ignores `saved`, whatever its size.
-    let y = ctx().storage_buffer("y", f.shape.bytes());
+    let y = ctx().storage_buffer("y", f.shape.bytes()).unwrap();
     let mut enc = f.encoder();
     f.bn.forward_eval(&mut enc, &f.shape, &f.x, &y, Some(&wrong_saved))
         .unwrap();
@@ -106,7 +113,7 @@ fn channel_count_must_match_the_layer() {
 fn buffers_too_small_or_without_storage_usage() {
     let mut f = fixture(BatchNormConfig::new(3));
     let ctx = ctx();
-    let small = ctx.storage_buffer("small", f.shape.bytes() - 4);
+    let small = ctx.storage_buffer("small", f.shape.bytes() - 4).unwrap();
     let mut enc = f.encoder();
     let e =
         f.bn.forward_train(&mut enc, &f.shape, &small, &f.y, &f.saved)
@@ -130,9 +137,9 @@ fn buffers_too_small_or_without_storage_usage() {
         f.bn.forward_eval(&mut enc, &f.shape, &no_storage, &f.y, None)
             .unwrap_err();
     assert!(matches!(e, Error::BufferUsage { name: "x", .. }), "{e}");
-    let dx_small = ctx.storage_buffer("dx", 8);
+    let dx_small = ctx.storage_buffer("dx", 8).unwrap();
     let grads = GradBuffers {
-        dx: Some(&dx_small),
+        dx: Some((&dx_small).into()),
         ..Default::default()
     };
     let e =
@@ -161,14 +168,14 @@ fn the_same_buffer_for_input_and_output_is_refused() {
     );
     // dgamma and dbeta in one buffer; dgamma written over the saved statistics
     // the same pass reads.
-    let dg = ctx().storage_buffer("dg", 12);
+    let dg = ctx().storage_buffer("dg", 12).unwrap();
     for (dgamma, dbeta, pair) in [
         (&dg, Some(&dg), ("dgamma", "dbeta")),
         (f.saved.buffer(), None, ("saved", "dgamma")),
     ] {
         let grads = GradBuffers {
-            dgamma: Some(dgamma),
-            dbeta,
+            dgamma: Some(dgamma.into()),
+            dbeta: dbeta.map(Into::into),
             ..Default::default()
         };
         let e =
@@ -290,9 +297,9 @@ fn tensors_larger_than_a_binding_are_refused() {
 #[test]
 fn backward_needs_saved_statistics_and_matching_shapes() {
     let mut no_track = fixture(BatchNormConfig::new(3).track_running_stats(false));
-    let dx = ctx().storage_buffer("dx", no_track.shape.bytes());
+    let dx = ctx().storage_buffer("dx", no_track.shape.bytes()).unwrap();
     let grads = GradBuffers {
-        dx: Some(&dx),
+        dx: Some((&dx).into()),
         ..Default::default()
     };
     let mut enc = no_track.encoder();
@@ -311,9 +318,9 @@ fn backward_needs_saved_statistics_and_matching_shapes() {
     no_track.assert_untouched(enc, "backward without saved");
 
     let mut not_affine = fixture(BatchNormConfig::new(3).affine(false));
-    let dg = ctx().storage_buffer("dg", 12);
+    let dg = ctx().storage_buffer("dg", 12).unwrap();
     let grads = GradBuffers {
-        dgamma: Some(&dg),
+        dgamma: Some((&dg).into()),
         ..Default::default()
     };
     let mut enc = not_affine.encoder();
@@ -346,7 +353,11 @@ fn backward_needs_saved_statistics_and_matching_shapes() {
     let e =
         f.bn.backward_host(&shape, &x, &x, Some(&saved4), GradMask::default())
             .unwrap_err();
-    assert!(matches!(e, Error::ChannelMismatch { .. }), "{e}");
+    assert!(matches!(e, Error::SavedStatsMismatch { .. }), "{e}");
+    assert!(
+        e.to_string().contains("saved statistics hold 4 channels"),
+        "{e}"
+    );
     let e = f.bn.forward_train_host(&shape, &x[..5]).unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { name: "x", .. }), "{e}");
     f.assert_untouched(f.encoder(), "host length errors");
@@ -369,7 +380,7 @@ type LimitChange = fn(&mut wgpu::Limits);
 
 /// A device on the tests' adapter (chosen as `GpuContext::from_env` chooses it)
 /// with the adapter's limits changed by `change`.
-fn device_with(change: LimitChange) -> (wgpu::Device, wgpu::Queue, wgpu::AdapterInfo) {
+fn device_with(change: LimitChange) -> (wgpu::Device, wgpu::Queue) {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let wanted = ctx().adapter_info().name.clone();
@@ -384,7 +395,7 @@ fn device_with(change: LimitChange) -> (wgpu::Device, wgpu::Queue, wgpu::Adapter
         ..Default::default()
     }))
     .expect("a device with lower limits");
-    (device, queue, adapter.get_info())
+    (device, queue)
 }
 
 #[test]
@@ -401,8 +412,8 @@ fn devices_short_of_what_the_kernels_need_are_refused() {
         }),
     ];
     for (limit, change) in cases {
-        let (device, queue, info) = device_with(change);
-        match GpuContext::from_device(device, queue, info) {
+        let (device, queue) = device_with(change);
+        match GpuContext::from_device(device, queue) {
             Err(Error::DeviceLimit { name, .. }) => assert_eq!(name, limit),
             Err(e) => panic!("{limit}: {e}"),
             Ok(_) => panic!("{limit}: accepted"),
@@ -412,11 +423,11 @@ fn devices_short_of_what_the_kernels_need_are_refused() {
 
 #[test]
 fn buffers_past_the_device_limits_are_refused_before_they_are_made() {
-    let (device, queue, info) = device_with(|l| {
+    let (device, queue) = device_with(|l| {
         l.max_storage_buffer_binding_size = 1 << 20;
         l.max_buffer_size = 1 << 20;
     });
-    let small = GpuContext::from_device(device, queue, info).unwrap();
+    let small = GpuContext::from_device(device, queue).unwrap();
     assert_eq!(small.max_binding_size(), 1 << 20);
     // 70000 channels need 1.12 MB of per-channel state.
     let e = BatchNorm::new(&small, BatchNormConfig::new(70_000))
@@ -471,7 +482,7 @@ fn read_buffer_checks_its_arguments() {
     });
     let e = ctx.read_buffer::<f32>(&no_copy, 4).unwrap_err();
     assert!(matches!(e, Error::BufferUsage { .. }), "{e}");
-    let b = ctx.upload("b", &[1.5f32; 16]);
+    let b = ctx.upload("b", &[1.5f32; 16]).unwrap();
     let e = ctx.read_buffer::<f32>(&b, 17).unwrap_err();
     assert!(matches!(e, Error::BufferTooSmall { .. }), "{e}");
     let e = ctx.read_buffer::<u8>(&b, 3).unwrap_err();
@@ -508,4 +519,141 @@ fn the_batch_counter_holds_32_bits_and_stops_at_its_top() {
         Err(Error::BatchCountTooLarge(_))
     ));
     assert_eq!(bn.state().unwrap(), after);
+}
+
+#[test]
+fn the_layers_own_buffers_are_refused_as_tensors() {
+    let mut f = fixture(BatchNormConfig::new(3));
+    // Small enough to fit in the layer's buffers, so that only aliasing is wrong.
+    let tiny = Shape::new(&[2, 3], Layout::ChannelsLast).unwrap();
+    let mut enc = f.encoder();
+    let affine = f.bn.affine_buffer().clone();
+    let running = f.bn.running_buffer().clone();
+    let e =
+        f.bn.forward_train(&mut enc, &tiny, &f.x, &affine, &f.saved)
+            .unwrap_err();
+    assert!(
+        matches!(e, Error::AliasedBuffers { a: "y", b } if b.contains("affine_buffer")),
+        "{e}"
+    );
+    let e =
+        f.bn.forward_eval(&mut enc, &tiny, &running, &f.y, None)
+            .unwrap_err();
+    assert!(
+        matches!(e, Error::AliasedBuffers { a: "x", b } if b.contains("running")),
+        "{e}"
+    );
+    let grads = GradBuffers::new().dx(&running);
+    let e =
+        f.bn.backward(&mut enc, &tiny, &f.x, &f.x, Some(&f.saved), grads)
+            .unwrap_err();
+    assert!(
+        matches!(e, Error::AliasedBuffers { a: "dx", b } if b.contains("running")),
+        "{e}"
+    );
+    let grads = GradBuffers::new().dgamma(&affine);
+    let e =
+        f.bn.backward(&mut enc, &tiny, &f.x, &f.x, None, grads)
+            .unwrap_err();
+    assert!(
+        matches!(e, Error::AliasedBuffers { a: "dgamma", .. }),
+        "{e}"
+    );
+    f.assert_untouched(enc, "the layer's own buffers as tensors");
+}
+
+#[test]
+fn backward_refuses_saved_statistics_never_written() {
+    let mut f = fixture(BatchNormConfig::new(3));
+    let ctx = ctx();
+    let fresh = SavedStats::new(ctx, 3).unwrap();
+    assert!(!fresh.is_filled());
+    let dx = ctx.storage_buffer("dx", f.shape.bytes()).unwrap();
+    let mut enc = f.encoder();
+    let e =
+        f.bn.backward(
+            &mut enc,
+            &f.shape,
+            &f.x,
+            &f.x,
+            Some(&fresh),
+            GradBuffers::new().dx(&dx),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::MissingSavedStats(_)), "{e}");
+    assert!(e.to_string().contains("never written"), "{e}");
+    f.assert_untouched(enc, "unwritten saved statistics");
+    // A training forward recorded into them fills them; so does an upload.
+    let y = ctx.storage_buffer("y", f.shape.bytes()).unwrap();
+    let mut enc = f.encoder();
+    f.bn.forward_train(&mut enc, &f.shape, &f.x, &y, &fresh)
+        .unwrap();
+    assert!(fresh.is_filled());
+    f.bn.backward(
+        &mut enc,
+        &f.shape,
+        &f.x,
+        &f.x,
+        Some(&fresh),
+        GradBuffers::new().dx(&dx),
+    )
+    .unwrap();
+    ctx.submit_and_wait(enc).unwrap();
+    let host = fresh.to_host(ctx).unwrap();
+    assert!(SavedStats::from_host(ctx, &host).unwrap().is_filled());
+}
+
+#[test]
+fn buffers_larger_than_the_device_allows_are_errors_not_panics() {
+    let ctx = ctx();
+    let e = ctx.storage_buffer("huge", 1 << 40).unwrap_err();
+    assert!(matches!(e, Error::TooLargeForDevice { .. }), "{e}");
+    let e = ctx.upload("huge", &[0u8; 0]).map(|_| ());
+    assert!(e.is_ok(), "an empty upload is a 4-byte buffer: {e:?}");
+}
+
+#[test]
+fn a_lost_device_gives_typed_errors() {
+    // A device of its own: the other tests share theirs.
+    let ctx = GpuContext::from_env().unwrap();
+    let shape = Shape::channels_first(&[4, 3, 5]).unwrap();
+    let x: Vec<f32> = (0..shape.numel()).map(|i| (i % 7) as f32).collect();
+    let mut bn = BatchNorm::new(&ctx, BatchNormConfig::new(3)).unwrap();
+    let out = bn.forward_train_host(&shape, &x).unwrap();
+    let xb = ctx.upload("x", &x).unwrap();
+    let yb = ctx.storage_buffer("y", shape.bytes()).unwrap();
+    let saved = SavedStats::new(&ctx, 3).unwrap();
+    ctx.device().destroy();
+    let lost = |what: &str, r: Result<(), Error>| {
+        assert!(matches!(r, Err(Error::DeviceLost(_))), "{what}: {r:?}");
+    };
+    lost(
+        "forward_train_host",
+        bn.forward_train_host(&shape, &x).map(|_| ()),
+    );
+    lost(
+        "forward_eval_host",
+        bn.forward_eval_host(&shape, &x).map(|_| ()),
+    );
+    lost(
+        "backward_host",
+        bn.backward_host(&shape, &x, &x, Some(&out.saved), GradMask::default())
+            .map(|_| ()),
+    );
+    lost("state", bn.state().map(|_| ()));
+    lost("set_state", bn.set_state(&BatchNormState::new(bn.config())));
+    lost(
+        "BatchNorm::new",
+        BatchNorm::new(&ctx, BatchNormConfig::new(3)).map(|_| ()),
+    );
+    lost("storage_buffer", ctx.storage_buffer("b", 64).map(|_| ()));
+    lost("upload", ctx.upload("b", &x).map(|_| ()));
+    lost("SavedStats::new", SavedStats::new(&ctx, 3).map(|_| ()));
+    lost("read_buffer", ctx.read_buffer::<f32>(&xb, 4).map(|_| ()));
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    lost(
+        "forward_train",
+        bn.forward_train(&mut enc, &shape, &xb, &yb, &saved),
+    );
+    lost("submit_and_wait", ctx.submit_and_wait(enc));
 }

@@ -469,7 +469,7 @@ fn training_step_in_one_encoder_matches_reference_and_cpu_optimizer() {
 /// error type has a variant of its own for this, such errors come as
 /// `Error::MissingState` with a message naming the parameter.)
 fn is_bad_hyper_parameter(err: &Error, name: &str) -> bool {
-    matches!(err, Error::MissingState(message) if message.contains(name))
+    matches!(err, Error::BadHyperParameter { name: n, .. } if *n == name)
 }
 
 #[test]
@@ -488,8 +488,8 @@ fn bad_hyper_parameters_are_refused() {
         (sgd.weight_decay(nan), "weight_decay"),
         (adam.weight_decay(-1e-4), "weight_decay"),
         (sgd.momentum(0.9).dampening(nan), "dampening"),
-        (sgd.nesterov(true), "Nesterov"),
-        (sgd.momentum(0.9).dampening(0.1).nesterov(true), "Nesterov"),
+        (sgd.nesterov(true), "nesterov"),
+        (sgd.momentum(0.9).dampening(0.1).nesterov(true), "nesterov"),
         (adam.betas(1.0, 0.999), "beta1"),
         (adam.betas(-0.1, 0.999), "beta1"),
         (adam.betas(nan, 0.999), "beta1"),
@@ -829,10 +829,7 @@ fn a_layer_of_another_context_is_refused() {
         .device()
         .create_command_encoder(&Default::default());
     let err = opt.step(&mut enc, &mut elsewhere, &dg, &db).unwrap_err();
-    assert!(
-        matches!(&err, Error::MissingState(m) if m.contains("GpuContext")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::ContextMismatch(_)), "{err:?}");
     other_ctx.submit_and_wait(enc).unwrap();
     assert_eq!(elsewhere.affine().unwrap(), before);
     assert_eq!(opt.steps(), 0);

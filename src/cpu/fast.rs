@@ -23,7 +23,7 @@ use std::sync::{Mutex, PoisonError};
 use super::reference::{check_input, check_len, invstd, update_running_stats, NO_RUNNING_STATS};
 use crate::{
     BatchNormConfig, BatchNormState, Error, ForwardOutput, GradMask, Gradients, Layout, Result,
-    SavedStatsHost, Shape,
+    SavedStatsHost, Shape, TrainOutput,
 };
 
 /// Values per f32 block before the block's sums are folded into f64 (channels-first
@@ -51,7 +51,7 @@ const PLANE_MIN_ELEMENTWISE: usize = 16;
 /// let mut bn = CpuBatchNorm::new(BatchNormConfig::new(2)).unwrap();
 /// let shape = Shape::channels_last(&[2, 2]).unwrap();
 /// let out = bn.forward_train(&shape, &[1.0, 10.0, 3.0, 30.0]).unwrap();
-/// let saved = out.saved.unwrap();
+/// let saved = out.saved;
 /// assert_eq!(saved.mean, vec![2.0, 20.0]);
 /// assert_eq!(bn.state.num_batches_tracked, 1);
 /// let grads = bn
@@ -82,14 +82,11 @@ impl CpuBatchNorm {
     }
 
     /// Training forward: batch statistics, normalized output, running statistics
-    /// updated (with `track_running_stats`). `saved` is always `Some`.
-    pub fn forward_train(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
+    /// updated (with `track_running_stats`).
+    pub fn forward_train(&mut self, shape: &Shape, x: &[f32]) -> Result<TrainOutput> {
         let mut y = vec![0.0; x.len()];
         let saved = self.forward_train_into(shape, x, &mut y)?;
-        Ok(ForwardOutput {
-            y,
-            saved: Some(saved),
-        })
+        Ok(TrainOutput { y, saved })
     }
 
     /// Eval forward: running statistics when tracked (`saved = None`), otherwise

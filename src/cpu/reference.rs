@@ -1,4 +1,4 @@
-//! The f64 reference: the contract of `SEMANTICS.md` written as plainly as possible.
+//! The f64 reference: the contract of `docs/semantics.md` written as plainly as possible.
 //! Every other implementation (the GPU kernels, the fast CPU path) is tested
 //! against it. Clarity over speed: two passes (mean, then variance), everything
 //! accumulated in f64.

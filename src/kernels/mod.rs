@@ -62,7 +62,10 @@ pub mod sources {
             include_str!("../../shaders/backward_dx.wgsl"),
         ),
         ("copy.wgsl", include_str!("../../shaders/copy.wgsl")),
-        ("optimizer.wgsl", include_str!("../../shaders/optimizer.wgsl")),
+        (
+            "optimizer.wgsl",
+            include_str!("../../shaders/optimizer.wgsl"),
+        ),
     ];
 
     /// The flag bits the host sets in the kernels' parameters, as `(WGSL name,

@@ -143,7 +143,7 @@ fn max_rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
 }
 
 /// `max |gpu - cpu| / (1 + scale)` for per-channel sums, `scale` being the sum of
-/// the terms' magnitudes (the tolerance of SEMANTICS.md): a sum that cancels to
+/// the terms' magnitudes (the tolerance of docs/semantics.md): a sum that cancels to
 /// almost nothing is still only as exact as the scale of its terms.
 fn max_sum_err(gpu: &[f32], cpu: &[f32], scale: &[f64]) -> f64 {
     if gpu.len() != cpu.len() || gpu.len() != scale.len() {
@@ -226,8 +226,14 @@ impl ShapeBench {
         let mut rng = XorShift::new(0x5eed ^ numel as u64);
         let host_x: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -2.0, 2.0)).collect();
         let host_dy: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -1.0, 1.0)).collect();
-        let gpu_x = host_x.iter().map(|x| ctx.upload("bench.x", x)).collect();
-        let gpu_dy = host_dy.iter().map(|d| ctx.upload("bench.dy", d)).collect();
+        let gpu_x = host_x
+            .iter()
+            .map(|x| ctx.upload("bench.x", x))
+            .collect::<Result<_, _>>()?;
+        let gpu_dy = host_dy
+            .iter()
+            .map(|d| ctx.upload("bench.dy", d))
+            .collect::<Result<_, _>>()?;
         let config = BatchNormConfig::new(c);
         let state = random_state(&config, &mut rng);
         Ok(Self {
@@ -237,11 +243,11 @@ impl ShapeBench {
             host_dy,
             gpu_x,
             gpu_dy,
-            gpu_y: ctx.storage_buffer("bench.y", bytes),
-            gpu_dx: ctx.storage_buffer("bench.dx", bytes),
-            gpu_dgamma: ctx.storage_buffer("bench.dgamma", c as u64 * 4),
-            gpu_dbeta: ctx.storage_buffer("bench.dbeta", c as u64 * 4),
-            gpu_copy: ctx.storage_buffer("bench.copy", bytes),
+            gpu_y: ctx.storage_buffer("bench.y", bytes)?,
+            gpu_dx: ctx.storage_buffer("bench.dx", bytes)?,
+            gpu_dgamma: ctx.storage_buffer("bench.dgamma", c as u64 * 4)?,
+            gpu_dbeta: ctx.storage_buffer("bench.dbeta", c as u64 * 4)?,
+            gpu_copy: ctx.storage_buffer("bench.copy", bytes)?,
             gpu_train_saved: SavedStats::new(ctx, c)?,
             y: vec![0.0; numel],
             dx: vec![0.0; numel],
@@ -374,12 +380,10 @@ impl LayoutBench<'_> {
                 x,
                 &b.gpu_dy[k],
                 Some(&self.gpu_saved),
-                GradBuffers {
-                    dx: Some(&b.gpu_dx),
-                    dgamma: Some(&b.gpu_dgamma),
-                    dbeta: Some(&b.gpu_dbeta),
-                    accumulate: false,
-                },
+                GradBuffers::new()
+                    .dx(&b.gpu_dx)
+                    .dgamma(&b.gpu_dgamma)
+                    .dbeta(&b.gpu_dbeta),
             ),
         }
     }

@@ -1,5 +1,5 @@
 //! Test utilities shared by the CPU and GPU test files: seeded random inputs, the
-//! data classes of `SEMANTICS.md` (well-conditioned, large mean, constant channels,
+//! data classes of `docs/semantics.md` (well-conditioned, large mean, constant channels,
 //! wide magnitudes), layout permutation, and comparisons with the f64 reference that
 //! return the measured error so tests can print it.
 #![allow(dead_code)]
