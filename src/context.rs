@@ -251,8 +251,9 @@ impl GpuContext {
         }
         let plan = crate::kernels::common::plan_flat(vec4s, self.tuning.elementwise);
         let kernels = self.kernels();
+        kernels.copy.build(self.device())?;
         let params = kernels.uniform(self.device(), &plan.params);
-        kernels.copy.dispatch(
+        kernels.copy.record(
             self.device(),
             pass,
             &[
@@ -458,10 +459,10 @@ impl GpuContext {
     }
 
     /// A zeroed storage buffer of `bytes` bytes that the kernels also bind as the
-    /// uniform window of their coefficients (`kernels::COEF_WINDOW_BYTES`, so at least
+    /// uniform window of their coefficients (`Kernels::coef_window_bytes`, so at least
     /// that long).
     pub(crate) fn coefficient_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
-        let bytes = bytes.max(crate::kernels::COEF_WINDOW_BYTES);
+        let bytes = bytes.max(self.kernels().coef_window_bytes());
         self.create_buffer(label, bytes, storage_usages() | wgpu::BufferUsages::UNIFORM)
     }
 

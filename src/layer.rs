@@ -2,8 +2,8 @@
 
 use crate::context::GpuContext;
 use crate::kernels::{
-    apply, backward_dx, backward_finalize, binding, coefficients_fit, common, finalize, stats,
-    whole, Kernel, COEF_WINDOW_BYTES, WORKGROUP_SIZE,
+    apply, backward_dx, backward_finalize, binding, common, finalize, stats, whole, DispatchInfo,
+    Kernel, Recipe, WORKGROUP_SIZE,
 };
 use crate::{
     BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
@@ -490,11 +490,28 @@ impl BatchNorm {
         y: impl Into<TensorBuffer<'a>>,
         saved: &SavedStats,
     ) -> Result<()> {
+        self.plan_forward_train(shape, x, y, saved)?
+            .record_into(encoder);
+        Ok(())
+    }
+
+    /// The dispatches of [`Self::forward_train`], checked and with their pipelines
+    /// built, to inspect ([`Plan::dispatches`]) or record ([`Plan::record`], one
+    /// dispatch at a time with [`Plan::record_dispatch`]).
+    pub fn plan_forward_train<'a>(
+        &mut self,
+        shape: &Shape,
+        x: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
+        saved: &SavedStats,
+    ) -> Result<Plan<'_>> {
         let (x, y) = (x.into(), y.into());
         self.prepare_forward(shape, x, y, Some(saved), true)?;
-        let mut pass = begin(encoder, "bn.forward_train");
-        self.record_forward_train(&mut pass, shape, x, y, saved);
-        Ok(())
+        let plan = self.plan("bn.forward_train", |this, rec| {
+            this.record_forward_train(rec, shape, x, y, saved)
+        })?;
+        saved.mark_filled();
+        Ok(plan)
     }
 
     /// [`Self::forward_train`] recorded into a compute pass the caller has begun
@@ -507,9 +524,7 @@ impl BatchNorm {
         y: impl Into<TensorBuffer<'a>>,
         saved: &SavedStats,
     ) -> Result<()> {
-        let (x, y) = (x.into(), y.into());
-        self.prepare_forward(shape, x, y, Some(saved), true)?;
-        self.record_forward_train(pass, shape, x, y, saved);
+        self.plan_forward_train(shape, x, y, saved)?.record(pass);
         Ok(())
     }
 
@@ -524,11 +539,29 @@ impl BatchNorm {
         y: impl Into<TensorBuffer<'a>>,
         saved: Option<&SavedStats>,
     ) -> Result<()> {
-        let (x, y) = (x.into(), y.into());
-        self.prepare_eval(shape, x, y, saved)?;
-        let mut pass = begin(encoder, "bn.forward_eval");
-        self.record_forward_eval(&mut pass, shape, x, y, saved);
+        self.plan_forward_eval(shape, x, y, saved)?
+            .record_into(encoder);
         Ok(())
+    }
+
+    /// The dispatches of [`Self::forward_eval`] (see [`Self::plan_forward_train`]).
+    pub fn plan_forward_eval<'a>(
+        &mut self,
+        shape: &Shape,
+        x: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
+        saved: Option<&SavedStats>,
+    ) -> Result<Plan<'_>> {
+        let (x, y) = (x.into(), y.into());
+        let batch_stats = !self.config.track_running_stats;
+        self.prepare_forward(shape, x, y, saved, batch_stats)?;
+        let plan = self.plan("bn.forward_eval", |this, rec| {
+            this.record_forward_eval(rec, shape, x, y, saved)
+        })?;
+        if let Some(s) = saved.filter(|_| batch_stats) {
+            s.mark_filled();
+        }
+        Ok(plan)
     }
 
     /// [`Self::forward_eval`] recorded into a compute pass the caller has begun.
@@ -540,24 +573,29 @@ impl BatchNorm {
         y: impl Into<TensorBuffer<'a>>,
         saved: Option<&SavedStats>,
     ) -> Result<()> {
-        let (x, y) = (x.into(), y.into());
-        self.prepare_eval(shape, x, y, saved)?;
-        self.record_forward_eval(pass, shape, x, y, saved);
+        self.plan_forward_eval(shape, x, y, saved)?.record(pass);
         Ok(())
     }
 
-    fn prepare_eval(
-        &mut self,
-        shape: &Shape,
-        x: TensorBuffer<'_>,
-        y: TensorBuffer<'_>,
-        saved: Option<&SavedStats>,
-    ) -> Result<()> {
-        self.prepare_forward(shape, x, y, saved, !self.config.track_running_stats)
+    /// Builds the plan of an operation: its dispatches (from `record`), then every
+    /// pipeline they need (a typed error, before anything is recorded, if one cannot
+    /// be built on this device).
+    fn plan<'s>(
+        &'s self,
+        label: &'static str,
+        record: impl FnOnce(&'s Self, &mut Recipe<'s>),
+    ) -> Result<Plan<'s>> {
+        let mut recipe = Recipe::new();
+        record(self, &mut recipe);
+        recipe.build(self.ctx.device())?;
+        Ok(Plan {
+            recipe,
+            device: self.ctx.device(),
+            label,
+        })
     }
 
-    /// Checks a forward's arguments, then makes room for its partial results and
-    /// marks `saved` (when batch statistics are written to it) as filled.
+    /// Checks a forward's arguments, then makes room for its partial results.
     fn prepare_forward(
         &mut self,
         shape: &Shape,
@@ -569,16 +607,13 @@ impl BatchNorm {
         self.check_forward(shape, x, y, saved, batch_stats)?;
         if batch_stats {
             self.reserve_partials(shape, common::Pass::Statistics)?;
-            if let Some(s) = saved {
-                s.mark_filled();
-            }
         }
         Ok(())
     }
 
-    fn record_forward_train(
-        &mut self,
-        pass: &mut wgpu::ComputePass<'_>,
+    fn record_forward_train<'s>(
+        &'s self,
+        pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
         y: TensorBuffer<'_>,
@@ -588,17 +623,19 @@ impl BatchNorm {
         self.record_batch_forward(pass, shape, x, y, &saved.buffer, update);
     }
 
-    fn record_forward_eval(
-        &mut self,
-        pass: &mut wgpu::ComputePass<'_>,
+    fn record_forward_eval<'s>(
+        &'s self,
+        pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
         y: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
     ) {
         if self.config.track_running_stats {
-            // Small tensors in one dispatch (see `Tuning::fused_eval_max_elements`).
-            if shape.numel() as u64 <= self.ctx.tuning().fused_eval_max_elements {
+            // Small tensors in one dispatch (see `Tuning::fused_eval_max_elements`),
+            // and any tensor on a device that cannot bind finalize's buffers.
+            let fold_fits = self.ctx.kernels().finalize.eval.fits(self.ctx.device());
+            if shape.numel() as u64 <= self.ctx.tuning().fused_eval_max_elements || !fold_fits {
                 self.record_apply(pass, shape, x, y, Coefficients::Running);
             } else {
                 self.record_fold_running(pass);
@@ -616,9 +653,9 @@ impl BatchNorm {
     /// not a cumulative average, which reads the batch count); else statistics
     /// and finalize (one dispatch where the finalized statistics serve the walk, on
     /// the same terms), then normalize.
-    fn record_batch_forward(
-        &mut self,
-        pass: &mut wgpu::ComputePass<'_>,
+    fn record_batch_forward<'s>(
+        &'s self,
+        pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
         y: TensorBuffer<'_>,
@@ -718,6 +755,12 @@ impl BatchNorm {
         (self.config.num_features as u32).div_ceil(WORKGROUP_SIZE)
     }
 
+    /// The coefficients' bytes in their buffer (which is at least as long as the
+    /// uniform window).
+    fn coef_binding(&self) -> wgpu::BufferBinding<'_> {
+        binding(&self.coef, 16 * self.stride() as u64)
+    }
+
     /// The partials buffer, which [`Self::reserve_partials`] made large enough for
     /// `count` vec4.
     fn partials(&self, count: u64) -> wgpu::Buffer {
@@ -729,10 +772,10 @@ impl BatchNorm {
     /// forward, or the finalized statistics), writing `out` at binding 2 (y, or the
     /// coefficients).
     #[allow(clippy::too_many_arguments)]
-    fn record_whole_channels(
-        &self,
-        pass: &mut wgpu::ComputePass<'_>,
-        kernel: &Kernel,
+    fn record_whole_channels<'s>(
+        &'s self,
+        pass: &mut Recipe<'s>,
+        kernel: &'s Kernel,
         plan: &common::WalkPlan,
         shape: &Shape,
         x: TensorBuffer<'_>,
@@ -775,9 +818,9 @@ impl BatchNorm {
     /// running statistics: the statistics pass and `finalize`, or, where
     /// [`Self::finalizes_in_place`] and every workgroup of the walk holds whole
     /// channels, the finalized statistics in one dispatch.
-    fn record_batch_stats(
-        &mut self,
-        pass: &mut wgpu::ComputePass<'_>,
+    fn record_batch_stats<'s>(
+        &'s self,
+        pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
         saved: &wgpu::Buffer,
@@ -786,7 +829,7 @@ impl BatchNorm {
         let plan = self.stats_walk(shape, update_running, common::Pass::Statistics);
         if self.finalizes_in_place(update_running) {
             if let Some(finalized) = self.ctx.kernels().stats.finalized(&plan) {
-                let coef = whole(&self.coef);
+                let coef = self.coef_binding();
                 self.record_whole_channels(
                     pass,
                     finalized,
@@ -800,6 +843,7 @@ impl BatchNorm {
                 return;
             }
         }
+        let partial_bytes = plan.partial_count(self.config.num_features).max(1) * 16;
         let partials = self.partials(plan.partial_count(self.config.num_features));
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
@@ -810,7 +854,7 @@ impl BatchNorm {
             &[
                 whole(&params),
                 x.binding(shape.bytes()),
-                whole(&partials),
+                binding(&partials, partial_bytes),
                 whole(&self.running),
             ],
             plan.workgroups(),
@@ -829,9 +873,9 @@ impl BatchNorm {
             pass,
             &[
                 whole(&fparams),
-                whole(&partials),
+                binding(&partials, partial_bytes),
                 whole(saved),
-                whole(&self.coef),
+                self.coef_binding(),
                 whole(&self.affine),
                 whole(&self.running),
             ],
@@ -841,7 +885,7 @@ impl BatchNorm {
 
     /// Running statistics into the coefficients and the scratch saved statistics
     /// (the eval forward of a large tensor, and the eval-form backward).
-    fn record_fold_running(&mut self, pass: &mut wgpu::ComputePass<'_>) {
+    fn record_fold_running<'s>(&'s self, pass: &mut Recipe<'s>) {
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
         let fparams = kernels.uniform(device, &self.finalize_params(0, 2, false));
@@ -850,9 +894,9 @@ impl BatchNorm {
             pass,
             &[
                 whole(&fparams),
-                whole(&self.partials),
+                binding(&self.partials, 16),
                 whole(&self.scratch_saved.buffer),
-                whole(&self.coef),
+                self.coef_binding(),
                 whole(&self.affine),
                 whole(&self.running),
             ],
@@ -862,9 +906,9 @@ impl BatchNorm {
 
     /// The normalize pass, with the coefficients `finalize` wrote or, in one dispatch
     /// with no finalize before it, those of the running statistics.
-    fn record_apply(
-        &self,
-        pass: &mut wgpu::ComputePass<'_>,
+    fn record_apply<'s>(
+        &'s self,
+        pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
         y: TensorBuffer<'_>,
@@ -874,7 +918,7 @@ impl BatchNorm {
         let kernels = self.ctx.kernels();
         let (pipelines, coef) = match from {
             Coefficients::Finalized => {
-                let uniform = coefficients_fit(apply::SEGMENTS, self.stride() as u32);
+                let uniform = kernels.coefficients_fit(apply::SEGMENTS, self.stride() as u32);
                 (kernels.apply.get(&[false, uniform]), &self.coef)
             }
             Coefficients::Running => {
@@ -896,7 +940,7 @@ impl BatchNorm {
                 y.binding(shape.bytes()),
                 whole(coef),
                 whole(&self.affine),
-                binding(&self.coef, COEF_WINDOW_BYTES),
+                binding(&self.coef, kernels.coef_window_bytes()),
             ],
             plan.workgroups(),
         );
@@ -918,11 +962,25 @@ impl BatchNorm {
         saved: Option<&SavedStats>,
         grads: GradBuffers<'_>,
     ) -> Result<()> {
+        self.plan_backward(shape, x, dy, saved, grads)?
+            .record_into(encoder);
+        Ok(())
+    }
+
+    /// The dispatches of [`Self::backward`] (see [`Self::plan_forward_train`]).
+    pub fn plan_backward<'a>(
+        &mut self,
+        shape: &Shape,
+        x: impl Into<TensorBuffer<'a>>,
+        dy: impl Into<TensorBuffer<'a>>,
+        saved: Option<&SavedStats>,
+        grads: GradBuffers<'_>,
+    ) -> Result<Plan<'_>> {
         let (x, dy) = (x.into(), dy.into());
         self.prepare_backward(shape, x, dy, saved, &grads)?;
-        let mut pass = begin(encoder, "bn.backward");
-        self.record_backward(&mut pass, shape, x, dy, saved, &grads);
-        Ok(())
+        self.plan("bn.backward", |this, rec| {
+            this.record_backward(rec, shape, x, dy, saved, &grads)
+        })
     }
 
     /// [`Self::backward`] recorded into a compute pass the caller has begun.
@@ -935,9 +993,7 @@ impl BatchNorm {
         saved: Option<&SavedStats>,
         grads: GradBuffers<'_>,
     ) -> Result<()> {
-        let (x, dy) = (x.into(), dy.into());
-        self.prepare_backward(shape, x, dy, saved, &grads)?;
-        self.record_backward(pass, shape, x, dy, saved, &grads);
+        self.plan_backward(shape, x, dy, saved, grads)?.record(pass);
         Ok(())
     }
 
@@ -1010,9 +1066,9 @@ impl BatchNorm {
         ])
     }
 
-    fn record_backward(
-        &mut self,
-        pass: &mut wgpu::ComputePass<'_>,
+    fn record_backward<'s>(
+        &'s self,
+        pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
         dy: TensorBuffer<'_>,
@@ -1032,6 +1088,7 @@ impl BatchNorm {
         let stride = self.stride() as u32;
         let plan = self.reduce_walk(shape, common::Pass::Sums);
         let with_x = batch || want_dgamma;
+        let partial_bytes = plan.partial_count(self.config.num_features).max(1) * 16;
         let partials = self.partials(plan.partial_count(self.config.num_features));
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
@@ -1046,7 +1103,7 @@ impl BatchNorm {
                     x.binding(shape.bytes()),
                     dy.binding(shape.bytes()),
                     whole(&stats_buffer),
-                    whole(&partials),
+                    binding(&partials, partial_bytes),
                 ],
                 plan.workgroups(),
             );
@@ -1084,10 +1141,10 @@ impl BatchNorm {
             pass,
             &[
                 whole(&fparams),
-                whole(&partials),
+                binding(&partials, partial_bytes),
                 whole(&stats_buffer),
                 whole(&self.affine),
-                whole(&self.coef),
+                self.coef_binding(),
                 dgamma.binding(c_bytes),
                 dbeta.binding(c_bytes),
             ],
@@ -1096,7 +1153,7 @@ impl BatchNorm {
         if let Some(dx) = grads.dx {
             let ep = self.elementwise_walk(shape);
             let params = kernels.uniform(device, &ep.params);
-            let uniform = coefficients_fit(backward_dx::SEGMENTS, self.stride() as u32);
+            let uniform = kernels.coefficients_fit(backward_dx::SEGMENTS, self.stride() as u32);
             kernels
                 .backward_dx
                 .get(&[batch, uniform])
@@ -1109,8 +1166,8 @@ impl BatchNorm {
                         x.binding(shape.bytes()),
                         dy.binding(shape.bytes()),
                         dx.binding(shape.bytes()),
-                        whole(&self.coef),
-                        binding(&self.coef, COEF_WINDOW_BYTES),
+                        self.coef_binding(),
+                        binding(&self.coef, kernels.coef_window_bytes()),
                     ],
                     ep.workgroups(),
                 );
@@ -1226,6 +1283,54 @@ fn run(
         record(&mut encoder)?;
         ctx.submit_and_wait(encoder)
     })
+}
+
+/// The dispatches of one operation of a [`BatchNorm`], checked, with their pipelines
+/// built: what it will launch and bind ([`Self::dispatches`]), recorded whole
+/// ([`Self::record`]) or one dispatch at a time ([`Self::record_dispatch`], e.g.
+/// each in a compute pass of its own with timestamp writes). The `record*` calls
+/// of the layer are a plan recorded at once.
+pub struct Plan<'a> {
+    recipe: Recipe<'a>,
+    device: &'a wgpu::Device,
+    label: &'static str,
+}
+
+impl Plan<'_> {
+    /// Each dispatch: pipeline label, workgroups, bytes of the storage ranges bound.
+    pub fn dispatches(&self) -> Vec<DispatchInfo> {
+        self.recipe.info()
+    }
+
+    /// Number of dispatches.
+    pub fn len(&self) -> usize {
+        self.recipe.len()
+    }
+
+    /// Whether the plan dispatches nothing (a backward asked for no output).
+    pub fn is_empty(&self) -> bool {
+        self.recipe.len() == 0
+    }
+
+    /// Records every dispatch into `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.recipe.record(self.device, pass);
+    }
+
+    /// Records dispatch `i` (of [`Self::len`]) into `pass`. The dispatches depend on
+    /// each other in order: record each once, in order, in passes of one encoder
+    /// (or of encoders submitted in order).
+    pub fn record_dispatch(&self, i: usize, pass: &mut wgpu::ComputePass<'_>) {
+        if i < self.recipe.len() {
+            self.recipe.record_step(i, self.device, pass);
+        }
+    }
+
+    /// Records every dispatch into a compute pass of its own in `encoder`.
+    pub fn record_into(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = begin(encoder, self.label);
+        self.record(&mut pass);
+    }
 }
 
 fn begin<'e>(encoder: &'e mut wgpu::CommandEncoder, label: &str) -> wgpu::ComputePass<'e> {

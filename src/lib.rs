@@ -111,7 +111,8 @@ mod optimizer;
 
 pub use context::{storage_usages, GpuContext, OPTIONAL_FEATURES};
 pub use kernels::sources as shader_sources;
-pub use layer::{BatchNorm, GradBuffers, SavedStats};
+pub use kernels::DispatchInfo;
+pub use layer::{BatchNorm, GradBuffers, Plan, SavedStats};
 pub use optimizer::{AffineOptimizer, Optimizer};
 
 // The Rust code blocks of README.md, compiled as doctests.

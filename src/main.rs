@@ -112,6 +112,12 @@ struct Args {
     /// copy) and repeated runs do not just hit the caches.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     rotate_mib: u64,
+
+    /// Also time each dispatch of every operation alone (its own compute pass with
+    /// timestamp writes; adapters with timestamp queries), listed after the table
+    /// and in results.json.
+    #[arg(long)]
+    detail: bool,
 }
 
 const AFTER_HELP: &str = "\
@@ -187,6 +193,7 @@ fn header(ctx: &GpuContext, timer: &GpuTimer, tuning: TuningArg) -> Header {
         tolerance: TOLERANCE,
         floor_bytes: "forward-train 3Es, eval 2Es, backward 5Es (s = 4)".into(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        context_ms: 0.0,
     }
 }
 
@@ -245,7 +252,9 @@ fn main() -> BoxResult<()> {
         .map(|s| layouts_for(s, &args.layouts).len() * ops.len())
         .sum();
 
+    let created = Instant::now();
     let ctx = GpuContext::from_env()?;
+    let context_ms = created.elapsed().as_secs_f64() * 1e3;
     let ctx = match args.tuning {
         TuningArg::Adapter => ctx,
         TuningArg::Gpu => ctx.with_tuning(Tuning::gpu()),
@@ -265,7 +274,10 @@ fn main() -> BoxResult<()> {
         ctx
     };
     let timer = GpuTimer::new(&ctx);
-    let header = header(&ctx, &timer, args.tuning);
+    let header = Header {
+        context_ms,
+        ..header(&ctx, &timer, args.tuning)
+    };
     print!("{}", output::header_lines(&header));
     println!();
 
@@ -300,7 +312,7 @@ fn main() -> BoxResult<()> {
                 }
             };
             for &op in &ops {
-                let row = case.measure(op, &timer, reps);
+                let row = case.measure(op, &timer, reps, args.detail);
                 eprintln!("{}", progress(rows.len() + 1, total, &row));
                 rows.push(row);
             }
@@ -308,6 +320,9 @@ fn main() -> BoxResult<()> {
     }
 
     println!("{}", output::table(&rows));
+    if args.detail {
+        println!("{}", output::detail(&rows));
+    }
     let on_timestamps = rows
         .iter()
         .filter(|r| r.gpu_clock.as_deref() == Some("timestamp"))

@@ -527,7 +527,11 @@ impl AffineOptimizer {
                 });
             }
         }
-        Ok(())
+        let kernels = self.ctx.kernels();
+        match self.optimizer {
+            Optimizer::Sgd { .. } => kernels.optimizer.sgd.build(self.ctx.device()),
+            Optimizer::Adam { .. } => kernels.optimizer.adam.build(self.ctx.device()),
+        }
     }
 
     fn record(
@@ -547,7 +551,7 @@ impl AffineOptimizer {
             Optimizer::Adam { .. } => &kernels.optimizer.adam,
         };
         let bytes = (self.channels * std::mem::size_of::<f32>()) as u64;
-        k.dispatch(
+        k.record(
             device,
             pass,
             &[

@@ -400,15 +400,12 @@ fn device_with(change: LimitChange) -> (wgpu::Device, wgpu::Queue) {
 
 #[test]
 fn devices_short_of_what_the_kernels_need_are_refused() {
-    let cases: [(&str, LimitChange); 3] = [
+    let cases: [(&str, LimitChange); 2] = [
         ("max_compute_workgroups_per_dimension", |l| {
             l.max_compute_workgroups_per_dimension = 256
         }),
-        ("max_storage_buffers_per_shader_stage", |l| {
-            l.max_storage_buffers_per_shader_stage = 4
-        }),
-        ("max_uniform_buffer_binding_size", |l| {
-            l.max_uniform_buffer_binding_size = 16 << 10
+        ("max_compute_workgroup_storage_size", |l| {
+            l.max_compute_workgroup_storage_size = 8 << 10
         }),
     ];
     for (limit, change) in cases {
@@ -418,6 +415,69 @@ fn devices_short_of_what_the_kernels_need_are_refused() {
             Err(e) => panic!("{limit}: {e}"),
             Ok(_) => panic!("{limit}: accepted"),
         }
+    }
+}
+
+/// WebGPU's downlevel limits (4 storage buffers per stage, 16 KiB uniform bindings):
+/// the context is made, eval forwards run (through the normalize that folds the
+/// running statistics itself, which binds 4 storage buffers; the uniform window of
+/// the coefficients shrinks to 16 KiB), and what needs more storage buffers
+/// (statistics, backward) is a typed error that changes nothing.
+#[test]
+fn downlevel_devices_run_what_fits_and_refuse_the_rest() {
+    let (device, queue) = device_with(|l| *l = wgpu::Limits::downlevel_defaults());
+    let small = GpuContext::from_device(device, queue).unwrap();
+    assert_eq!(
+        small.device().limits().max_storage_buffers_per_shader_stage,
+        4
+    );
+    for c in [3, 1000, 2000] {
+        let config = BatchNormConfig::new(c);
+        let mut state = BatchNormState::new(&config);
+        for (i, (m, v)) in state
+            .running_mean
+            .iter_mut()
+            .zip(&mut state.running_var)
+            .enumerate()
+        {
+            *m = (i % 7) as f32 * 0.25;
+            *v = 0.5 + (i % 5) as f32;
+        }
+        let mut bn = BatchNorm::with_state(&small, config.clone(), &state).unwrap();
+        let reference =
+            wgpu_batchnorm::cpu::reference::ReferenceBatchNorm::with_state(config, state.clone())
+                .unwrap();
+        let shape = Shape::channels_last(&[5, c, 3]).unwrap();
+        let x: Vec<f32> = (0..shape.numel()).map(|i| (i % 13) as f32 - 6.0).collect();
+        let y = bn.forward_eval_host(&shape, &x).unwrap().y;
+        let want = reference.forward_eval(&shape, &x).unwrap().y;
+        for (g, r) in y.iter().zip(&want) {
+            assert!(
+                (f64::from(*g) - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                "C = {c}: {g} vs {r}"
+            );
+        }
+        let e = bn.forward_train_host(&shape, &x).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::DeviceLimit {
+                    name: "max_storage_buffers_per_shader_stage",
+                    actual: 4,
+                    ..
+                }
+            ),
+            "C = {c}: {e}"
+        );
+        let e = bn
+            .backward_host(&shape, &x, &x, None, GradMask::default())
+            .unwrap_err();
+        assert!(matches!(e, Error::DeviceLimit { .. }), "C = {c}: {e}");
+        assert_eq!(
+            bn.state().unwrap(),
+            state,
+            "C = {c}: a refused call changed the state"
+        );
     }
 }
 

@@ -2,6 +2,8 @@
 
 use super::common::{Pass, SwitchedWalkKernels};
 use super::Access;
+use super::Module;
+use std::sync::Arc;
 
 /// `WalkParams::flags` bit (reaches WGSL as `APPLY_AFFINE`, see `sources::FLAGS`) of
 /// the pipelines from the running statistics: gamma and beta are bound as `affine`.
@@ -32,9 +34,8 @@ const BINDINGS: &[Access] = &[
 /// with the coefficients finalize.wgsl wrote, read from `coef` (`[false, false]`) or
 /// from the uniform window (`[false, true]`), and computing them from the running
 /// statistics (`[true, false]`, one-dispatch eval).
-pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
+pub(crate) fn kernels(module: &Arc<Module>) -> SwitchedWalkKernels {
     SwitchedWalkKernels::new(
-        device,
         module,
         "bn.apply",
         BINDINGS,

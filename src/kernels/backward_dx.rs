@@ -2,6 +2,8 @@
 
 use super::common::{Pass, SwitchedWalkKernels};
 use super::Access;
+use super::Module;
+use std::sync::Arc;
 
 /// The `override` of backward_dx.wgsl that builds the pipelines with the x term
 /// (batch statistics).
@@ -28,9 +30,8 @@ const BINDINGS: &[Access] = &[
 /// The entry points of backward_dx.wgsl, four times (`get(&[with_x, uniform])`):
 /// with the x term (batch statistics) or without it (running statistics: x is not
 /// read), each with the coefficients read from `coef` or from the uniform window.
-pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
+pub(crate) fn kernels(module: &Arc<Module>) -> SwitchedWalkKernels {
     SwitchedWalkKernels::new(
-        device,
         module,
         "bn.backward_dx",
         BINDINGS,

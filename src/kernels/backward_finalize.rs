@@ -1,6 +1,8 @@
 //! Host side of `shaders/backward_finalize.wgsl`.
 
+use super::Module;
 use super::{Access, Kernel};
+use std::sync::Arc;
 
 /// Mirrors `BackwardFinalizeParams` in backward_finalize.wgsl.
 #[repr(C)]
@@ -39,9 +41,9 @@ const BINDINGS: &[Access] = &[
 ];
 
 impl BackwardFinalizeKernels {
-    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+    pub(crate) fn new(module: &Arc<Module>) -> Self {
         Self {
-            main: Kernel::new(device, module, "bn.backward_finalize", "main", BINDINGS),
+            main: Kernel::new(module, "bn.backward_finalize", "main", BINDINGS),
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use super::common::{Pass, SwitchedWalkKernels};
 use super::Access;
+use super::Module;
+use std::sync::Arc;
 
 /// The `override` of backward_reduce.wgsl that builds the pipelines which also sum
 /// dy * (x - mean).
@@ -19,9 +21,8 @@ const BINDINGS: &[Access] = &[
 
 /// The entry points of backward_reduce.wgsl, twice: `get(&[true])` also sums
 /// dy * (x - mean), `get(&[false])` sums dy only and does not read x.
-pub(crate) fn kernels(device: &wgpu::Device, module: &wgpu::ShaderModule) -> SwitchedWalkKernels {
+pub(crate) fn kernels(module: &Arc<Module>) -> SwitchedWalkKernels {
     SwitchedWalkKernels::new(
-        device,
         module,
         "bn.backward_reduce",
         BINDINGS,

@@ -2,8 +2,10 @@
 //! (how a tensor is cut into workgroups, after the context's [`Cut`]) and the entry
 //! points each of those kernels has.
 
+use super::Module;
 use super::{Access, Kernel, WORKGROUP_SIZE};
 use crate::{Cut, Layout, Shape};
+use std::sync::Arc;
 
 /// Mirrors `WalkParams` in common.wgsl.
 #[repr(C)]
@@ -478,10 +480,9 @@ impl SwitchedWalkKernels {
     /// labelled `{name}.{entry}`, with the names of the switches set true between
     /// (`{name}.{switch}.{entry}`).
     pub(crate) fn new(
-        device: &wgpu::Device,
-        module: &wgpu::ShaderModule,
+        module: &Arc<Module>,
         name: &str,
-        bindings: &[Access],
+        bindings: &'static [Access],
         pass: Pass,
         switches: &[&str],
         settings: &[&[bool]],
@@ -499,7 +500,7 @@ impl SwitchedWalkKernels {
                     .collect::<Vec<_>>()
                     .join(".");
                 let kernels =
-                    WalkKernels::with_overrides(device, module, &label, bindings, pass, &overrides);
+                    WalkKernels::with_overrides(module, &label, bindings, pass, &overrides);
                 (setting.to_vec(), kernels)
             })
             .collect();
@@ -542,27 +543,25 @@ impl WalkKernels {
     /// pass those and `channels_first_flat`; labelled
     /// `{name}.{entry}`.
     pub(crate) fn new(
-        device: &wgpu::Device,
-        module: &wgpu::ShaderModule,
+        module: &Arc<Module>,
         name: &str,
-        bindings: &[Access],
+        bindings: &'static [Access],
         pass: Pass,
     ) -> Self {
-        Self::with_overrides(device, module, name, bindings, pass, &[])
+        Self::with_overrides(module, name, bindings, pass, &[])
     }
 
     /// As [`Self::new`], with values for the module's `override` declarations.
     pub(crate) fn with_overrides(
-        device: &wgpu::Device,
-        module: &wgpu::ShaderModule,
+        module: &Arc<Module>,
         name: &str,
-        bindings: &[Access],
+        bindings: &'static [Access],
         pass: Pass,
         overrides: &[(&str, f64)],
     ) -> Self {
         let k = |entry: &str| {
             let label = format!("{name}.{entry}");
-            Kernel::with_overrides(device, module, label, entry, bindings, overrides)
+            Kernel::with_overrides(module, label, entry, bindings, overrides)
         };
         Self {
             channels_first_vec4: k("channels_first_vec4"),

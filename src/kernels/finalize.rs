@@ -1,6 +1,8 @@
 //! Host side of `shaders/finalize.wgsl`.
 
+use super::Module;
 use super::{Access, Kernel};
+use std::sync::Arc;
 
 /// Mirrors `FinalizeParams` in common.wgsl (used by finalize.wgsl and the fused
 /// forward of stats.wgsl).
@@ -43,10 +45,10 @@ const BINDINGS: &[Access] = &[
 ];
 
 impl FinalizeKernels {
-    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+    pub(crate) fn new(module: &Arc<Module>) -> Self {
         Self {
-            train: Kernel::new(device, module, "bn.finalize.train", "train", BINDINGS),
-            eval: Kernel::new(device, module, "bn.finalize.eval", "eval", BINDINGS),
+            train: Kernel::new(module, "bn.finalize.train", "train", BINDINGS),
+            eval: Kernel::new(module, "bn.finalize.eval", "eval", BINDINGS),
         }
     }
 }

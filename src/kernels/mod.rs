@@ -14,7 +14,7 @@ pub(crate) mod stats;
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::{Error, Result};
 
@@ -24,21 +24,13 @@ pub(crate) const WORKGROUP_SIZE: u32 = 256;
 /// Largest workgroup count in one dispatch dimension (WebGPU's guaranteed minimum).
 const MAX_GRID_DIM: u32 = 65535;
 
-/// vec4s of the uniform binding through which apply.wgsl and backward_dx.wgsl read
-/// their per-channel coefficients where those fit in it (`COEF_WINDOW` in WGSL):
+/// Most vec4s of the uniform binding through which apply.wgsl and backward_dx.wgsl
+/// read their per-channel coefficients where those fit in it (`COEF_WINDOW` in WGSL):
 /// 64 KiB, `wgpu::Limits::default()`'s uniform binding size. A CPU adapter loads a
 /// uniform array lane by lane without the branches and bounds checks of a storage
-/// load, and these loads are a sizeable part of a short walk's.
+/// load, and these loads are a sizeable part of a short walk's. A device with
+/// smaller uniform bindings gets a window of its size (`Kernels::coef_window`).
 pub(crate) const COEF_WINDOW: u32 = 4096;
-
-/// Bytes of that binding.
-pub(crate) const COEF_WINDOW_BYTES: u64 = 16 * COEF_WINDOW as u64;
-
-/// Whether `segments` per-channel segments of `padded` floats each (the layout of the
-/// coefficients) fit in the uniform window.
-pub(crate) fn coefficients_fit(segments: u32, padded: u32) -> bool {
-    u64::from(segments) * u64::from(padded) <= 4 * u64::from(COEF_WINDOW)
-}
 
 /// The shader sources: the shared piece followed by one kernel file.
 pub mod sources {
@@ -105,9 +97,25 @@ pub mod sources {
     /// Full source of a kernel file: the flag and size constants, the shared piece,
     /// the kernel.
     pub fn full(kernel: &str) -> String {
+        with_sizes(kernel, SIZES)
+    }
+
+    /// [`full`] with the coefficient window of a device (vec4s).
+    pub(crate) fn for_window(kernel: &str, coef_window: u32) -> String {
+        let sizes: Vec<(&str, u32)> = SIZES
+            .iter()
+            .map(|&(name, value)| match name {
+                "COEF_WINDOW" => (name, coef_window),
+                _ => (name, value),
+            })
+            .collect();
+        with_sizes(kernel, &sizes)
+    }
+
+    fn with_sizes(kernel: &str, sizes: &[(&str, u32)]) -> String {
         let flags: String = FLAGS
             .iter()
-            .chain(SIZES)
+            .chain(sizes)
             .map(|(name, value)| format!("const {name}: u32 = {value}u;\n"))
             .collect();
         format!("{flags}\n{COMMON}\n{kernel}")
@@ -122,36 +130,128 @@ pub(crate) enum Access {
     ReadWrite,
 }
 
-/// One compute pipeline with its explicit bind group layout.
+/// A shader module built on first use: a context builds only what its calls need.
+pub(crate) struct Module {
+    label: &'static str,
+    source: String,
+    built: OnceLock<wgpu::ShaderModule>,
+}
+
+impl Module {
+    pub(crate) fn new(label: &'static str, source: String) -> Arc<Self> {
+        Arc::new(Self {
+            label,
+            source,
+            built: OnceLock::new(),
+        })
+    }
+
+    fn get(&self, device: &wgpu::Device) -> &wgpu::ShaderModule {
+        self.built.get_or_init(|| {
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(self.label),
+                source: wgpu::ShaderSource::Wgsl(self.source.as_str().into()),
+            })
+        })
+    }
+}
+
+/// One compute pipeline with its explicit bind group layout, built on first use
+/// ([`Self::build`]) and kept for the context's life.
 pub(crate) struct Kernel {
+    module: Arc<Module>,
+    label: String,
+    entry: String,
+    bindings: &'static [Access],
+    overrides: Vec<(String, f64)>,
+    built: OnceLock<Built>,
+}
+
+struct Built {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
-    label: String,
 }
 
 impl Kernel {
     fn new(
-        device: &wgpu::Device,
-        module: &wgpu::ShaderModule,
+        module: &Arc<Module>,
         label: impl Into<String>,
         entry: &str,
-        bindings: &[Access],
+        bindings: &'static [Access],
     ) -> Self {
-        Self::with_overrides(device, module, label, entry, bindings, &[])
+        Self::with_overrides(module, label, entry, bindings, &[])
     }
 
     /// As [`Self::new`], with values for the module's `override` declarations
     /// besides `WG`.
     fn with_overrides(
-        device: &wgpu::Device,
-        module: &wgpu::ShaderModule,
+        module: &Arc<Module>,
         label: impl Into<String>,
         entry: &str,
-        bindings: &[Access],
+        bindings: &'static [Access],
         overrides: &[(&str, f64)],
     ) -> Self {
-        let label = label.into();
-        let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
+        Self {
+            module: module.clone(),
+            label: label.into(),
+            entry: entry.to_string(),
+            bindings,
+            overrides: overrides
+                .iter()
+                .map(|&(name, value)| (name.to_string(), value))
+                .collect(),
+            built: OnceLock::new(),
+        }
+    }
+
+    /// Storage buffers the kernel binds.
+    fn storage_buffers(&self) -> u32 {
+        self.bindings
+            .iter()
+            .filter(|a| !matches!(a, Access::Uniform))
+            .count() as u32
+    }
+
+    /// Whether the device can bind the kernel's storage buffers.
+    pub(crate) fn fits(&self, device: &wgpu::Device) -> bool {
+        self.storage_buffers() <= device.limits().max_storage_buffers_per_shader_stage
+    }
+
+    /// Builds the pipeline unless it is built: [`Error::DeviceLimit`] when the device
+    /// cannot bind the kernel's storage buffers, [`Error::Gpu`] for any error wgpu
+    /// raises (inside error scopes, so nothing reaches the device's handler).
+    pub(crate) fn build(&self, device: &wgpu::Device) -> Result<()> {
+        if self.built.get().is_some() {
+            return Ok(());
+        }
+        let limit = device.limits().max_storage_buffers_per_shader_stage;
+        if !self.fits(device) {
+            return Err(Error::DeviceLimit {
+                name: "max_storage_buffers_per_shader_stage",
+                actual: u64::from(limit),
+                required: u64::from(self.storage_buffers()),
+            });
+        }
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let built = self.create(device);
+        let invalid = pollster::block_on(invalid.pop());
+        let oom = pollster::block_on(oom.pop());
+        if let Some(e) = invalid.or(oom) {
+            return Err(Error::Gpu {
+                context: "building a pipeline",
+                message: format!("{}: {e}", self.label),
+            });
+        }
+        // Another thread may have built it meanwhile: either is the same pipeline.
+        let _ = self.built.set(built);
+        Ok(())
+    }
+
+    fn create(&self, device: &wgpu::Device) -> Built {
+        let label = &self.label;
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = self
+            .bindings
             .iter()
             .enumerate()
             .map(|(i, access)| wgpu::BindGroupLayoutEntry {
@@ -170,46 +270,61 @@ impl Kernel {
             })
             .collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(&label),
+            label: Some(label),
             entries: &entries,
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(&label),
+            label: Some(label),
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
         let constants: Vec<(&str, f64)> = [("WG", WORKGROUP_SIZE as f64)]
             .into_iter()
-            .chain(overrides.iter().copied())
+            .chain(self.overrides.iter().map(|(n, v)| (n.as_str(), *v)))
             .collect();
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&label),
+            label: Some(label),
             layout: Some(&pipeline_layout),
-            module,
-            entry_point: Some(entry),
+            module: self.module.get(device),
+            entry_point: Some(&self.entry),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
                 zero_initialize_workgroup_memory: false,
             },
             cache: None,
         });
-        Self {
-            pipeline,
-            layout,
-            label,
-        }
+        Built { pipeline, layout }
+    }
+
+    /// Adds one dispatch of `workgroups` workgroups over `resources` (bound in order
+    /// from binding 0) to `recipe`; nothing is recorded until the recipe is.
+    pub(crate) fn dispatch<'k>(
+        &'k self,
+        _device: &wgpu::Device,
+        recipe: &mut Recipe<'k>,
+        resources: &[wgpu::BufferBinding<'_>],
+        workgroups: u32,
+    ) {
+        recipe.push(self, resources, workgroups);
     }
 
     /// Records one dispatch of `workgroups` workgroups (folded into two dimensions
     /// when needed; the kernels recover the linear index) over `resources`, bound
-    /// in order from binding 0.
-    pub(crate) fn dispatch(
+    /// in order from binding 0. The pipeline must be built ([`Self::build`]); one
+    /// that could not be is not dispatched.
+    pub(crate) fn record(
         &self,
         device: &wgpu::Device,
         pass: &mut wgpu::ComputePass<'_>,
         resources: &[wgpu::BufferBinding<'_>],
         workgroups: u32,
     ) {
+        if self.built.get().is_none() && self.build(device).is_err() {
+            return;
+        }
+        let Some(built) = self.built.get() else {
+            return;
+        };
         let entries: Vec<wgpu::BindGroupEntry> = resources
             .iter()
             .enumerate()
@@ -220,13 +335,140 @@ impl Kernel {
             .collect();
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&self.label),
-            layout: &self.layout,
+            layout: &built.layout,
             entries: &entries,
         });
         let (x, y) = grid(workgroups);
-        pass.set_pipeline(&self.pipeline);
+        pass.set_pipeline(&built.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(x, y, 1);
+    }
+}
+
+/// A buffer range a recipe binds (owning its buffer handle).
+struct Resource {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    size: Option<NonZeroU64>,
+}
+
+impl Resource {
+    fn bytes(&self) -> u64 {
+        self.size.map_or(
+            self.buffer.size().saturating_sub(self.offset),
+            NonZeroU64::get,
+        )
+    }
+}
+
+/// One dispatch of a recipe.
+struct Step<'k> {
+    kernel: &'k Kernel,
+    resources: Vec<Resource>,
+    workgroups: u32,
+}
+
+/// What one dispatch of an operation does: its pipeline, its launch and the bytes of
+/// the storage ranges it binds (an upper bound of what it moves: a kernel may read
+/// only part of a binding, e.g. a per-channel buffer padded or grown for larger
+/// tensors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DispatchInfo {
+    /// The pipeline's label (`bn.{kernel}.{entry point}`).
+    pub label: String,
+    /// Workgroups launched.
+    pub workgroups: u32,
+    /// Bytes of the read-only storage ranges it binds.
+    pub bytes_read: u64,
+    /// Bytes of the read-write storage ranges it binds.
+    pub bytes_written: u64,
+}
+
+/// The dispatches of one operation, in order: built first (so that every pipeline
+/// exists, or the operation fails with a typed error before anything is recorded),
+/// then recorded.
+#[derive(Default)]
+pub(crate) struct Recipe<'k> {
+    steps: Vec<Step<'k>>,
+}
+
+impl<'k> Recipe<'k> {
+    pub(crate) fn new() -> Self {
+        Self { steps: Vec::new() }
+    }
+
+    fn push(&mut self, kernel: &'k Kernel, resources: &[wgpu::BufferBinding<'_>], workgroups: u32) {
+        let resources = resources
+            .iter()
+            .map(|r| Resource {
+                buffer: r.buffer.clone(),
+                offset: r.offset,
+                size: r.size,
+            })
+            .collect();
+        self.steps.push(Step {
+            kernel,
+            resources,
+            workgroups,
+        });
+    }
+
+    /// Number of dispatches.
+    pub(crate) fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Builds every pipeline the recipe dispatches.
+    pub(crate) fn build(&self, device: &wgpu::Device) -> Result<()> {
+        self.steps.iter().try_for_each(|s| s.kernel.build(device))
+    }
+
+    /// Records every dispatch into `pass`.
+    pub(crate) fn record(&self, device: &wgpu::Device, pass: &mut wgpu::ComputePass<'_>) {
+        (0..self.steps.len()).for_each(|i| self.record_step(i, device, pass));
+    }
+
+    /// Records dispatch `i` into `pass`.
+    pub(crate) fn record_step(
+        &self,
+        i: usize,
+        device: &wgpu::Device,
+        pass: &mut wgpu::ComputePass<'_>,
+    ) {
+        let step = &self.steps[i];
+        let bindings: Vec<wgpu::BufferBinding<'_>> = step
+            .resources
+            .iter()
+            .map(|r| wgpu::BufferBinding {
+                buffer: &r.buffer,
+                offset: r.offset,
+                size: r.size,
+            })
+            .collect();
+        step.kernel.record(device, pass, &bindings, step.workgroups);
+    }
+
+    /// What each dispatch does.
+    pub(crate) fn info(&self) -> Vec<DispatchInfo> {
+        self.steps
+            .iter()
+            .map(|s| {
+                let (mut read, mut written) = (0, 0);
+                for (r, access) in s.resources.iter().zip(s.kernel.bindings) {
+                    match access {
+                        Access::Uniform => {}
+                        Access::Read => read += r.bytes(),
+                        Access::ReadWrite => written += r.bytes(),
+                    }
+                }
+                DispatchInfo {
+                    label: s.kernel.label.clone(),
+                    workgroups: s.workgroups,
+                    bytes_read: read,
+                    bytes_written: written,
+                }
+            })
+            .collect()
     }
 }
 
@@ -262,6 +504,7 @@ pub(crate) struct Kernels {
     pub copy: Kernel,
     pub optimizer: optimizer::OptimizerKernels,
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
+    coef_window: u32,
 }
 
 /// Beyond this many cached uniform buffers the cache starts over.
@@ -282,19 +525,9 @@ impl Kernels {
                 WORKGROUP_SIZE as u64,
             ),
             (
-                "max_storage_buffers_per_shader_stage",
-                limits.max_storage_buffers_per_shader_stage as u64,
-                6,
-            ),
-            (
                 "max_compute_workgroup_storage_size",
                 limits.max_compute_workgroup_storage_size as u64,
                 3 * 16 * WORKGROUP_SIZE as u64,
-            ),
-            (
-                "max_uniform_buffer_binding_size",
-                limits.max_uniform_buffer_binding_size,
-                COEF_WINDOW_BYTES,
             ),
             (
                 "max_compute_workgroups_per_dimension",
@@ -310,12 +543,12 @@ impl Kernels {
                 });
             }
         }
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // A window of what the device can bind as one uniform buffer, up to 64 KiB.
+        let coef_window = u32::try_from(limits.max_uniform_buffer_binding_size / 16)
+            .unwrap_or(u32::MAX)
+            .clamp(1, COEF_WINDOW);
         let module = |name: &'static str, kernel: &str| {
-            device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(sources::full(kernel).into()),
-            })
+            Module::new(name, sources::for_window(kernel, coef_window))
         };
         let src = |file: &str| {
             sources::KERNELS
@@ -325,38 +558,38 @@ impl Kernels {
                 .unwrap_or_default()
         };
         let kernels = Self {
-            stats: stats::StatsKernels::new(device, &module("bn.stats", src("stats.wgsl"))),
-            finalize: finalize::FinalizeKernels::new(
-                device,
-                &module("bn.finalize", src("finalize.wgsl")),
-            ),
-            apply: apply::kernels(device, &module("bn.apply", src("apply.wgsl"))),
-            backward_reduce: backward_reduce::kernels(
-                device,
-                &module("bn.backward_reduce", src("backward_reduce.wgsl")),
-            ),
-            backward_finalize: backward_finalize::BackwardFinalizeKernels::new(
-                device,
-                &module("bn.backward_finalize", src("backward_finalize.wgsl")),
-            ),
-            backward_dx: backward_dx::kernels(
-                device,
-                &module("bn.backward_dx", src("backward_dx.wgsl")),
-            ),
-            copy: copy::kernel(device, &module("bn.copy", src("copy.wgsl"))),
-            optimizer: optimizer::OptimizerKernels::new(
-                device,
-                &module("bn.optimizer", src("optimizer.wgsl")),
-            ),
+            stats: stats::StatsKernels::new(&module("bn.stats", src("stats.wgsl"))),
+            finalize: finalize::FinalizeKernels::new(&module("bn.finalize", src("finalize.wgsl"))),
+            apply: apply::kernels(&module("bn.apply", src("apply.wgsl"))),
+            backward_reduce: backward_reduce::kernels(&module(
+                "bn.backward_reduce",
+                src("backward_reduce.wgsl"),
+            )),
+            backward_finalize: backward_finalize::BackwardFinalizeKernels::new(&module(
+                "bn.backward_finalize",
+                src("backward_finalize.wgsl"),
+            )),
+            backward_dx: backward_dx::kernels(&module("bn.backward_dx", src("backward_dx.wgsl"))),
+            copy: copy::kernel(&module("bn.copy", src("copy.wgsl"))),
+            optimizer: optimizer::OptimizerKernels::new(&module(
+                "bn.optimizer",
+                src("optimizer.wgsl"),
+            )),
             uniforms: Mutex::new(HashMap::new()),
+            coef_window,
         };
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu {
-                context: "building the pipelines",
-                message: e.to_string(),
-            });
-        }
         Ok(kernels)
+    }
+
+    /// Bytes of that window.
+    pub(crate) fn coef_window_bytes(&self) -> u64 {
+        16 * u64::from(self.coef_window)
+    }
+
+    /// Whether `segments` per-channel segments of `padded` floats each (the layout of
+    /// the coefficients) fit in the uniform window.
+    pub(crate) fn coefficients_fit(&self, segments: u32, padded: u32) -> bool {
+        u64::from(segments) * u64::from(padded) <= 4 * u64::from(self.coef_window)
     }
 
     /// An immutable uniform buffer holding `value`, shared by every call with the

@@ -1,7 +1,9 @@
 //! Host side of `shaders/optimizer.wgsl`: one optimizer step (SGD or Adam) on a
 //! layer's gamma and beta.
 
+use super::Module;
 use super::{Access, Kernel};
+use std::sync::Arc;
 
 /// Mirrors `OptimizerParams` in optimizer.wgsl.
 #[repr(C)]
@@ -54,10 +56,10 @@ const BINDINGS: &[Access] = &[
 ];
 
 impl OptimizerKernels {
-    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+    pub(crate) fn new(module: &Arc<Module>) -> Self {
         Self {
-            sgd: Kernel::new(device, module, "bn.optimizer.sgd", "sgd", BINDINGS),
-            adam: Kernel::new(device, module, "bn.optimizer.adam", "adam", BINDINGS),
+            sgd: Kernel::new(module, "bn.optimizer.sgd", "sgd", BINDINGS),
+            adam: Kernel::new(module, "bn.optimizer.adam", "adam", BINDINGS),
         }
     }
 }

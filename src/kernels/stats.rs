@@ -5,7 +5,9 @@
 //! for walks whose workgroups hold whole channels.
 
 use super::common::{Pass, Variant, WalkKernels, WalkPlan};
+use super::Module;
 use super::{Access, Kernel};
+use std::sync::Arc;
 
 /// Bit of `WalkParams::flags`: count this batch in num_batches_tracked
 /// (`STATS_COUNT_BATCH` in WGSL, see `sources::FLAGS`).
@@ -40,7 +42,7 @@ pub(crate) struct StatsKernels {
 }
 
 impl StatsKernels {
-    pub(crate) fn new(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+    pub(crate) fn new(module: &Arc<Module>) -> Self {
         // The entry points `{prefix}_{suffix}` for the variants of `lists`.
         let kernels = |prefix: &str, lists: &[&[(Variant, &str)]]| {
             lists
@@ -49,13 +51,13 @@ impl StatsKernels {
                 .map(|&(variant, suffix)| {
                     let entry = format!("{prefix}_{suffix}");
                     let label = format!("bn.stats.{entry}");
-                    let kernel = Kernel::new(device, module, label, &entry, FUSED_BINDINGS);
+                    let kernel = Kernel::new(module, label, &entry, FUSED_BINDINGS);
                     (variant, kernel)
                 })
                 .collect()
         };
         Self {
-            partial: WalkKernels::new(device, module, "bn.stats", BINDINGS, Pass::Statistics),
+            partial: WalkKernels::new(module, "bn.stats", BINDINGS, Pass::Statistics),
             fused: kernels("fused", &[WHOLE_CHANNELS]),
             finalized: kernels("finalized", &[WHOLE_CHANNELS, FINALIZED_ONLY]),
         }

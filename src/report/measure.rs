@@ -4,7 +4,8 @@
 use serde::Serialize;
 use wgpu_batchnorm::cpu::fast::CpuBatchNorm;
 use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, GpuContext, GradBuffers, Layout, SavedStats, SavedStatsHost, Shape,
+    BatchNorm, BatchNormConfig, GpuContext, GradBuffers, Layout, Plan, SavedStats, SavedStatsHost,
+    Shape,
 };
 
 use super::data::{layout_name, random_state, ShapeSpec, XorShift};
@@ -90,6 +91,29 @@ pub struct Row {
     pub max_err: Option<f64>,
     /// `ok`, `FAILED` (error above tolerance: no GPU speed reported) or `ERROR: ...`.
     pub status: String,
+    /// Dispatches the operation records.
+    pub dispatches: Option<usize>,
+    /// Bytes of the storage ranges its dispatches bind (an upper bound of the bytes
+    /// it moves), and that over the floor bytes.
+    pub bytes_bound: Option<u64>,
+    pub bound_over_floor: Option<f64>,
+    /// CPU time to check, plan and record the operation into a compute pass
+    /// (median, microseconds; pipelines already built).
+    pub record_us: Option<f64>,
+    /// With `--detail`: each dispatch timed alone (its own compute pass with
+    /// timestamp writes).
+    pub detail: Vec<DispatchTime>,
+}
+
+/// One dispatch of an operation, timed alone.
+#[derive(Clone, Debug, Serialize)]
+pub struct DispatchTime {
+    pub label: String,
+    pub workgroups: u32,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Median GPU time (timestamps), ms.
+    pub ms: f64,
 }
 
 impl Row {
@@ -118,6 +142,11 @@ impl Row {
             speedup: None,
             max_err: None,
             status: "ok".into(),
+            dispatches: None,
+            bytes_bound: None,
+            bound_over_floor: None,
+            record_us: None,
+            detail: Vec::new(),
         }
     }
 }
@@ -356,26 +385,17 @@ impl LayoutBench<'_> {
         Ok(())
     }
 
-    /// Records `op` on the GPU with input copy `i % copies` into `pass`.
-    fn record_gpu(
-        &mut self,
-        op: Op,
-        pass: &mut wgpu::ComputePass<'_>,
-        i: usize,
-    ) -> wgpu_batchnorm::Result<()> {
+    /// The plan of `op` on the GPU with input copy `i % copies`.
+    fn plan(&mut self, op: Op, i: usize) -> wgpu_batchnorm::Result<Plan<'_>> {
         let b = &mut *self.bench;
         let k = i % b.gpu_x.len();
         let (shape, x) = (&self.shape, &b.gpu_x[k]);
         match op {
-            Op::Train => {
-                b.gpu_train
-                    .forward_train_in_pass(pass, shape, x, &b.gpu_y, &b.gpu_train_saved)
-            }
-            Op::Eval => b
-                .gpu_eval
-                .forward_eval_in_pass(pass, shape, x, &b.gpu_y, None),
-            Op::Backward => b.gpu_train.backward_in_pass(
-                pass,
+            Op::Train => b
+                .gpu_train
+                .plan_forward_train(shape, x, &b.gpu_y, &b.gpu_train_saved),
+            Op::Eval => b.gpu_eval.plan_forward_eval(shape, x, &b.gpu_y, None),
+            Op::Backward => b.gpu_train.plan_backward(
                 shape,
                 x,
                 &b.gpu_dy[k],
@@ -386,6 +406,57 @@ impl LayoutBench<'_> {
                     .dbeta(&b.gpu_dbeta),
             ),
         }
+    }
+
+    /// Records `op` on the GPU with input copy `i % copies` into `pass`.
+    fn record_gpu(
+        &mut self,
+        op: Op,
+        pass: &mut wgpu::ComputePass<'_>,
+        i: usize,
+    ) -> wgpu_batchnorm::Result<()> {
+        self.plan(op, i)?.record(pass);
+        Ok(())
+    }
+
+    /// Dispatches and bound bytes of `op`, and the CPU time to record it.
+    fn host_side(&mut self, op: Op, reps: usize, row: &mut Row) -> BoxResult<()> {
+        let info = self.plan(op, 0)?.dispatches();
+        let bound: u64 = info.iter().map(|d| d.bytes_read + d.bytes_written).sum();
+        row.dispatches = Some(info.len());
+        row.bytes_bound = Some(bound);
+        row.bound_over_floor = Some(bound as f64 / row.floor_bytes as f64);
+        let device = self.bench.ctx.device().clone();
+        let samples = time_cpu(reps.min(21), |i| {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            self.record_gpu(op, &mut pass, i)?;
+            Ok(())
+        })?;
+        row.record_us = Some(median(&samples) * 1e3);
+        Ok(())
+    }
+
+    /// Times each dispatch of `op` alone (input copy 0), where the adapter has
+    /// timestamp queries.
+    fn detail(&mut self, op: Op, timer: &GpuTimer, reps: usize, row: &mut Row) -> BoxResult<()> {
+        let plan = self.plan(op, 0)?;
+        let Some(ms) = timer.time_dispatches(reps, &plan)? else {
+            return Ok(());
+        };
+        row.detail = plan
+            .dispatches()
+            .into_iter()
+            .zip(ms)
+            .map(|(d, ms)| DispatchTime {
+                label: d.label,
+                workgroups: d.workgroups,
+                bytes_read: d.bytes_read,
+                bytes_written: d.bytes_written,
+                ms,
+            })
+            .collect();
+        Ok(())
     }
 
     /// Runs `op` once on both sides with input copy 0 and returns the largest
@@ -418,10 +489,21 @@ impl LayoutBench<'_> {
     /// Checks and times `op` on both sides. A GPU result off by more than
     /// [`TOLERANCE`] is not timed on the GPU (the row says FAILED); an error of
     /// the library is reported in the row rather than ending the run.
-    pub fn measure(&mut self, op: Op, timer: &GpuTimer, reps: usize) -> Row {
+    /// With `detail`, each dispatch is also timed alone.
+    pub fn measure(&mut self, op: Op, timer: &GpuTimer, reps: usize, detail: bool) -> Row {
         let layout = self.layout_label();
         let mut row = Row::new(&self.bench.spec, &layout, op, reps, self.bench.copies());
-        if let Err(e) = self.measure_into(op, timer, reps, &mut row) {
+        let measured = self.measure_into(op, timer, reps, &mut row).and_then(|()| {
+            if row.status != "ok" {
+                return Ok(());
+            }
+            self.host_side(op, reps, &mut row)?;
+            if detail {
+                self.detail(op, timer, reps, &mut row)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = measured {
             row.status = format!("ERROR: {e}");
         }
         row

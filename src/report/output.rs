@@ -25,6 +25,9 @@ pub struct Header {
     pub tolerance: f64,
     pub floor_bytes: String,
     pub command: String,
+    /// Wall time of `GpuContext::from_env` (device and context; pipelines are
+    /// built on first use).
+    pub context_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -74,6 +77,34 @@ pub fn header_lines(h: &Header) -> String {
          (dgamma, dbeta: /(1+sum|terms|)), rows above {:.0e} FAILED",
         h.warmup_runs, h.floor_bytes, h.tolerance
     );
+    let _ = writeln!(
+        s,
+        "host    : context created in {:.1} ms (pipelines built on first use); \
+         disp = dispatches per op, bound/floor = bytes of the storage ranges bound \
+         (an upper bound of the bytes moved) over the floor bytes, rec us = CPU time \
+         to check, plan and record one op",
+        h.context_ms
+    );
+    s
+}
+
+/// With `--detail`: each dispatch of each row, timed alone.
+pub fn detail(rows: &[Row]) -> String {
+    let mut s = String::from("dispatches, each timed alone (GPU timestamps, median):\n");
+    for r in rows.iter().filter(|r| !r.detail.is_empty()) {
+        let _ = writeln!(s, "{} {} {}:", r.shape, r.layout, r.op);
+        for d in &r.detail {
+            let _ = writeln!(
+                s,
+                "    {:<48} {:>8} wg  {:>10.4} ms  read {:>9.3} MB  written {:>9.3} MB",
+                d.label,
+                d.workgroups,
+                d.ms,
+                d.bytes_read as f64 / 1e6,
+                d.bytes_written as f64 / 1e6
+            );
+        }
+    }
     s
 }
 
@@ -93,6 +124,9 @@ pub fn table(rows: &[Row]) -> String {
         "copy GB/s",
         "gpu/copy",
         "max err",
+        "disp",
+        "bound/floor",
+        "rec us",
         "status",
     ];
     let cells: Vec<Vec<String>> = rows
@@ -112,6 +146,9 @@ pub fn table(rows: &[Row]) -> String {
                 fixed(r.copy_gbs, 2),
                 fixed(r.gpu_over_copy, 2),
                 sci(r.max_err),
+                r.dispatches.map_or("-".into(), |d| d.to_string()),
+                fixed(r.bound_over_floor, 2),
+                fixed(r.record_us, 0),
                 r.status.clone(),
             ]
         })
@@ -123,7 +160,7 @@ pub fn table(rows: &[Row]) -> String {
         }
     }
     // Text columns left-aligned, numbers right-aligned; the status runs free.
-    let left = [0, 1, 2, 6, 13];
+    let left = [0, 1, 2, 6, 16];
     let fmt_line = |line: &[String]| {
         let mut s = String::new();
         for (i, (cell, w)) in line.iter().zip(&widths).enumerate() {
@@ -169,7 +206,8 @@ fn opt(v: Option<f64>) -> String {
 pub fn csv(rows: &[Row]) -> String {
     let mut out = String::from(
         "shape,layout,op,numel,floor_bytes,reps,input_copies,cpu_ms,cpu_gbs,gpu_ms,gpu_clock,\
-         gpu_wall_ms,gpu_timestamp_ms,gpu_gbs,copy_ms,copy_gbs,gpu_over_copy,speedup,max_err,status\n",
+         gpu_wall_ms,gpu_timestamp_ms,gpu_gbs,copy_ms,copy_gbs,gpu_over_copy,speedup,max_err,status,\
+         dispatches,bytes_bound,bound_over_floor,record_us\n",
     );
     for r in rows {
         let fields = [
@@ -193,6 +231,10 @@ pub fn csv(rows: &[Row]) -> String {
             opt(r.speedup),
             opt(r.max_err),
             r.status.clone(),
+            r.dispatches.map_or_else(String::new, |d| d.to_string()),
+            r.bytes_bound.map_or_else(String::new, |b| b.to_string()),
+            opt(r.bound_over_floor),
+            opt(r.record_us),
         ];
         let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
         out.push_str(&line.join(","));
@@ -228,7 +270,7 @@ mod tests {
         let text = csv(&[row]);
         let line = text.lines().nth(1).unwrap();
         assert!(line.starts_with("4x8,cf=cl,backward,32,640,3,2,1.5,,"));
-        assert!(line.ends_with(",\"ERROR: a, \"\"b\"\"\""));
+        assert!(line.ends_with(",\"ERROR: a, \"\"b\"\"\",,,,"));
         assert_eq!(
             text.lines().next().unwrap().split(',').count(),
             line.split(',').count() - 1

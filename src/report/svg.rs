@@ -247,6 +247,7 @@ mod tests {
             tolerance: 1e-4,
             floor_bytes: String::new(),
             command: String::new(),
+            context_ms: 0.0,
         }
     }
 

@@ -243,6 +243,74 @@ impl GpuTimer {
     }
 
     /// Runs `record` once (submits and waits), e.g. to produce results to check.
+    /// Times each dispatch of `plan` alone: every repetition records the dispatches
+    /// in order, each in a compute pass of its own with timestamp writes, in one
+    /// submission. Median GPU ms per dispatch; `None` without timestamp queries.
+    pub fn time_dispatches(
+        &self,
+        reps: usize,
+        plan: &wgpu_batchnorm::Plan<'_>,
+    ) -> BoxResult<Option<Vec<f64>>> {
+        let n = plan.len();
+        if self.queries.is_none() || n == 0 {
+            return Ok(None);
+        }
+        let device = self.ctx.device();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let count = 2 * n as u32;
+        let query_set = device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench.dispatch_timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let stride = (8 * u64::from(count)).next_multiple_of(RESOLVE_STRIDE);
+        let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench.dispatch_timestamps.resolve"),
+            size: stride * reps.max(1) as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        for i in 0..WARMUP + reps {
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("bench.detail"),
+            });
+            for k in 0..n as u32 {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("bench.detail"),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &query_set,
+                        beginning_of_pass_write_index: Some(2 * k),
+                        end_of_pass_write_index: Some(2 * k + 1),
+                    }),
+                });
+                plan.record_dispatch(k as usize, &mut pass);
+            }
+            if i >= WARMUP {
+                let offset = stride * (i - WARMUP) as u64;
+                encoder.resolve_query_set(&query_set, 0..count, &resolve, offset);
+            }
+            self.ctx.submit_and_wait(encoder)?;
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(format!("GPU validation error: {e}").into());
+        }
+        let words = (stride / 8) as usize;
+        let ticks: Vec<u64> = self.ctx.read_buffer(&resolve, words * reps)?;
+        let per_dispatch = (0..n)
+            .map(|k| {
+                let samples: Vec<f64> = (0..reps)
+                    .map(|r| {
+                        let (begin, end) = (ticks[r * words + 2 * k], ticks[r * words + 2 * k + 1]);
+                        end.checked_sub(begin)
+                            .map_or(f64::NAN, |d| d as f64 * self.period_ns * 1e-6)
+                    })
+                    .collect();
+                median(&samples)
+            })
+            .collect();
+        Ok(Some(per_dispatch))
+    }
+
     pub fn run_once(
         &self,
         record: impl FnOnce(&mut wgpu::ComputePass<'_>) -> wgpu_batchnorm::Result<()>,

@@ -1,0 +1,139 @@
+//! Plans (`BatchNorm::plan_*`): what an operation dispatches and binds, recorded
+//! whole or one dispatch per compute pass with the same bits, and nothing run until
+//! recorded and submitted.
+
+mod common;
+mod gpu_support;
+
+use common::{normal, rng};
+use gpu_support::{random_state, tunings};
+use wgpu_batchnorm::{
+    BatchNorm, BatchNormConfig, GpuContext, GradBuffers, Layout, Plan, SavedStats, Shape,
+};
+
+/// Runs the forward-train, eval and backward plans of `bn` on `x`/`dy`, each
+/// recorded by `record`, and returns y (train), y (eval), dx, dgamma, dbeta.
+fn run(
+    ctx: &GpuContext,
+    bn: &mut BatchNorm,
+    shape: &Shape,
+    x: &[f32],
+    dy: &[f32],
+    record: impl Fn(&Plan<'_>, &mut wgpu::CommandEncoder),
+) -> Vec<Vec<f32>> {
+    let (n, c) = (shape.numel(), shape.c());
+    let xb = ctx.upload("x", x).unwrap();
+    let dyb = ctx.upload("dy", dy).unwrap();
+    let buffer = |len: usize| ctx.storage_buffer("out", 4 * len as u64).unwrap();
+    let (y, y_eval, dx, dg, db) = (buffer(n), buffer(n), buffer(n), buffer(c), buffer(c));
+    let saved = SavedStats::new(ctx, c).unwrap();
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    record(
+        &bn.plan_forward_train(shape, &xb, &y, &saved).unwrap(),
+        &mut enc,
+    );
+    let grads = GradBuffers::new().dx(&dx).dgamma(&dg).dbeta(&db);
+    record(
+        &bn.plan_backward(shape, &xb, &dyb, Some(&saved), grads)
+            .unwrap(),
+        &mut enc,
+    );
+    record(
+        &bn.plan_forward_eval(shape, &xb, &y_eval, None).unwrap(),
+        &mut enc,
+    );
+    ctx.submit_and_wait(enc).unwrap();
+    let read = |b: &wgpu::Buffer, len| ctx.read_buffer::<f32>(b, len).unwrap();
+    vec![
+        read(&y, n),
+        read(&y_eval, n),
+        read(&dx, n),
+        read(&dg, c),
+        read(&db, c),
+    ]
+}
+
+#[test]
+fn dispatch_by_dispatch_gives_the_same_bits_as_whole_plans() {
+    let mut rng = rng("dispatch_by_dispatch_gives_the_same_bits_as_whole_plans");
+    for (tuning, ctx) in tunings() {
+        for (dims, layout) in [
+            (&[4, 6, 5, 5][..], Layout::ChannelsFirst),
+            (&[16, 8, 30, 30][..], Layout::ChannelsLast),
+            (&[300, 32][..], Layout::ChannelsLast),
+        ] {
+            let shape = Shape::new(dims, layout).unwrap();
+            let config = BatchNormConfig::new(shape.c());
+            let state = random_state(&mut rng, &config);
+            let x = normal(&mut rng, &shape, 1.0, 2.0);
+            let dy = normal(&mut rng, &shape, 0.0, 1.0);
+            let layer = || BatchNorm::with_state(&ctx, config.clone(), &state).unwrap();
+            let whole = run(&ctx, &mut layer(), &shape, &x, &dy, |plan, enc| {
+                plan.record_into(enc)
+            });
+            let split = run(&ctx, &mut layer(), &shape, &x, &dy, |plan, enc| {
+                for i in 0..plan.len() {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    plan.record_dispatch(i, &mut pass);
+                }
+            });
+            let bits = |v: &[Vec<f32>]| {
+                v.iter()
+                    .map(|o| o.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&whole), bits(&split), "{tuning}: {dims:?} {layout:?}");
+        }
+    }
+}
+
+#[test]
+fn plans_say_what_they_dispatch_and_run_nothing_until_recorded() {
+    let ctx = gpu_support::ctx();
+    let shape = Shape::channels_first(&[8, 16, 12, 12]).unwrap();
+    let (n, c) = (shape.numel(), shape.c());
+    let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(c)).unwrap();
+    let before = bn.state().unwrap();
+    let x = ctx.upload("x", &vec![1.5f32; n]).unwrap();
+    let y = ctx.storage_buffer("y", shape.bytes()).unwrap();
+    let saved = SavedStats::new(ctx, c).unwrap();
+    let tensor = shape.bytes();
+
+    let plan = bn.plan_forward_train(&shape, &x, &y, &saved).unwrap();
+    let info = plan.dispatches();
+    assert_eq!(info.len(), plan.len());
+    assert!((1..=3).contains(&plan.len()), "{info:?}");
+    assert!(
+        info.iter()
+            .all(|d| d.label.starts_with("bn.") && d.workgroups > 0),
+        "{info:?}"
+    );
+    // x read at least once, y written once.
+    assert!(
+        info.iter().map(|d| d.bytes_read).sum::<u64>() >= tensor,
+        "{info:?}"
+    );
+    assert!(
+        info.iter().map(|d| d.bytes_written).sum::<u64>() >= tensor,
+        "{info:?}"
+    );
+    drop(plan);
+    // Planned, never recorded: nothing changed.
+    assert_eq!(bn.state().unwrap(), before);
+
+    // A backward asked for nothing dispatches nothing.
+    let plan = bn
+        .plan_backward(&shape, &x, &x, Some(&saved), GradBuffers::new())
+        .unwrap();
+    assert!(plan.is_empty());
+    // Eval with the running statistics: the normalize (after a fold of the running
+    // statistics into coefficients, for larger tensors) reads x and writes y.
+    let plan = bn.plan_forward_eval(&shape, &x, &y, None).unwrap();
+    let info = plan.dispatches();
+    assert!((1..=2).contains(&info.len()), "{info:?}");
+    let last = info.last().unwrap();
+    assert!(
+        last.bytes_read >= tensor && last.bytes_written >= tensor,
+        "{info:?}"
+    );
+}
