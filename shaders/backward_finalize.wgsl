@@ -1,8 +1,8 @@
 // Backward, second stage: per-channel dgamma, dbeta and the coefficients of the dx
 // pass (backward_dx.wgsl): dx = k_dy * dy + k_x * (x - hi) + k_c.
 //
-// One invocation per channel. Merges the channel's partials from
-// backward_reduce.wgsl in index order, then, with xhat = (x - hi - lo) * invstd:
+// MERGE_LANES invocations per channel add the channel's partials from
+// backward_reduce.wgsl in a fixed order; then, with xhat = (x - hi - lo) * invstd:
 //   dbeta  = sum dy
 //   dgamma = sum dy * xhat = invstd * (sum dy * (x - hi) - lo * sum dy)
 // Batch statistics (BACKWARD_BATCH_STATS):
@@ -42,18 +42,39 @@ fn store(c: u32, v: f32, which: u32) {
     }
 }
 
+var<workgroup> sh_sum: array<vec2<f32>, WG>;
+
+// MERGE_LANES invocations per channel (WG / MERGE_LANES channels per workgroup):
+// lane l sums the channel's partials s = l, l + MERGE_LANES, ... (consecutive in
+// memory) in order, then the lanes' sums are added in a fixed tree.
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32,
         @builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = invocation_linear(lid, wid, nwg);
-    if c >= p.channels {
-        return;
-    }
+    let c = workgroup_linear(wid, nwg) * (WG / MERGE_LANES) + lid / MERGE_LANES;
+    let lane = lid % MERGE_LANES;
     var sum = vec2<f32>(0.0);
-    for (var s = 0u; s < p.splits; s++) {
-        sum += partials[c * p.splits + s].xy;
+    if c < p.channels {
+        for (var s = lane; s < p.splits; s += MERGE_LANES) {
+            sum += partials[c * p.splits + s].xy;
+        }
     }
+    sh_sum[lid] = sum;
+    workgroupBarrier();
+    for (var half = MERGE_LANES / 2u; half > 0u; half /= 2u) {
+        if lane < half {
+            sh_sum[lid] += sh_sum[lid + half];
+        }
+        workgroupBarrier();
+    }
+    if lane == 0u && c < p.channels {
+        finish(c, sh_sum[lid]);
+    }
+}
+
+// dgamma, dbeta and the dx coefficients of channel c from its sums
+// (sum dy, sum dy * (x - hi)).
+fn finish(c: u32, sum: vec2<f32>) {
     let invstd = saved[p.padded + c];
     let hi = saved[2u * p.padded + c];
     let lo = saved[3u * p.padded + c];

@@ -1,16 +1,18 @@
 // Per-channel batch statistics, second stage, and the per-channel coefficients the
 // normalize pass (apply.wgsl) uses: y = (x - hi) * scale + shift.
 //
-// One invocation per channel.
-// `train`: merges the channel's partials from stats.wgsl in index order (Chan's
-//   formula), writes the saved statistics, the coefficients, and, when asked, the
-//   running statistics. The mean is kept as the pair hi + lo with hi = the pivot (a
+// `train`: merges the channel's partials from stats.wgsl (Chan's formula; a group
+//   of MERGE_LANES invocations per channel, in a fixed order), writes the saved
+//   statistics, the coefficients, and, when asked, the running statistics;
+//   `train_units` the same, one invocation per channel, for the rows view in
+//   16-element units. The mean is kept as the pair hi + lo with hi = the pivot (a
 //   data value) and lo = the Welford mean of x - pivot, both exact to f32: x - hi is
 //   exact for x near the mean, and lo is folded into `shift`. (A TwoSum split of
 //   the rounded mean would not survive: without NoContraction, drivers may
 //   simplify it algebraically to lo = 0.)
-// `eval`: folds the running statistics and gamma/beta into the coefficients, and
-//   writes the running statistics in the saved layout (for an eval-mode backward).
+// `eval` (one invocation per channel): folds the running statistics and gamma/beta
+//   into the coefficients, and writes the running statistics in the saved layout
+//   (for an eval-mode backward).
 //
 // Buffers hold per-channel vectors as segments `padded` (C rounded up to 4) apart:
 //   saved   = [mean | invstd | hi | lo]      coef = [hi | scale | shift]
@@ -42,39 +44,10 @@ fn scalar_state(v: vec4<f32>) -> Welford {
     return Welford(vec4<f32>(v.x, 0.0, 0.0, 0.0), vec4<f32>(v.y, 0.0, 0.0, 0.0), vec4<f32>(v.z, 0.0, 0.0, 0.0));
 }
 
-@compute @workgroup_size(WG)
-fn train(@builtin(local_invocation_index) lid: u32,
-         @builtin(workgroup_id) wid: vec3<u32>,
-         @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = invocation_linear(lid, wid, nwg);
-    if c >= p.channels {
-        return;
-    }
-    // The channel's partials: `splits` from partials[c * splits], or with unit_pairs
-    // (stats.wgsl's rows view in 16-element units, a channel every S = unit_pairs
-    // elements) `splits` from each unit u that holds some of its elements, at
-    // partials[(2u + k) * splits], k = 1 where u begins in the channel before.
-    var units = vec2<u32>(c, c);
-    var begin = 0u;
-    if p.unit_pairs != 0u {
-        begin = c * p.unit_pairs;
-        units = vec2<u32>(begin / ROW_UNIT, (begin + p.unit_pairs - 1u) / ROW_UNIT);
-    }
-    var acc = welford_empty();
-    var pivot = 0.0;
-    for (var u = units.x; u <= units.y; u++) {
-        var at = u * p.splits;
-        if p.unit_pairs != 0u {
-            at = (2u * u + u32(ROW_UNIT * u < begin)) * p.splits;
-        }
-        if u == units.x {
-            pivot = partials[at].w;
-        }
-        for (var s = 0u; s < p.splits; s++) {
-            acc = welford_merge(acc, scalar_state(partials[at + s]));
-        }
-    }
-    let b = batch_stats(p, pivot, acc.mean.x, acc.m2.x);
+// A channel's batch statistics from its merged state: saved statistics,
+// coefficients and, when asked, running statistics.
+fn finish_train(c: u32, pivot: f32, mean: f32, m2: f32) {
+    let b = batch_stats(p, pivot, mean, m2);
     saved[c] = b.hi + b.lo;
     saved[p.padded + c] = b.invstd;
     saved[2u * p.padded + c] = b.hi;
@@ -87,6 +60,71 @@ fn train(@builtin(local_invocation_index) lid: u32,
         running[c] = bitcast<u32>(r.x);
         running[p.padded + c] = bitcast<u32>(r.y);
     }
+}
+
+var<workgroup> sh_state: array<vec4<f32>, WG>;
+
+// MERGE_LANES invocations per channel (WG / MERGE_LANES channels per workgroup): a
+// channel's `splits` partials (partials[c * splits + s], the same pivot) are
+// consecutive, lane l merges those at s = l, l + MERGE_LANES, ... in order, and the
+// lanes' states are tree-merged in a fixed order (the same bits on every run).
+@compute @workgroup_size(WG)
+fn train(@builtin(local_invocation_index) lid: u32,
+         @builtin(workgroup_id) wid: vec3<u32>,
+         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = workgroup_linear(wid, nwg) * (WG / MERGE_LANES) + lid / MERGE_LANES;
+    let lane = lid % MERGE_LANES;
+    var acc = welford_empty();
+    var pivot = 0.0;
+    if c < p.channels {
+        let at = c * p.splits;
+        pivot = partials[at].w;
+        for (var s = lane; s < p.splits; s += MERGE_LANES) {
+            acc = welford_merge(acc, scalar_state(partials[at + s]));
+        }
+    }
+    sh_state[lid] = vec4<f32>(acc.n.x, acc.mean.x, acc.m2.x, 0.0);
+    workgroupBarrier();
+    for (var half = MERGE_LANES / 2u; half > 0u; half /= 2u) {
+        if lane < half {
+            let r = welford_merge(scalar_state(sh_state[lid]), scalar_state(sh_state[lid + half]));
+            sh_state[lid] = vec4<f32>(r.n.x, r.mean.x, r.m2.x, 0.0);
+        }
+        workgroupBarrier();
+    }
+    if lane == 0u && c < p.channels {
+        let r = sh_state[lid];
+        finish_train(c, pivot, r.y, r.z);
+    }
+}
+
+// The statistics' rows view in 16-element units (CPU adapters): one invocation
+// per channel finds its partials by unit. With unit_pairs (a channel every S =
+// unit_pairs elements) `splits` partials from each unit u that holds some of its
+// elements, at partials[(2u + k) * splits], k = 1 where u begins in the channel
+// before.
+@compute @workgroup_size(WG)
+fn train_units(@builtin(local_invocation_index) lid: u32,
+               @builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = invocation_linear(lid, wid, nwg);
+    if c >= p.channels {
+        return;
+    }
+    let begin = c * p.unit_pairs;
+    let units = vec2<u32>(begin / ROW_UNIT, (begin + p.unit_pairs - 1u) / ROW_UNIT);
+    var acc = welford_empty();
+    var pivot = 0.0;
+    for (var u = units.x; u <= units.y; u++) {
+        let at = (2u * u + u32(ROW_UNIT * u < begin)) * p.splits;
+        if u == units.x {
+            pivot = partials[at].w;
+        }
+        for (var s = 0u; s < p.splits; s++) {
+            acc = welford_merge(acc, scalar_state(partials[at + s]));
+        }
+    }
+    finish_train(c, pivot, acc.mean.x, acc.m2.x);
 }
 
 @compute @workgroup_size(WG)

@@ -755,6 +755,13 @@ impl BatchNorm {
         (self.config.num_features as u32).div_ceil(WORKGROUP_SIZE)
     }
 
+    /// Workgroups of a merge of partials: `common::MERGE_LANES` invocations per
+    /// channel.
+    fn merge_workgroups(&self) -> u32 {
+        let per_workgroup = WORKGROUP_SIZE / common::MERGE_LANES;
+        (self.config.num_features as u32).div_ceil(per_workgroup)
+    }
+
     /// The coefficients' bytes in their buffer (which is at least as long as the
     /// uniform window).
     fn coef_binding(&self) -> wgpu::BufferBinding<'_> {
@@ -868,7 +875,13 @@ impl BatchNorm {
             )
         };
         let fparams = kernels.uniform(device, &fp);
-        kernels.finalize.train.dispatch(
+        // The rows view in 16-element units finds a channel's partials by unit.
+        let (merge, groups) = if plan.unit_pairs() != 0 {
+            (&kernels.finalize.train_units, self.channel_workgroups())
+        } else {
+            (&kernels.finalize.train, self.merge_workgroups())
+        };
+        merge.dispatch(
             device,
             pass,
             &[
@@ -879,7 +892,7 @@ impl BatchNorm {
                 whole(&self.affine),
                 whole(&self.running),
             ],
-            self.channel_workgroups(),
+            groups,
         );
     }
 
@@ -1148,7 +1161,7 @@ impl BatchNorm {
                 dgamma.binding(c_bytes),
                 dbeta.binding(c_bytes),
             ],
-            self.channel_workgroups(),
+            self.merge_workgroups(),
         );
         if let Some(dx) = grads.dx {
             let ep = self.elementwise_walk(shape);

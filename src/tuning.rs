@@ -103,7 +103,10 @@ impl Tuning {
             reduce: cut,
             elementwise: cut,
             fused_forward_max_elements: 1 << 20,
-            fused_eval_max_elements: 1 << 20,
+            // An eval forward is one dispatch at any size: each invocation folds its
+            // channels' running statistics (a square root per walk, not per element)
+            // instead of waiting for a dispatch that does.
+            fused_eval_max_elements: u64::MAX,
         }
     }
 

@@ -143,6 +143,27 @@ const STATS_ROWS_MIN_BATCH: u32 = 16;
 /// (4x2048x5x5 0.59 → 0.56, 2x2048x7x7 0.56 → 0.44).
 const STATS_ROWS16_MIN_BATCH: u32 = 8;
 
+/// Most partial results a reduction writes per channel (its splits; in the rows
+/// view, splits times positions): finalize.wgsl and backward_finalize.wgsl merge a
+/// channel's partials with [`MERGE_LANES`] invocations, so no invocation walks more
+/// than `MAX_PARTIALS / MERGE_LANES` of them, and the partials stay a small
+/// fraction of the tensor (PyTorch's channels-last reductions cap their blocks per
+/// channel at 128 likewise). Past this, more splits would only add merge work: a
+/// launch has parallelism enough from the channels and the 256 invocations per
+/// workgroup.
+pub(crate) const MAX_PARTIALS: u32 = 128;
+
+/// Fewest elements of a channel a reduction's split covers: a partial (16 bytes,
+/// written and read back) then costs at most an eighth of the 256 bytes of the
+/// channel it sums, about 4% of a training forward's floor bytes (3 streams) and 2.5%
+/// of a backward's (5).
+pub(crate) const SPLIT_MIN_ELEMENTS: u32 = 64;
+
+/// Invocations that merge one channel's partials (`MERGE_LANES` in WGSL): a GPU's
+/// SIMD group, so that a channel's partials, consecutive in memory, are read in one
+/// coalesced load per lane step.
+pub(crate) const MERGE_LANES: u32 = 32;
+
 /// Elements per unit of the rows view's 16-element walks
 /// ([`Variant::ChannelsFirstRowsVec16`]; `ROW_UNIT` in WGSL, where finalize.wgsl
 /// finds the statistics' partials by unit).
@@ -189,18 +210,35 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
             let units = Units::rows(c * s / 4, n, 4).channel_every(s);
             (Variant::ChannelsFirstRowsVec4, units)
         };
-        let params = plan_units(units, padded, tuning);
+        // Partials per channel and split: its positions, or the units it spans.
+        let per_split = match variant {
+            Variant::ChannelsFirstRowsVec16 => s.div_ceil(ROW_UNIT) + 1,
+            _ => s,
+        };
+        let mut params = plan_units(units, padded, tuning);
+        cap_splits(
+            &mut params,
+            (MAX_PARTIALS / per_split).min(n * s / SPLIT_MIN_ELEMENTS),
+        );
         let min_batch = match variant {
             Variant::ChannelsFirstRowsVec16 => STATS_ROWS16_MIN_BATCH,
             _ => STATS_ROWS_MIN_BATCH,
         };
-        if n >= min_batch * params.splits {
+        if per_split <= MAX_PARTIALS && n >= min_batch * params.splits {
             return WalkPlan { params, variant };
         }
     }
     let wide = |row_elements: u32| 4 * u64::from(row_elements) <= u64::from(tuning.max_wide_row);
+    let reduction = pass != Pass::Elementwise;
+    let cut = |units: Units| {
+        let mut params = plan_units(units, padded, tuning);
+        if reduction {
+            cap_splits(&mut params, MAX_PARTIALS.min(n * s / SPLIT_MIN_ELEMENTS));
+        }
+        params
+    };
     if channels_last && c % 16 == 0 && wide(c) && pass != Pass::FusedForward {
-        let params = plan_units(Units::rows(c / 16, n * s, 16), padded, tuning);
+        let params = cut(Units::rows(c / 16, n * s, 16));
         let walk_vec4s = 4 * params.chunk.div_ceil(WORKGROUP_SIZE / params.tile);
         if pass == Pass::Elementwise || walk_vec4s >= WIDE_REDUCTION_MIN_WALK {
             return WalkPlan {
@@ -233,9 +271,22 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
         (Variant::ChannelsFirstQuad, Units::quads(c, s, n))
     };
     WalkPlan {
-        params: plan_units(units, padded, tuning),
+        params: cut(units),
         variant,
     }
+}
+
+/// Fewer, longer splits where a walk has more than `max` (at least 1).
+fn cap_splits(params: &mut WalkParams, max: u32) {
+    let max = max.max(1);
+    if params.splits <= max {
+        return;
+    }
+    let rows_per_step = WORKGROUP_SIZE / params.tile;
+    let chunk = params.per_channel.div_ceil(max);
+    params.chunk = chunk;
+    params.splits = params.per_channel.div_ceil(chunk);
+    params.block_len = chunk.div_ceil(rows_per_step / params.block);
 }
 
 /// Whether an elementwise pass walks channels-first runs of `len` vec4s flat: on CPU
@@ -602,5 +653,72 @@ impl WalkKernels {
                 .as_ref()
                 .expect("plan() gives rows of vec16 to elementwise passes and statistics only"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Shape, Tuning};
+
+    /// Partials a channel's merge reads: its splits (times positions in the rows
+    /// view), or in 16-element units the units it spans times the splits.
+    fn merged_per_channel(plan: &WalkPlan, s: u32) -> u32 {
+        match plan.unit_pairs() {
+            0 => plan.partials_per_channel(),
+            _ => (s.div_ceil(ROW_UNIT) + 1) * plan.params.splits,
+        }
+    }
+
+    #[test]
+    fn reductions_write_at_most_max_partials_per_channel_and_few_bytes() {
+        let finest = Cut {
+            target_workgroups: 4096,
+            min_units: 1,
+            lane_block: 4,
+            max_row_tile: 4,
+            runs_min_units: 0,
+            max_wide_row: u32::MAX,
+            wide_min_units: 1,
+            min_row_span: 0,
+            min_workgroups: 0,
+        };
+        let mut most = 0;
+        for cut in [Tuning::gpu().reduce, Tuning::cpu(8).reduce, finest] {
+            for dims in [
+                &[256, 1024][..],
+                &[4096, 256],
+                &[1 << 16, 3],
+                &[32, 64, 112, 112],
+                &[32, 2048, 7, 7],
+                &[256, 16, 15],
+                &[16, 8, 30, 30],
+                &[2, 4, 5],
+                &[4096, 4, 11, 13],
+            ] {
+                for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+                    let shape = Shape::new(dims, layout).unwrap();
+                    let padded = (shape.c() as u32).next_multiple_of(4);
+                    let s = shape.spatial_size() as u32;
+                    for pass in [Pass::Statistics, Pass::Sums] {
+                        let plan = plan(&shape, padded, cut, pass);
+                        let per_channel = merged_per_channel(&plan, s);
+                        most = most.max(per_channel);
+                        assert!(
+                            per_channel <= MAX_PARTIALS,
+                            "{dims:?} {layout:?} {pass:?} {cut:?}: {per_channel} partials a channel"
+                        );
+                        let partial_bytes = 16 * plan.partial_count(shape.c());
+                        assert!(
+                            8 * partial_bytes <= shape.bytes().max(16 * 1024),
+                            "{dims:?} {layout:?} {pass:?}: {partial_bytes} bytes of partials"
+                        );
+                    }
+                }
+            }
+        }
+        // The merges run with more partials than lanes somewhere (each lane then
+        // merges several), so the GPU tests' tunings reach that path.
+        assert!(most > MERGE_LANES, "{most}");
     }
 }

@@ -28,9 +28,10 @@ pub(crate) const UPDATE_RUNNING: u32 = 2;
 pub(crate) const CUMULATIVE: u32 = 4;
 pub(crate) const UNBIASED: u32 = 8;
 
-/// The `train` and `eval` entry points.
+/// The `train`, `train_units` and `eval` entry points.
 pub(crate) struct FinalizeKernels {
     pub train: Kernel,
+    pub train_units: Kernel,
     pub eval: Kernel,
 }
 
@@ -48,6 +49,7 @@ impl FinalizeKernels {
     pub(crate) fn new(module: &Arc<Module>) -> Self {
         Self {
             train: Kernel::new(module, "bn.finalize.train", "train", BINDINGS),
+            train_units: Kernel::new(module, "bn.finalize.train_units", "train_units", BINDINGS),
             eval: Kernel::new(module, "bn.finalize.eval", "eval", BINDINGS),
         }
     }
