@@ -44,6 +44,11 @@ pub struct Cut {
     /// workgroups (where the tensor has the rows for them, and `target_workgroups`
     /// asks for as many); on a CPU adapter, enough to keep its threads busy.
     pub min_workgroups: u32,
+    /// Reductions keep each channel in one workgroup (no splits, so no partial
+    /// results: the statistics finalize in place or fuse with the normalize) while
+    /// a channel has at most this many elements and the launch still has
+    /// `min_workgroups` workgroups; 0 for never.
+    pub whole_channel_elements: u32,
 }
 
 /// The launch geometry of the kernels: one [`Cut`] for the reductions (batch
@@ -83,10 +88,14 @@ pub struct Tuning {
 
 impl Tuning {
     /// For a GPU: many workgroups in flight (about 2048 per launch), at least 8
-    /// units per invocation, each step of a workgroup on one contiguous row; one
-    /// fused dispatch for forwards (training and eval) of up to 2^20 elements (4 MiB,
-    /// about where the traffic of a memory-bound pass on a current GPU takes as long
-    /// as launching one).
+    /// units per invocation, each step of a workgroup on one contiguous row. The
+    /// reductions keep channels of up to 32768 elements (128 KiB) whole in a
+    /// workgroup where that still launches 256 workgroups (two per SM of a large
+    /// GPU): then a training forward of up to 2^23 elements (32 MiB, within a large
+    /// GPU's L2 cache, where the fused kernel's second read of its channels finds
+    /// them) is one fused dispatch, and a larger one two (the statistics finalized
+    /// in place, then normalize). Eval forwards are one dispatch at any size. These
+    /// thresholds follow from cache and SM counts, not from timings.
     pub fn gpu() -> Self {
         let cut = Cut {
             target_workgroups: 2048,
@@ -98,11 +107,16 @@ impl Tuning {
             wide_min_units: 8,
             min_row_span: 0,
             min_workgroups: 1,
+            whole_channel_elements: 0,
         };
         Self {
-            reduce: cut,
+            reduce: Cut {
+                whole_channel_elements: 32768,
+                min_workgroups: 256,
+                ..cut
+            },
             elementwise: cut,
-            fused_forward_max_elements: 1 << 20,
+            fused_forward_max_elements: 1 << 23,
             // An eval forward is one dispatch at any size: each invocation folds its
             // channels' running statistics (a square root per walk, not per element)
             // instead of waiting for a dispatch that does.
@@ -153,6 +167,7 @@ impl Tuning {
                 wide_min_units: 2048,
                 min_row_span: 0,
                 min_workgroups: threads,
+                whole_channel_elements: 0,
             },
             elementwise: Cut {
                 target_workgroups: 1024,
@@ -164,6 +179,7 @@ impl Tuning {
                 wide_min_units: 32,
                 min_row_span: 32 << 10,
                 min_workgroups: 4 * threads,
+                whole_channel_elements: 0,
             },
             fused_forward_max_elements: 1 << 16,
             fused_eval_max_elements: 1 << 19,

@@ -477,3 +477,34 @@ fn state_round_trips_through_the_gpu() {
         assert_eq!(bn.state().unwrap(), state, "{}", describe(&config));
     }
 }
+
+/// The GPU cut keeps whole channels in a workgroup where a channel is small and
+/// the channels alone launch enough workgroups (ResNet-50's last stages): the
+/// training forward is then one dispatch (fused), or two (statistics finalized in
+/// place, then normalize) past its size limit, and matches the reference.
+#[test]
+fn the_gpu_cut_keeps_small_channels_whole() {
+    let mut rng = rng("the_gpu_cut_keeps_small_channels_whole");
+    let gpu = ctx().with_tuning(Tuning::gpu());
+    let unfused = ctx().with_tuning(Tuning {
+        fused_forward_max_elements: 0,
+        ..Tuning::gpu()
+    });
+    for (dims, tuning, dispatches) in [
+        (&[32usize, 2048, 7, 7][..], &gpu, 1),
+        (&[32, 2048, 7, 7][..], &unfused, 2),
+    ] {
+        let shape = Shape::channels_first(dims).unwrap();
+        let config = BatchNormConfig::new(shape.c());
+        let (mut bn, mut cpu) = layer_pair_on(tuning, &mut rng, &config);
+        let x = normal(&mut rng, &shape, 2.0, 0.5);
+        let xb = tuning.upload("x", &x).unwrap();
+        let y = tuning.storage_buffer("y", shape.bytes()).unwrap();
+        let saved = SavedStats::new(tuning, shape.c()).unwrap();
+        let plan = bn.plan_forward_train(&shape, &xb, &y, &saved).unwrap();
+        assert_eq!(plan.len(), dispatches, "{dims:?}: {:?}", plan.dispatches());
+        drop(plan);
+        let e = check_train_eval(&mut bn, &mut cpu, &shape, &[x], TOL, &format!("{dims:?}"));
+        println!("{dims:?}: largest error {e:.3e}");
+    }
+}

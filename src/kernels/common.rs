@@ -202,7 +202,12 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
     let odd_runs = !channels_last && s % 4 != 0;
     let rows_vec16 = s >= ROWS_VEC16_MIN_RUN && (c * s) % ROW_UNIT == 0;
-    if odd_runs && pass == Pass::Statistics && (c * s) % 4 == 0 {
+    // Where the cut keeps channels whole, the quads' walk needs no partials (its
+    // statistics finalize in place or fuse with the normalize): the rows view, which
+    // writes partials per element position, is for walks that split.
+    let quads_whole = tuning.whole_channel_elements > 0
+        && plan_units(Units::quads(c, s, n), padded, tuning).splits == 1;
+    if odd_runs && pass == Pass::Statistics && (c * s) % 4 == 0 && !quads_whole {
         let (variant, units) = if rows_vec16 && tuning.max_wide_row > 0 {
             let units = Units::rows(c * s / ROW_UNIT, n, ROW_UNIT).channel_every(s);
             (Variant::ChannelsFirstRowsVec16, units)
@@ -482,10 +487,17 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     } else {
         max_splits
     };
-    let splits = tuning
-        .target_workgroups
-        .div_ceil(tiles)
-        .clamp(1, max_splits);
+    let whole_channels = u64::from(per_channel) * u64::from(elements)
+        <= u64::from(tuning.whole_channel_elements)
+        && tiles >= tuning.min_workgroups.max(1);
+    let splits = if whole_channels {
+        1
+    } else {
+        tuning
+            .target_workgroups
+            .div_ceil(tiles)
+            .clamp(1, max_splits)
+    };
     let chunk = per_channel.div_ceil(splits).max(1);
     let splits = per_channel.div_ceil(chunk).max(1);
     // A SIMD batch of `lane_block` consecutive invocations spans that many rows of
@@ -682,6 +694,7 @@ mod tests {
             wide_min_units: 1,
             min_row_span: 0,
             min_workgroups: 0,
+            whole_channel_elements: 0,
         };
         let mut most = 0;
         for cut in [Tuning::gpu().reduce, Tuning::cpu(8).reduce, finest] {

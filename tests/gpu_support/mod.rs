@@ -80,6 +80,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         wide_min_units: 1,
         min_row_span: 0,
         min_workgroups: 0,
+        whole_channel_elements: 0,
     };
     // Values the walk cannot use as they are (zero, not powers of two): rounded.
     let odd = Cut {
@@ -92,6 +93,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
         wide_min_units: 3000,
         min_row_span: 1000,
         min_workgroups: 3,
+        whole_channel_elements: 100,
     };
     let wide_reductions = Cut {
         target_workgroups: 2,
