@@ -14,17 +14,6 @@
 // Reads partials, saved = [mean | invstd | hi | lo], affine = [gamma | beta];
 // writes coef = [hi | k_dy | k_x | k_c] (segments `padded` apart), dgamma, dbeta.
 
-struct BackwardFinalizeParams {
-    channels: u32,
-    splits: u32,   // 0 when the sums were not needed (running statistics, dx only)
-    padded: u32,
-    flags: u32,    // BACKWARD_* bits (constants from the host)
-    count: f32,    // m
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(0) var<uniform> p: BackwardFinalizeParams;
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> saved: array<f32>;
@@ -32,15 +21,6 @@ struct BackwardFinalizeParams {
 @group(0) @binding(4) var<storage, read_write> coef: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dbeta: array<f32>;
-
-fn store(c: u32, v: f32, which: u32) {
-    let acc = (p.flags & BACKWARD_ACCUMULATE) != 0u;
-    if which == BACKWARD_WANT_DGAMMA {
-        dgamma[c] = select(v, dgamma[c] + v, acc);
-    } else {
-        dbeta[c] = select(v, dbeta[c] + v, acc);
-    }
-}
 
 var<workgroup> sh_sum: array<vec2<f32>, WG>;
 
@@ -75,32 +55,21 @@ fn main(@builtin(local_invocation_index) lid: u32,
 // dgamma, dbeta and the dx coefficients of channel c from its sums
 // (sum dy, sum dy * (x - hi)).
 fn finish(c: u32, sum: vec2<f32>) {
-    let invstd = saved[p.padded + c];
-    let hi = saved[2u * p.padded + c];
-    let lo = saved[3u * p.padded + c];
-    let sum_dy = sum.x;
-    let sum_dyx = invstd * (sum.y - lo * sum_dy);
+    let b = backward_channel(p, sum, saved[p.padded + c], saved[3u * p.padded + c], affine[c]);
+    write_grads(c, b);
+    coef[c] = saved[2u * p.padded + c];
+    coef[p.padded + c] = b.k.x;
+    coef[2u * p.padded + c] = b.k.y;
+    coef[3u * p.padded + c] = b.k.z;
+}
 
+// dgamma and dbeta where asked, added to the buffers' contents when accumulating.
+fn write_grads(c: u32, b: BackwardChannel) {
+    let acc = (p.flags & BACKWARD_ACCUMULATE) != 0u;
     if (p.flags & BACKWARD_WANT_DGAMMA) != 0u {
-        store(c, sum_dyx, BACKWARD_WANT_DGAMMA);
+        dgamma[c] = select(b.dgamma, dgamma[c] + b.dgamma, acc);
     }
     if (p.flags & BACKWARD_WANT_DBETA) != 0u {
-        store(c, sum_dy, BACKWARD_WANT_DBETA);
+        dbeta[c] = select(b.dbeta, dbeta[c] + b.dbeta, acc);
     }
-
-    var gamma = 1.0;
-    if (p.flags & BACKWARD_AFFINE) != 0u {
-        gamma = affine[c];
-    }
-    let k_dy = gamma * invstd;
-    var k_x = 0.0;
-    var k_c = 0.0;
-    if (p.flags & BACKWARD_BATCH_STATS) != 0u {
-        k_x = -k_dy * invstd * sum_dyx / p.count;
-        k_c = k_dy * (lo * invstd * sum_dyx - sum_dy) / p.count;
-    }
-    coef[c] = hi;
-    coef[p.padded + c] = k_dy;
-    coef[2u * p.padded + c] = k_x;
-    coef[3u * p.padded + c] = k_c;
 }

@@ -169,7 +169,11 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let hi = hi_channel(walk_group(p, first));
+    finish_channel(t, first, loop_quad(first, hi_channel(walk_group(p, first))));
+}
+
+// The quad loop (channels-first runs with S % 4 != 0).
+fn loop_quad(first: Walk, hi: vec4<f32>) -> Sums {
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
@@ -181,7 +185,7 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
         let g = select(vec4<f32>(0.0), vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]), valid);
         acc = accumulate(acc, g, xv, hi);
     }
-    finish_channel(t, first, acc);
+    return acc;
 }
 
 // Channels 4v..4v+3 packed (channels-first, S % 4 != 0, C % 4 == 0): each element
@@ -254,7 +258,12 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let hi = hi_channel(walk_group(p, first));
+    // Lanes 1..3 hold zeros, so the lane sum is lane 0 exactly.
+    finish_channel(t, first, loop_scalar(first, hi_channel(walk_group(p, first))));
+}
+
+// The scalar loop (channels-last, C % 4 != 0): one element per step, in lane 0.
+fn loop_scalar(first: Walk, hi: vec4<f32>) -> Sums {
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     let step = row_step(p);
     var i = walk_index(p, first);
@@ -266,6 +275,151 @@ fn scalar(@builtin(local_invocation_index) t: u32,
         acc = accumulate(acc, vec4<f32>(dy[i], 0.0, 0.0, 0.0), xv, hi);
         i += step;
     }
-    // Lanes 1..3 hold zeros, so the lane sum is lane 0 exactly.
-    finish_channel(t, first, acc);
+    return acc;
+}
+
+// ----- fused backward -----------------------------------------------------------
+//
+// For launches whose workgroups each hold whole channels (splits == 1), built with
+// WITH_X: the sums as above, merged over the workgroup; row 0 of each channel unit
+// writes its channels' dgamma and dbeta (backward_finalize.wgsl's rules) and shares
+// the sums through workgroup memory; every invocation derives its channels' dx
+// coefficients from them and walks its units again to write dx. One dispatch
+// instead of three, and the second read of a workgroup's x and dy finds them in
+// cache when its channels are small.
+// Binds dx at binding 4 (the others' partials), then dgamma, dbeta, affine and the
+// backward_finalize parameters.
+
+@group(0) @binding(4) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dbeta: array<f32>;
+@group(0) @binding(7) var<storage, read> affine: array<f32>;
+@group(0) @binding(8) var<uniform> bp: BackwardFinalizeParams;
+
+// dx coefficients of four lanes: dx = k_dy * dy + k_x * (x - hi) + k_c.
+struct DxCoef {
+    hi: vec4<f32>,
+    k_dy: vec4<f32>,
+    k_x: vec4<f32>,
+    k_c: vec4<f32>,
+}
+
+fn dx_of(k: DxCoef, g: vec4<f32>, xv: vec4<f32>) -> vec4<f32> {
+    return k.k_dy * g + k.k_x * (xv - k.hi) + k.k_c;
+}
+
+// dgamma and dbeta where asked, added to the buffers' contents when accumulating.
+fn write_grads(c: u32, b: BackwardChannel) {
+    let acc = (bp.flags & BACKWARD_ACCUMULATE) != 0u;
+    if (bp.flags & BACKWARD_WANT_DGAMMA) != 0u {
+        dgamma[c] = select(b.dgamma, dgamma[c] + b.dgamma, acc);
+    }
+    if (bp.flags & BACKWARD_WANT_DBETA) != 0u {
+        dbeta[c] = select(b.dbeta, dbeta[c] + b.dbeta, acc);
+    }
+}
+
+fn channel_of(c: u32, sum: vec2<f32>) -> BackwardChannel {
+    return backward_channel(bp, sum, saved[bp.padded + c], saved[3u * bp.padded + c], affine[c]);
+}
+
+// Merges the workgroup's sums of each channel unit (`lanes` channels: 4 for the
+// channels-last vec4 units, else 1 whose vec4 lanes are summed), writes dgamma and
+// dbeta, and gives every invocation its unit's dx coefficients.
+fn fused_coef(t: u32, first: Walk, acc: Sums, lanes: u32) -> DxCoef {
+    var mine = acc;
+    if lanes == 1u {
+        mine = Sums(vec4<f32>(lane_sum(acc.dy), 0.0, 0.0, 0.0), vec4<f32>(lane_sum(acc.dyx), 0.0, 0.0, 0.0));
+    }
+    let r = reduce_rows(t, first.row, mine);
+    workgroupBarrier();
+    let slot = first.group % p.tile;
+    let live = first.group < p.groups;
+    if first.row == 0u && live {
+        sh_dy[slot] = r.dy;
+        sh_dyx[slot] = r.dyx;
+        for (var lane = 0u; lane < lanes; lane++) {
+            let c = lanes * first.group + lane;
+            write_grads(c, channel_of(c, vec2<f32>(r.dy[lane], r.dyx[lane])));
+        }
+    }
+    workgroupBarrier();
+    var k = DxCoef(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    if live {
+        let sums = Sums(sh_dy[slot], sh_dyx[slot]);
+        for (var lane = 0u; lane < lanes; lane++) {
+            let c = lanes * first.group + lane;
+            let b = channel_of(c, vec2<f32>(sums.dy[lane], sums.dyx[lane]));
+            k.hi[lane] = saved[2u * bp.padded + c];
+            k.k_dy[lane] = b.k.x;
+            k.k_x[lane] = b.k.y;
+            k.k_c[lane] = b.k.z;
+        }
+        if lanes == 1u {
+            k = DxCoef(vec4<f32>(k.hi.x), vec4<f32>(k.k_dy.x), vec4<f32>(k.k_x.x), vec4<f32>(k.k_c.x));
+        }
+    }
+    return k;
+}
+
+fn dx_vec4(first: Walk, k: DxCoef) {
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = walk_index(p, w);
+        dx4[i] = dx_of(k, dy4[i], x4[i]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn fused_channels_first_vec4(@builtin(local_invocation_index) t: u32,
+                             @builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let acc = loop_vec4(first, hi_channel(walk_group(p, first)));
+    dx_vec4(first, fused_coef(t, first, acc, 1u));
+}
+
+@compute @workgroup_size(WG)
+fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
+                             @builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let k = fused_coef(t, first, loop_quad(first, hi_channel(walk_group(p, first))), 1u);
+    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+        let i = quad_indices(p, w);
+        let v = dx_of(k, vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]),
+                      vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
+        // Past the run, indices repeat the last element and write its same value.
+        dx[i.x] = v.x;
+        dx[i.y] = v.y;
+        dx[i.z] = v.z;
+        dx[i.w] = v.w;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn fused_channels_last_vec4(@builtin(local_invocation_index) t: u32,
+                            @builtin(workgroup_id) wid: vec3<u32>,
+                            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    // The high parts through `saved` (an entry point may use only one of a
+    // binding's two views, and channel_of reads this one).
+    let h = 2u * p.padded + 4u * walk_group(p, first);
+    let hi = vec4<f32>(saved[h], saved[h + 1u], saved[h + 2u], saved[h + 3u]);
+    let acc = loop_vec4_rows(first, hi);
+    dx_vec4(first, fused_coef(t, first, acc, 4u));
+}
+
+@compute @workgroup_size(WG)
+fn fused_scalar(@builtin(local_invocation_index) t: u32,
+                @builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    let k = fused_coef(t, first, loop_scalar(first, hi_channel(walk_group(p, first))), 1u);
+    let step = row_step(p);
+    var i = walk_index(p, first);
+    for (var j = first.j; j < first.end; j += p.block) {
+        dx[i] = dx_of(k, vec4<f32>(dy[i]), vec4<f32>(x[i])).x;
+        i += step;
+    }
 }

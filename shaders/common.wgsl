@@ -339,3 +339,45 @@ fn running_after(fp: FinalizeParams, mean: f32, variance: f32, b: BatchStats, ba
     }
     return vec2<f32>((1.0 - f) * mean + f * (b.hi + b.lo), (1.0 - f) * variance + f * batch_var);
 }
+
+// How a channel's backward sums become dgamma, dbeta and the coefficients of dx
+// (backward_finalize.wgsl, and backward_reduce.wgsl's fused backward).
+struct BackwardFinalizeParams {
+    channels: u32,
+    splits: u32,   // 0 when the sums were not needed (running statistics, dx only)
+    padded: u32,
+    flags: u32,    // BACKWARD_* bits (constants from the host)
+    count: f32,    // m
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+// A channel's dgamma, dbeta and dx coefficients k = (k_dy, k_x, k_c) of
+// dx = k_dy * dy + k_x * (x - hi) + k_c.
+struct BackwardChannel {
+    dgamma: f32,
+    dbeta: f32,
+    k: vec3<f32>,
+}
+
+// From sum = (sum dy, sum dy * (x - hi)), the channel's invstd, the low part `lo` of
+// its mean and `gamma_or_any` (gamma; not read without BACKWARD_AFFINE). With
+// xhat = (x - hi - lo) * invstd:
+//   dbeta = sum dy, dgamma = invstd * (sum dy * (x - hi) - lo * sum dy);
+//   batch statistics: dx = gamma * invstd / m * (m dy - dbeta - xhat dgamma);
+//   running statistics: dx = gamma * invstd * dy.
+fn backward_channel(bp: BackwardFinalizeParams, sum: vec2<f32>, invstd: f32, lo: f32,
+                    gamma_or_any: f32) -> BackwardChannel {
+    let sum_dy = sum.x;
+    let sum_dyx = invstd * (sum.y - lo * sum_dy);
+    let gamma = select(1.0, gamma_or_any, (bp.flags & BACKWARD_AFFINE) != 0u);
+    let k_dy = gamma * invstd;
+    var k_x = 0.0;
+    var k_c = 0.0;
+    if (bp.flags & BACKWARD_BATCH_STATS) != 0u {
+        k_x = -k_dy * invstd * sum_dyx / bp.count;
+        k_c = k_dy * (lo * invstd * sum_dyx - sum_dy) / bp.count;
+    }
+    return BackwardChannel(sum_dyx, sum_dy, vec3<f32>(k_dy, k_x, k_c));
+}

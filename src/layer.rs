@@ -1103,24 +1103,6 @@ impl BatchNorm {
         let with_x = batch || want_dgamma;
         let partial_bytes = plan.partial_count(self.config.num_features).max(1) * 16;
         let partials = self.partials(plan.partial_count(self.config.num_features));
-        let kernels = self.ctx.kernels();
-        let device = self.ctx.device();
-        if need_sums {
-            let params = kernels.uniform(device, &plan.params);
-            let sums = kernels.backward_reduce.get(&[with_x]).get(plan.variant);
-            sums.dispatch(
-                device,
-                pass,
-                &[
-                    whole(&params),
-                    x.binding(shape.bytes()),
-                    dy.binding(shape.bytes()),
-                    whole(&stats_buffer),
-                    binding(&partials, partial_bytes),
-                ],
-                plan.workgroups(),
-            );
-        }
         let mut flags = 0;
         for (on, bit) in [
             (self.config.affine, backward_finalize::AFFINE),
@@ -1145,10 +1127,62 @@ impl BatchNorm {
             count: shape.per_channel() as f32,
             _pad: [0; 3],
         };
-        let fparams = kernels.uniform(device, &fp);
+        let kernels = self.ctx.kernels();
+        let device = self.ctx.device();
         let c_bytes = self.config.num_features as u64 * 4;
         let dgamma = grads.dgamma.unwrap_or((&self.scratch_grads[0]).into());
         let dbeta = grads.dbeta.unwrap_or((&self.scratch_grads[1]).into());
+        // With batch statistics and dx wanted, one dispatch where the walk gives
+        // every workgroup whole channels and the tensor is small enough (the same
+        // bound as the fused forward's).
+        let fusable = batch && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
+        let fused = grads
+            .dx
+            .filter(|_| fusable)
+            .and_then(|dx| Some((dx, kernels.backward_reduce.fused(&plan)?)))
+            .filter(|(_, kernel)| kernel.fits(device));
+        if let Some((dx, kernel)) = fused {
+            let params = kernels.uniform(device, &plan.params);
+            let fparams = kernels.uniform(device, &fp);
+            kernel.dispatch(
+                device,
+                pass,
+                &[
+                    whole(&params),
+                    x.binding(shape.bytes()),
+                    dy.binding(shape.bytes()),
+                    whole(&stats_buffer),
+                    dx.binding(shape.bytes()),
+                    dgamma.binding(c_bytes),
+                    dbeta.binding(c_bytes),
+                    whole(&self.affine),
+                    whole(&fparams),
+                ],
+                plan.workgroups(),
+            );
+            return;
+        }
+        if need_sums {
+            let params = kernels.uniform(device, &plan.params);
+            let sums = kernels
+                .backward_reduce
+                .sums
+                .get(&[with_x])
+                .get(plan.variant);
+            sums.dispatch(
+                device,
+                pass,
+                &[
+                    whole(&params),
+                    x.binding(shape.bytes()),
+                    dy.binding(shape.bytes()),
+                    whole(&stats_buffer),
+                    binding(&partials, partial_bytes),
+                ],
+                plan.workgroups(),
+            );
+        }
+        let fparams = kernels.uniform(device, &fp);
         kernels.backward_finalize.main.dispatch(
             device,
             pass,

@@ -1,9 +1,9 @@
 //! Host side of `shaders/backward_reduce.wgsl`: per-channel partial sums of the
 //! backward over common.rs' walk (split as the forward statistics are).
 
-use super::common::{Pass, SwitchedWalkKernels};
-use super::Access;
+use super::common::{Pass, SwitchedWalkKernels, Variant, WalkPlan};
 use super::Module;
+use super::{Access, Kernel};
 use std::sync::Arc;
 
 /// The `override` of backward_reduce.wgsl that builds the pipelines which also sum
@@ -19,15 +19,69 @@ const BINDINGS: &[Access] = &[
     Access::ReadWrite,
 ];
 
-/// The entry points of backward_reduce.wgsl, twice: `get(&[true])` also sums
-/// dy * (x - mean), `get(&[false])` sums dy only and does not read x.
-pub(crate) fn kernels(module: &Arc<Module>) -> SwitchedWalkKernels {
-    SwitchedWalkKernels::new(
-        module,
-        "bn.backward_reduce",
-        BINDINGS,
-        Pass::Sums,
-        &[WITH_X],
-        &[&[false], &[true]],
-    )
+/// The fused backward's: params, x, dy, saved, dx, dgamma, dbeta, affine, and
+/// backward_finalize's parameters.
+const FUSED_BINDINGS: &[Access] = &[
+    Access::Uniform,
+    Access::Read,
+    Access::Read,
+    Access::Read,
+    Access::ReadWrite,
+    Access::ReadWrite,
+    Access::ReadWrite,
+    Access::Read,
+    Access::Uniform,
+];
+
+/// The walks the fused backward has (those of the fused forward).
+const FUSED: &[(Variant, &str)] = &[
+    (Variant::ChannelsFirstVec4, "fused_channels_first_vec4"),
+    (Variant::ChannelsFirstQuad, "fused_channels_first_quad"),
+    (Variant::ChannelsLastVec4, "fused_channels_last_vec4"),
+    (Variant::Scalar, "fused_scalar"),
+];
+
+/// The pipelines of backward_reduce.wgsl.
+pub(crate) struct BackwardReduceKernels {
+    /// Its walks, twice: `get(&[true])` also sums dy * (x - mean), `get(&[false])`
+    /// sums dy only and does not read x.
+    pub sums: SwitchedWalkKernels,
+    /// The fused backward (with batch statistics), one per walk it has.
+    fused: Vec<(Variant, Kernel)>,
+}
+
+impl BackwardReduceKernels {
+    pub(crate) fn new(module: &Arc<Module>) -> Self {
+        let fused = FUSED
+            .iter()
+            .map(|&(variant, entry)| {
+                let label = format!("bn.backward_reduce.{entry}");
+                let kernel =
+                    Kernel::with_overrides(module, label, entry, FUSED_BINDINGS, &[(WITH_X, 1.0)]);
+                (variant, kernel)
+            })
+            .collect();
+        Self {
+            sums: SwitchedWalkKernels::new(
+                module,
+                "bn.backward_reduce",
+                BINDINGS,
+                Pass::Sums,
+                &[WITH_X],
+                &[&[false], &[true]],
+            ),
+            fused,
+        }
+    }
+
+    /// The fused backward for `plan`, where its workgroups hold whole channels.
+    pub(crate) fn fused(&self, plan: &WalkPlan) -> Option<&Kernel> {
+        if plan.params.splits != 1 {
+            return None;
+        }
+        self.fused
+            .iter()
+            .find(|(v, _)| *v == plan.variant)
+            .map(|(_, kernel)| kernel)
+    }
 }

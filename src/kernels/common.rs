@@ -269,7 +269,7 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
         (Variant::ChannelsFirstFlat, Units::flat(c, s / 4, n))
     } else if s % 4 == 0 {
         (Variant::ChannelsFirstVec4, Units::runs(c, s / 4, n))
-    } else if pass == Pass::Sums && c % 4 == 0 {
+    } else if pass == Pass::Sums && c % 4 == 0 && !quads_whole {
         let units = Units::runs(c / 4, s, n).channel_every(s);
         (Variant::ChannelsFirstPacked, units)
     } else {

@@ -499,7 +499,7 @@ pub(crate) struct Kernels {
     pub stats: stats::StatsKernels,
     pub finalize: finalize::FinalizeKernels,
     pub apply: common::SwitchedWalkKernels,
-    pub backward_reduce: common::SwitchedWalkKernels,
+    pub backward_reduce: backward_reduce::BackwardReduceKernels,
     pub backward_finalize: backward_finalize::BackwardFinalizeKernels,
     pub backward_dx: common::SwitchedWalkKernels,
     pub copy: Kernel,
@@ -562,7 +562,7 @@ impl Kernels {
             stats: stats::StatsKernels::new(&module("bn.stats", src("stats.wgsl"))),
             finalize: finalize::FinalizeKernels::new(&module("bn.finalize", src("finalize.wgsl"))),
             apply: apply::kernels(&module("bn.apply", src("apply.wgsl"))),
-            backward_reduce: backward_reduce::kernels(&module(
+            backward_reduce: backward_reduce::BackwardReduceKernels::new(&module(
                 "bn.backward_reduce",
                 src("backward_reduce.wgsl"),
             )),
