@@ -24,6 +24,9 @@
 
 var<workgroup> sh_sum: array<vec2<f32>, WG>;
 
+// Invocations per channel (set by the host per pipeline, as finalize.wgsl's).
+override MERGE_LANES: u32;
+
 // MERGE_LANES invocations per channel (WG / MERGE_LANES channels per workgroup):
 // lane l sums the channel's partials s = l, l + MERGE_LANES, ... (consecutive in
 // memory) in order, then the lanes' sums are added in a fixed tree.

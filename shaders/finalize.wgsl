@@ -64,6 +64,10 @@ fn finish_train(c: u32, pivot: f32, mean: f32, m2: f32) {
 
 var<workgroup> sh_state: array<vec4<f32>, WG>;
 
+// Invocations per channel of `train` (set by the host per pipeline: 32 on GPUs, 1
+// on CPU adapters, where barriers cost more than a serial walk of a few partials).
+override MERGE_LANES: u32;
+
 // MERGE_LANES invocations per channel (WG / MERGE_LANES channels per workgroup): a
 // channel's `splits` partials (partials[c * splits + s], the same pivot) are
 // consecutive, lane l merges those at s = l, l + MERGE_LANES, ... in order, and the

@@ -755,10 +755,14 @@ impl BatchNorm {
         (self.config.num_features as u32).div_ceil(WORKGROUP_SIZE)
     }
 
-    /// Workgroups of a merge of partials: `common::MERGE_LANES` invocations per
-    /// channel.
+    /// Invocations per channel of the merges of partials on this tuning.
+    fn merge_lanes(&self) -> u32 {
+        common::merge_lanes(self.ctx.tuning().reduce)
+    }
+
+    /// Workgroups of a merge of partials.
     fn merge_workgroups(&self) -> u32 {
-        let per_workgroup = WORKGROUP_SIZE / common::MERGE_LANES;
+        let per_workgroup = WORKGROUP_SIZE / self.merge_lanes();
         (self.config.num_features as u32).div_ceil(per_workgroup)
     }
 
@@ -878,6 +882,8 @@ impl BatchNorm {
         // The rows view in 16-element units finds a channel's partials by unit.
         let (merge, groups) = if plan.unit_pairs() != 0 {
             (&kernels.finalize.train_units, self.channel_workgroups())
+        } else if self.merge_lanes() == 1 {
+            (&kernels.finalize.train_serial, self.merge_workgroups())
         } else {
             (&kernels.finalize.train, self.merge_workgroups())
         };
@@ -1183,7 +1189,12 @@ impl BatchNorm {
             );
         }
         let fparams = kernels.uniform(device, &fp);
-        kernels.backward_finalize.main.dispatch(
+        let merge = if self.merge_lanes() == 1 {
+            &kernels.backward_finalize.main_serial
+        } else {
+            &kernels.backward_finalize.main
+        };
+        merge.dispatch(
             device,
             pass,
             &[

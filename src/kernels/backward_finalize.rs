@@ -1,5 +1,6 @@
 //! Host side of `shaders/backward_finalize.wgsl`.
 
+use super::common::MERGE_LANES;
 use super::Module;
 use super::{Access, Kernel};
 use std::sync::Arc;
@@ -26,7 +27,10 @@ pub(crate) const ACCUMULATE: u32 = 16;
 
 /// The single entry point.
 pub(crate) struct BackwardFinalizeKernels {
+    /// With [`MERGE_LANES`] invocations per channel (GPUs).
     pub main: Kernel,
+    /// With one (CPU adapters).
+    pub main_serial: Kernel,
 }
 
 /// params, partials, saved, affine, coef, dgamma, dbeta.
@@ -40,10 +44,23 @@ const BINDINGS: &[Access] = &[
     Access::ReadWrite,
 ];
 
+/// `main` built with `lanes` merge lanes per channel.
+fn merge_kernel(module: &Arc<Module>, lanes: u32) -> Kernel {
+    let label = format!("bn.backward_finalize.lanes{lanes}");
+    Kernel::with_overrides(
+        module,
+        label,
+        "main",
+        BINDINGS,
+        &[("MERGE_LANES", f64::from(lanes))],
+    )
+}
+
 impl BackwardFinalizeKernels {
     pub(crate) fn new(module: &Arc<Module>) -> Self {
         Self {
-            main: Kernel::new(module, "bn.backward_finalize", "main", BINDINGS),
+            main: merge_kernel(module, MERGE_LANES),
+            main_serial: merge_kernel(module, 1),
         }
     }
 }

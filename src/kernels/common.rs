@@ -153,16 +153,39 @@ const STATS_ROWS16_MIN_BATCH: u32 = 8;
 /// workgroup.
 pub(crate) const MAX_PARTIALS: u32 = 128;
 
-/// Fewest elements of a channel a reduction's split covers: a partial (16 bytes,
-/// written and read back) then costs at most an eighth of the 256 bytes of the
-/// channel it sums, about 4% of a training forward's floor bytes (3 streams) and 2.5%
-/// of a backward's (5).
+/// Fewest elements of a channel a reduction's split covers on a GPU: a partial (16
+/// bytes, written and read back) then costs at most an eighth of the 256 bytes of
+/// the channel it sums, about 4% of a training forward's floor bytes (3 streams) and
+/// 2.5% of a backward's (5). (CPU adapters, whose cuts aim at a few long
+/// workgroups per thread, split only as far as those need.)
 pub(crate) const SPLIT_MIN_ELEMENTS: u32 = 64;
 
-/// Invocations that merge one channel's partials (`MERGE_LANES` in WGSL): a GPU's
-/// SIMD group, so that a channel's partials, consecutive in memory, are read in one
-/// coalesced load per lane step.
+/// Most splits of a reduction over `elements` elements per channel with `per_split`
+/// partials per channel and split.
+fn max_splits(tuning: Cut, elements: u32, per_split: u32) -> u32 {
+    let cap = MAX_PARTIALS / per_split.max(1);
+    if tuning.lane_block == 0 {
+        cap.min(elements / SPLIT_MIN_ELEMENTS)
+    } else {
+        cap
+    }
+}
+
+/// Invocations that merge one channel's partials on a GPU (the `MERGE_LANES`
+/// override of finalize.wgsl and backward_finalize.wgsl): a SIMD group, so that a
+/// channel's partials, consecutive in memory, are read in one coalesced load per
+/// lane step. CPU adapters (a cut with a `lane_block`) merge with one invocation per
+/// channel: there a barrier costs more than a serial walk of their few partials.
 pub(crate) const MERGE_LANES: u32 = 32;
+
+/// Merge lanes for a reduction cut: [`MERGE_LANES`] on GPUs, 1 on CPU adapters.
+pub(crate) fn merge_lanes(cut: Cut) -> u32 {
+    if cut.lane_block == 0 {
+        MERGE_LANES
+    } else {
+        1
+    }
+}
 
 /// Elements per unit of the rows view's 16-element walks
 /// ([`Variant::ChannelsFirstRowsVec16`]; `ROW_UNIT` in WGSL, where finalize.wgsl
@@ -221,10 +244,7 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
             _ => s,
         };
         let mut params = plan_units(units, padded, tuning);
-        cap_splits(
-            &mut params,
-            (MAX_PARTIALS / per_split).min(n * s / SPLIT_MIN_ELEMENTS),
-        );
+        cap_splits(&mut params, max_splits(tuning, n * s, per_split));
         let min_batch = match variant {
             Variant::ChannelsFirstRowsVec16 => STATS_ROWS16_MIN_BATCH,
             _ => STATS_ROWS_MIN_BATCH,
@@ -238,7 +258,7 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     let cut = |units: Units| {
         let mut params = plan_units(units, padded, tuning);
         if reduction {
-            cap_splits(&mut params, MAX_PARTIALS.min(n * s / SPLIT_MIN_ELEMENTS));
+            cap_splits(&mut params, max_splits(tuning, n * s, 1));
         }
         params
     };

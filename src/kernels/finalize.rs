@@ -1,5 +1,6 @@
 //! Host side of `shaders/finalize.wgsl`.
 
+use super::common::MERGE_LANES;
 use super::Module;
 use super::{Access, Kernel};
 use std::sync::Arc;
@@ -30,7 +31,10 @@ pub(crate) const UNBIASED: u32 = 8;
 
 /// The `train`, `train_units` and `eval` entry points.
 pub(crate) struct FinalizeKernels {
+    /// `train` with [`MERGE_LANES`] invocations per channel (GPUs).
     pub train: Kernel,
+    /// `train` with one (CPU adapters).
+    pub train_serial: Kernel,
     pub train_units: Kernel,
     pub eval: Kernel,
 }
@@ -45,10 +49,23 @@ const BINDINGS: &[Access] = &[
     Access::ReadWrite,
 ];
 
+/// `entry` built with `lanes` merge lanes per channel.
+fn merge_kernel(module: &Arc<Module>, entry: &str, lanes: u32) -> Kernel {
+    let label = format!("bn.finalize.{entry}.lanes{lanes}");
+    Kernel::with_overrides(
+        module,
+        label,
+        entry,
+        BINDINGS,
+        &[("MERGE_LANES", f64::from(lanes))],
+    )
+}
+
 impl FinalizeKernels {
     pub(crate) fn new(module: &Arc<Module>) -> Self {
         Self {
-            train: Kernel::new(module, "bn.finalize.train", "train", BINDINGS),
+            train: merge_kernel(module, "train", MERGE_LANES),
+            train_serial: merge_kernel(module, "train", 1),
             train_units: Kernel::new(module, "bn.finalize.train_units", "train_units", BINDINGS),
             eval: Kernel::new(module, "bn.finalize.eval", "eval", BINDINGS),
         }

@@ -91,7 +91,6 @@ pub mod sources {
     /// the flags are.
     pub const SIZES: &[(&str, u32)] = &[
         ("ROW_UNIT", super::common::ROW_UNIT),
-        ("MERGE_LANES", super::common::MERGE_LANES),
         ("COEF_WINDOW", super::COEF_WINDOW),
     ];
 
