@@ -251,134 +251,80 @@ fn check_side(side: &dyn Side, name: &str, rng: &mut StdRng, dims: &[usize], lay
     let x = normal(rng, &shape, 0.5, 2.0);
     let dy = normal(rng, &shape, 0.0, 1.0);
     let clean = side.run(&config, &state, &shape, &x, &dy, None);
-    let per_elem = |i: usize| shape.channel_of(i);
-    let per_chan = |i: usize| i;
-    let grads = |what: &str, a: &Gradients, b: &Gradients, dx: Expect, dg: Expect, db: Expect| {
-        let g = |v: &Option<Vec<f32>>| v.clone().expect("gradient");
-        check(
-            &format!("{what} dx"),
-            &g(&a.dx),
-            &g(&b.dx),
-            per_elem,
-            c0,
-            dx,
+    // (name, clean, poisoned, one value per element (else per channel), expected)
+    type Case<'a> = (&'a str, &'a [f32], &'a [f32], bool, Expect);
+    let check_all = |what: &str, cases: &[Case<'_>]| {
+        for &(output, a, b, per_element, expect) in cases {
+            let channel_of = |i: usize| if per_element { shape.channel_of(i) } else { i };
+            check(&format!("{what}: {output}"), a, b, channel_of, c0, expect);
+        }
+    };
+    let g = |v: &Option<Vec<f32>>| v.clone().expect("gradient");
+    // dx, dgamma, dbeta of two backward results.
+    let grads = |what: &str, a: &Gradients, b: &Gradients, expect: [Expect; 3]| {
+        let (adx, bdx, adg, bdg, adb, bdb) = (
+            g(&a.dx),
+            g(&b.dx),
+            g(&a.dgamma),
+            g(&b.dgamma),
+            g(&a.dbeta),
+            g(&b.dbeta),
         );
-        check(
-            &format!("{what} dgamma"),
-            &g(&a.dgamma),
-            &g(&b.dgamma),
-            per_chan,
-            c0,
-            dg,
-        );
-        check(
-            &format!("{what} dbeta"),
-            &g(&a.dbeta),
-            &g(&b.dbeta),
-            per_chan,
-            c0,
-            db,
+        check_all(
+            what,
+            &[
+                ("dx", &adx, &bdx, true, expect[0]),
+                ("dgamma", &adg, &bdg, false, expect[1]),
+                ("dbeta", &adb, &bdb, false, expect[2]),
+            ],
         );
     };
+    let (nan, nf, same) = (Expect::Nan, Expect::NonFinite, Expect::Same);
     for at in positions(&shape, c0) {
         for v in POISONS {
             let what = format!("{name}: {dims:?} {layout:?}, x[{at}] = {v}");
             let mut xp = x.clone();
             xp[at] = v;
             let p = side.run(&config, &state, &shape, &xp, &dy, None);
-            check(
-                &format!("{what}: y"),
-                &clean.train_y,
-                &p.train_y,
-                per_elem,
-                c0,
-                Expect::Nan,
-            );
-            check(
-                &format!("{what}: mean"),
-                &clean.saved.mean,
-                &p.saved.mean,
-                per_chan,
-                c0,
-                Expect::Nan,
-            );
-            check(
-                &format!("{what}: invstd"),
-                &clean.saved.invstd,
-                &p.saved.invstd,
-                per_chan,
-                c0,
-                Expect::Nan,
-            );
             let (a, b) = (&clean.state, &p.state);
-            check(
-                &format!("{what}: running_mean"),
-                &a.running_mean,
-                &b.running_mean,
-                per_chan,
-                c0,
-                Expect::Nan,
-            );
-            check(
-                &format!("{what}: running_var"),
-                &a.running_var,
-                &b.running_var,
-                per_chan,
-                c0,
-                Expect::Nan,
+            check_all(
+                &what,
+                &[
+                    ("y", &clean.train_y, &p.train_y, true, nan),
+                    ("mean", &clean.saved.mean, &p.saved.mean, false, nan),
+                    ("invstd", &clean.saved.invstd, &p.saved.invstd, false, nan),
+                    ("running_mean", &a.running_mean, &b.running_mean, false, nan),
+                    ("running_var", &a.running_var, &b.running_var, false, nan),
+                    ("eval y", &clean.eval_y, &p.eval_y, true, Expect::OnlyAt(at)),
+                ],
             );
             assert_eq!(
                 a.num_batches_tracked, b.num_batches_tracked,
                 "{what}: num_batches_tracked"
             );
-            check(
-                &format!("{what}: eval y"),
-                &clean.eval_y,
-                &p.eval_y,
-                per_elem,
-                c0,
-                Expect::OnlyAt(at),
-            );
-            let nan = Expect::Nan;
+            let backward = format!("{what}: backward");
             grads(
-                &format!("{what}: backward"),
+                &backward,
                 &clean.train_grads,
                 &p.train_grads,
-                nan,
-                nan,
-                Expect::Same,
+                [nan, nan, same],
             );
             // Eval form: dx = dy * gamma * invstd does not read x.
-            let nf = Expect::NonFinite;
-            grads(
-                &format!("{what}: eval backward"),
-                &clean.eval_grads,
-                &p.eval_grads,
-                Expect::Same,
-                nf,
-                Expect::Same,
-            );
+            let eval = format!("{what}: eval backward");
+            grads(&eval, &clean.eval_grads, &p.eval_grads, [same, nf, same]);
 
             let what = format!("{name}: {dims:?} {layout:?}, dy[{at}] = {v}");
             let mut dyp = dy.clone();
             dyp[at] = v;
             let p = side.run(&config, &state, &shape, &x, &dyp, Some(&clean.saved));
+            let backward = format!("{what}: backward");
+            grads(&backward, &clean.train_grads, &p.train_grads, [nf, nf, nf]);
+            let eval = format!("{what}: eval backward");
             grads(
-                &format!("{what}: backward"),
-                &clean.train_grads,
-                &p.train_grads,
-                nf,
-                nf,
-                nf,
-            );
-            let only = Expect::OnlyAt(at);
-            grads(
-                &format!("{what}: eval backward"),
+                &eval,
                 &clean.eval_grads,
                 &p.eval_grads,
-                only,
-                nf,
-                nf,
+                [Expect::OnlyAt(at), nf, nf],
             );
         }
     }
