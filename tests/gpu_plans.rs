@@ -1,6 +1,6 @@
 //! Plans (`BatchNorm::plan_*`): what an operation dispatches and binds, recorded
 //! whole or one dispatch per compute pass with the same bits, and nothing run until
-//! recorded and submitted.
+//! recorded and submitted; and the line that names the adapter they run on.
 
 mod common;
 mod gpu_support;
@@ -136,4 +136,17 @@ fn plans_say_what_they_dispatch_and_run_nothing_until_recorded() {
         last.bytes_read >= tensor && last.bytes_written >= tensor,
         "{info:?}"
     );
+}
+
+#[test]
+fn the_adapter_line_names_api_type_and_driver() {
+    let line = gpu_support::ctx().describe();
+    assert!(!line.contains("  "), "{line}");
+    assert!(
+        ["Vulkan", "Metal", "DirectX 12", "OpenGL", "WebGPU"]
+            .iter()
+            .any(|api| line.contains(&format!(" on {api}, "))),
+        "{line}"
+    );
+    assert!(line.contains(", driver "), "{line}");
 }
