@@ -802,7 +802,6 @@ impl BatchNorm {
             kernels.uniform(device, &fp),
         );
         kernel.dispatch(
-            device,
             pass,
             &[
                 whole(&params),
@@ -860,7 +859,6 @@ impl BatchNorm {
         let device = self.ctx.device();
         let params = kernels.uniform(device, &plan.params);
         kernels.stats.partial.get(plan.variant).dispatch(
-            device,
             pass,
             &[
                 whole(&params),
@@ -888,7 +886,6 @@ impl BatchNorm {
             (&kernels.finalize.train, self.merge_workgroups())
         };
         merge.dispatch(
-            device,
             pass,
             &[
                 whole(&fparams),
@@ -909,7 +906,6 @@ impl BatchNorm {
         let device = self.ctx.device();
         let fparams = kernels.uniform(device, &self.finalize_params(0, 2, false));
         kernels.finalize.eval.dispatch(
-            device,
             pass,
             &[
                 whole(&fparams),
@@ -951,7 +947,6 @@ impl BatchNorm {
         let device = self.ctx.device();
         let params = kernels.uniform(device, &plan.params);
         pipelines.get(plan.variant).dispatch(
-            device,
             pass,
             &[
                 whole(&params),
@@ -1151,7 +1146,6 @@ impl BatchNorm {
             let params = kernels.uniform(device, &plan.params);
             let fparams = kernels.uniform(device, &fp);
             kernel.dispatch(
-                device,
                 pass,
                 &[
                     whole(&params),
@@ -1176,7 +1170,6 @@ impl BatchNorm {
                 .get(&[with_x])
                 .get(plan.variant);
             sums.dispatch(
-                device,
                 pass,
                 &[
                     whole(&params),
@@ -1195,7 +1188,6 @@ impl BatchNorm {
             &kernels.backward_finalize.main
         };
         merge.dispatch(
-            device,
             pass,
             &[
                 whole(&fparams),
@@ -1217,7 +1209,6 @@ impl BatchNorm {
                 .get(&[batch, uniform])
                 .get(ep.variant)
                 .dispatch(
-                    device,
                     pass,
                     &[
                         whole(&params),

@@ -300,7 +300,6 @@ impl Kernel {
     /// from binding 0) to `recipe`; nothing is recorded until the recipe is.
     pub(crate) fn dispatch<'k>(
         &'k self,
-        _device: &wgpu::Device,
         recipe: &mut Recipe<'k>,
         resources: &[wgpu::BufferBinding<'_>],
         workgroups: u32,
