@@ -370,13 +370,17 @@ fn gradients_accumulate_when_asked() {
 
 #[test]
 fn backward_is_deterministic() {
+    // Under every test tuning: the serial and the 32-lane merges, the fused backward.
     let mut rng = rng("backward_is_deterministic");
-    for layout in LAYOUTS {
+    for (layout, (tuning, ctx)) in LAYOUTS
+        .into_iter()
+        .flat_map(|l| tunings().into_iter().map(move |t| (l, t)))
+    {
         let shape = Shape::new(&[16, 32, 14, 14], layout).unwrap();
         let x = normal(&mut rng, &shape, 1.0, 1.0);
         let dy = normal(&mut rng, &shape, 0.0, 1.0);
         let run = || {
-            let mut bn = BatchNorm::new(ctx(), BatchNormConfig::new(32)).unwrap();
+            let mut bn = BatchNorm::new(&ctx, BatchNormConfig::new(32)).unwrap();
             let saved = Some(bn.forward_train_host(&shape, &x).unwrap().saved);
             bn.backward_host(&shape, &x, &dy, saved.as_ref(), GradMask::default())
                 .unwrap()
@@ -389,9 +393,17 @@ fn backward_is_deterministic() {
                 .map(|f| f.to_bits())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(bits(&a.dx), bits(&b.dx), "{layout:?} dx");
-        assert_eq!(bits(&a.dgamma), bits(&b.dgamma), "{layout:?} dgamma");
-        assert_eq!(bits(&a.dbeta), bits(&b.dbeta), "{layout:?} dbeta");
+        assert_eq!(bits(&a.dx), bits(&b.dx), "{layout:?} ({tuning}) dx");
+        assert_eq!(
+            bits(&a.dgamma),
+            bits(&b.dgamma),
+            "{layout:?} ({tuning}) dgamma"
+        );
+        assert_eq!(
+            bits(&a.dbeta),
+            bits(&b.dbeta),
+            "{layout:?} ({tuning}) dbeta"
+        );
     }
 }
 
