@@ -91,6 +91,7 @@
 //! assert.
 mod config;
 mod error;
+mod fold;
 mod outputs;
 mod shape;
 mod tensor;
@@ -100,6 +101,7 @@ pub mod cpu;
 
 pub use config::{BatchNormConfig, BatchNormState, Convention, GradMask, StatsSource};
 pub use error::{Error, Result};
+pub use fold::{FoldedBatchNorm, WeightLayout};
 pub use outputs::{ForwardOutput, Gradients, SavedStatsHost, TrainOutput};
 pub use shape::{Layout, Shape, MAX_ELEMENTS};
 pub use tensor::TensorBuffer;
