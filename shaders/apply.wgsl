@@ -163,7 +163,11 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let k = coef_channel(walk_group(p, first));
+    loop_quad(first, coef_channel(walk_group(p, first)));
+}
+
+// The quad loop (channels-first runs with S % 4 != 0).
+fn loop_quad(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
         let v = normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
@@ -233,4 +237,101 @@ fn scalar(@builtin(local_invocation_index) t: u32,
         y[i] = (x[i] - k.hi.x) * k.scale.x + k.shift.x;
         i += step;
     }
+}
+
+// ----- merged: the statistics' partials merged in the normalize -----------------
+//
+// A training forward in two dispatches where the statistics split (channels-first,
+// one channel per unit, GPUs): stats.wgsl's partials, then these kernels. The rows
+// of each channel unit merge the channel's partials (row r those at r, r + rows,
+// ..., then a fixed tree over the rows: the same bits on every run), row 0
+// finalizes them as finalize.wgsl's `train` does (saved and running statistics,
+// written by the workgroups of split 0 only, one per channel) and shares the
+// coefficients through workgroup memory; then the walk normalizes. Every workgroup
+// of a channel repeats its merge, a few KiB of reads against the chunk it
+// normalizes.
+// Binds partials at binding 3 (the others' coef), affine, then FinalizeParams,
+// saved and running.
+
+@group(0) @binding(3) var<storage, read> partials: array<vec4<f32>>;
+@group(0) @binding(5) var<uniform> fp: FinalizeParams;
+@group(0) @binding(6) var<storage, read_write> saved: array<f32>;
+@group(0) @binding(7) var<storage, read_write> running: array<u32>;
+
+var<workgroup> sh_merge: array<vec4<f32>, WG>;
+
+fn merged_norm(t: u32, first: Walk) -> Norm {
+    let rows = WG / p.tile;
+    let c = first.group;
+    let live = c < p.groups;
+    var acc = welford_empty();
+    var pivot = 0.0;
+    if live {
+        let at = c * fp.splits;
+        pivot = partials[at].w;
+        for (var s = first.row; s < fp.splits; s += rows) {
+            acc = welford_merge(acc, Welford(vec4<f32>(partials[at + s].x, 0.0, 0.0, 0.0),
+                                             vec4<f32>(partials[at + s].y, 0.0, 0.0, 0.0),
+                                             vec4<f32>(partials[at + s].z, 0.0, 0.0, 0.0)));
+        }
+    }
+    sh_merge[t] = vec4<f32>(acc.n.x, acc.mean.x, acc.m2.x, 0.0);
+    workgroupBarrier();
+    for (var half = rows / 2u; half > 0u; half /= 2u) {
+        if first.row < half {
+            let o = sh_merge[walk_partner(p, t, half)];
+            let a = sh_merge[t];
+            let r = welford_merge(Welford(vec4<f32>(a.x, 0.0, 0.0, 0.0), vec4<f32>(a.y, 0.0, 0.0, 0.0),
+                                          vec4<f32>(a.z, 0.0, 0.0, 0.0)),
+                                  Welford(vec4<f32>(o.x, 0.0, 0.0, 0.0), vec4<f32>(o.y, 0.0, 0.0, 0.0),
+                                          vec4<f32>(o.z, 0.0, 0.0, 0.0)));
+            sh_merge[t] = vec4<f32>(r.n.x, r.mean.x, r.m2.x, 0.0);
+        }
+        workgroupBarrier();
+    }
+    let merged = sh_merge[t];
+    workgroupBarrier();
+    let slot = c % p.tile;
+    if first.row == 0u && live {
+        let b = batch_stats(fp, pivot, merged.y, merged.z);
+        if first.split == 0u {
+            saved[c] = b.hi + b.lo;
+            saved[fp.padded + c] = b.invstd;
+            saved[2u * fp.padded + c] = b.hi;
+            saved[3u * fp.padded + c] = b.lo;
+            if (fp.flags & FINALIZE_UPDATE_RUNNING) != 0u {
+                let r = running_after(fp, bitcast<f32>(running[c]), bitcast<f32>(running[fp.padded + c]),
+                                      b, running[fp.count_index]);
+                running[c] = bitcast<u32>(r.x);
+                running[fp.padded + c] = bitcast<u32>(r.y);
+            }
+        }
+        var gamma = 1.0;
+        var beta = 0.0;
+        if (fp.flags & FINALIZE_AFFINE) != 0u {
+            gamma = affine[c];
+            beta = affine[fp.padded + c];
+        }
+        let k = coefficients(b, gamma, beta);
+        sh_merge[slot] = vec4<f32>(k, 0.0);
+    }
+    workgroupBarrier();
+    let k = sh_merge[slot];
+    return Norm(vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z));
+}
+
+@compute @workgroup_size(WG)
+fn merged_channels_first_vec4(@builtin(local_invocation_index) t: u32,
+                              @builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    loop_vec4(first, merged_norm(t, first));
+}
+
+@compute @workgroup_size(WG)
+fn merged_channels_first_quad(@builtin(local_invocation_index) t: u32,
+                              @builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    loop_quad(first, merged_norm(t, first));
 }

@@ -671,10 +671,61 @@ impl BatchNorm {
         if let Some((plan, fused)) = fused {
             let y = y.binding(shape.bytes());
             self.record_whole_channels(pass, fused, &plan, shape, x, y, saved, update_running);
+        } else if let Some((plan, merged)) = self.merged_forward(shape, update_running) {
+            let partials = self.record_stats_partials(pass, shape, x, &plan);
+            let fp = self.finalize_params(
+                plan.partials_per_channel(),
+                shape.per_channel(),
+                update_running,
+            );
+            let ep = self.elementwise_walk(shape);
+            let kernels = self.ctx.kernels();
+            let device = self.ctx.device();
+            merged.dispatch(
+                pass,
+                &[
+                    whole(&kernels.uniform(device, &ep.params)),
+                    x.binding(shape.bytes()),
+                    y.binding(shape.bytes()),
+                    partials,
+                    whole(&self.affine),
+                    whole(&kernels.uniform(device, &fp)),
+                    whole(saved),
+                    whole(&self.running),
+                ],
+                ep.workgroups(),
+            );
         } else {
             self.record_batch_stats(pass, shape, x, saved, update_running);
             self.record_apply(pass, shape, x, y, Coefficients::Finalized);
         }
+    }
+
+    /// Where a forward with batch statistics takes two dispatches on a GPU cut
+    /// although its statistics split: the statistics' walk and its partials (neither
+    /// finalized in place nor in 16-element units), and the merged normalize for
+    /// the elementwise walk (channels-first, one channel per unit) that the device
+    /// can bind.
+    fn merged_forward(
+        &self,
+        shape: &Shape,
+        update_running: bool,
+    ) -> Option<(common::WalkPlan, &Kernel)> {
+        let tuning = self.ctx.tuning();
+        if tuning.elementwise.lane_block != 0 {
+            return None;
+        }
+        let kernels = self.ctx.kernels();
+        let plan = self.stats_walk(shape, update_running, common::Pass::Statistics);
+        let in_place =
+            self.finalizes_in_place(update_running) && kernels.stats.finalized(&plan).is_some();
+        if in_place || plan.unit_pairs() != 0 {
+            return None;
+        }
+        let merged = kernels
+            .apply_merged
+            .get(self.elementwise_walk(shape).variant)?;
+        merged.fits(self.ctx.device()).then_some((plan, merged))
     }
 
     fn finalize_params(
@@ -853,21 +904,9 @@ impl BatchNorm {
                 return;
             }
         }
-        let partial_bytes = plan.partial_count(self.config.num_features).max(1) * 16;
-        let partials = self.partials(plan.partial_count(self.config.num_features));
+        let partials = self.record_stats_partials(pass, shape, x, &plan);
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
-        let params = kernels.uniform(device, &plan.params);
-        kernels.stats.partial.get(plan.variant).dispatch(
-            pass,
-            &[
-                whole(&params),
-                x.binding(shape.bytes()),
-                binding(&partials, partial_bytes),
-                whole(&self.running),
-            ],
-            plan.workgroups(),
-        );
         let fp = finalize::FinalizeParams {
             unit_pairs: plan.unit_pairs(),
             ..self.finalize_params(
@@ -889,7 +928,7 @@ impl BatchNorm {
             pass,
             &[
                 whole(&fparams),
-                binding(&partials, partial_bytes),
+                partials,
                 whole(saved),
                 self.coef_binding(),
                 whole(&self.affine),
@@ -897,6 +936,31 @@ impl BatchNorm {
             ],
             groups,
         );
+    }
+
+    /// The statistics' walk of `plan` writing its partials; returns their binding.
+    fn record_stats_partials<'s>(
+        &'s self,
+        pass: &mut Recipe<'s>,
+        shape: &Shape,
+        x: TensorBuffer<'_>,
+        plan: &common::WalkPlan,
+    ) -> wgpu::BufferBinding<'s> {
+        let count = plan.partial_count(self.config.num_features);
+        let partials = binding(&self.partials, count.max(1) * 16);
+        let kernels = self.ctx.kernels();
+        let params = kernels.uniform(self.ctx.device(), &plan.params);
+        kernels.stats.partial.get(plan.variant).dispatch(
+            pass,
+            &[
+                whole(&params),
+                x.binding(shape.bytes()),
+                partials.clone(),
+                whole(&self.running),
+            ],
+            plan.workgroups(),
+        );
+        partials
     }
 
     /// Running statistics into the coefficients and the scratch saved statistics

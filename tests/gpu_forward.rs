@@ -513,3 +513,41 @@ fn the_gpu_cut_keeps_small_channels_whole() {
         println!("{dims:?}: largest error {e:.3e}");
     }
 }
+
+/// Under the GPU cut, a channels-first training forward whose statistics split
+/// takes two dispatches: the statistics' partials, then the normalize that merges
+/// them (and writes the saved and running statistics); it matches the reference,
+/// running statistics included, over two steps.
+#[test]
+fn the_gpu_cut_merges_partials_in_the_normalize() {
+    let mut rng = rng("the_gpu_cut_merges_partials_in_the_normalize");
+    let gpu = ctx().with_tuning(Tuning::gpu());
+    for dims in [&[8usize, 16, 64, 64][..], &[6, 5, 33, 17], &[3, 7, 40, 40]] {
+        let shape = Shape::channels_first(dims).unwrap();
+        for config in [
+            BatchNormConfig::new(shape.c()),
+            BatchNormConfig::new(shape.c()).momentum(None),
+            BatchNormConfig::keras(shape.c()).affine(false),
+        ] {
+            let (mut bn, mut cpu) = layer_pair_on(&gpu, &mut rng, &config);
+            let xs = [
+                normal(&mut rng, &shape, 3.0, 2.0),
+                normal(&mut rng, &shape, -1.0, 0.5),
+            ];
+            let xb = gpu.upload("x", &xs[0]).unwrap();
+            let y = gpu.storage_buffer("y", shape.bytes()).unwrap();
+            let saved = SavedStats::new(&gpu, shape.c()).unwrap();
+            let plan = bn.plan_forward_train(&shape, &xb, &y, &saved).unwrap();
+            let labels: Vec<String> = plan.dispatches().into_iter().map(|d| d.label).collect();
+            assert_eq!(labels.len(), 2, "{dims:?}: {labels:?}");
+            assert!(
+                labels[1].starts_with("bn.apply.merged_"),
+                "{dims:?}: {labels:?}"
+            );
+            drop(plan);
+            let what = format!("{dims:?} {}", describe(&config));
+            let e = check_train_eval(&mut bn, &mut cpu, &shape, &xs, TOL, &what);
+            println!("{what}: largest error {e:.3e}");
+        }
+    }
+}

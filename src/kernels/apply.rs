@@ -1,8 +1,8 @@
 //! Host side of `shaders/apply.wgsl`: normalize + scale/shift over common.rs' walk.
 
-use super::common::{Pass, SwitchedWalkKernels};
-use super::Access;
+use super::common::{Pass, SwitchedWalkKernels, Variant};
 use super::Module;
+use super::{Access, Kernel};
 use std::sync::Arc;
 
 /// `WalkParams::flags` bit (reaches WGSL as `APPLY_AFFINE`, see `sources::FLAGS`) of
@@ -43,4 +43,51 @@ pub(crate) fn kernels(module: &Arc<Module>) -> SwitchedWalkKernels {
         &[FROM_RUNNING, UNIFORM_COEF],
         &[&[false, false], &[false, true], &[true, false]],
     )
+}
+
+/// The merged normalize's: params, x, y, partials, affine, FinalizeParams, saved,
+/// running.
+const MERGED_BINDINGS: &[Access] = &[
+    Access::Uniform,
+    Access::Read,
+    Access::ReadWrite,
+    Access::Read,
+    Access::Read,
+    Access::Uniform,
+    Access::ReadWrite,
+    Access::ReadWrite,
+];
+
+/// apply.wgsl's `merged_*` entry points: the statistics' partials merged in the
+/// normalize (channels-first walks with one channel per unit).
+pub(crate) struct MergedKernels {
+    kernels: Vec<(Variant, Kernel)>,
+}
+
+impl MergedKernels {
+    pub(crate) fn new(module: &Arc<Module>) -> Self {
+        let kernels = [
+            (Variant::ChannelsFirstVec4, "merged_channels_first_vec4"),
+            (Variant::ChannelsFirstQuad, "merged_channels_first_quad"),
+        ]
+        .into_iter()
+        .map(|(variant, entry)| {
+            let label = format!("bn.apply.{entry}");
+            let off = [(FROM_RUNNING, 0.0), (UNIFORM_COEF, 0.0)];
+            (
+                variant,
+                Kernel::with_overrides(module, label, entry, MERGED_BINDINGS, &off),
+            )
+        })
+        .collect();
+        Self { kernels }
+    }
+
+    /// The merged normalize for the elementwise walk `variant`, if it has one.
+    pub(crate) fn get(&self, variant: Variant) -> Option<&Kernel> {
+        self.kernels
+            .iter()
+            .find(|(v, _)| *v == variant)
+            .map(|(_, kernel)| kernel)
+    }
 }

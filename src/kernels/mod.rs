@@ -497,6 +497,7 @@ pub(crate) struct Kernels {
     pub stats: stats::StatsKernels,
     pub finalize: finalize::FinalizeKernels,
     pub apply: common::SwitchedWalkKernels,
+    pub apply_merged: apply::MergedKernels,
     pub backward_reduce: backward_reduce::BackwardReduceKernels,
     pub backward_finalize: backward_finalize::BackwardFinalizeKernels,
     pub backward_dx: common::SwitchedWalkKernels,
@@ -556,10 +557,12 @@ impl Kernels {
                 .map(|(_, s)| *s)
                 .unwrap_or_default()
         };
+        let apply_module = module("bn.apply", src("apply.wgsl"));
         let kernels = Self {
             stats: stats::StatsKernels::new(&module("bn.stats", src("stats.wgsl"))),
             finalize: finalize::FinalizeKernels::new(&module("bn.finalize", src("finalize.wgsl"))),
-            apply: apply::kernels(&module("bn.apply", src("apply.wgsl"))),
+            apply: apply::kernels(&apply_module),
+            apply_merged: apply::MergedKernels::new(&apply_module),
             backward_reduce: backward_reduce::BackwardReduceKernels::new(&module(
                 "bn.backward_reduce",
                 src("backward_reduce.wgsl"),
