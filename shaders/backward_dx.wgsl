@@ -157,7 +157,11 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
                        @builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let k = coef_channel(walk_group(p, first));
+    loop_quad(first, coef_channel(walk_group(p, first)));
+}
+
+// The quad loop (channels-first runs with S % 4 != 0).
+fn loop_quad(first: Walk, k: Coef) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
         var xv = k.hi;
@@ -235,4 +239,81 @@ fn scalar(@builtin(local_invocation_index) t: u32,
         dx[i] = dx_of(k, vec4<f32>(dy[i]), vec4<f32>(xv)).x;
         i += step;
     }
+}
+
+// ----- merged: the backward sums' partials merged in the dx pass ------------------
+//
+// A backward in two dispatches where the sums split (channels-first, one channel
+// per unit, GPUs; built with WITH_X): backward_reduce.wgsl's partials, then these
+// kernels. The rows of each channel unit add the channel's partials (row r those at
+// r, r + rows, ..., then a fixed tree), row 0 derives dgamma, dbeta and the dx
+// coefficients as backward_finalize.wgsl does (dgamma and dbeta written by the
+// workgroups of split 0 only, one per channel) and shares the coefficients through
+// workgroup memory; then the walk writes dx. Every workgroup of a channel repeats
+// its merge, a few KiB of reads against the chunk it walks.
+// Binds partials at binding 4 (the others' coef), the backward_finalize parameters,
+// saved, affine, dgamma and dbeta.
+
+@group(0) @binding(4) var<storage, read> partials: array<vec4<f32>>;
+@group(0) @binding(5) var<uniform> bp: BackwardFinalizeParams;
+@group(0) @binding(6) var<storage, read> saved: array<f32>;
+@group(0) @binding(7) var<storage, read> affine: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(9) var<storage, read_write> dbeta: array<f32>;
+
+var<workgroup> sh_merge: array<vec4<f32>, WG>;
+
+fn merged_coef(t: u32, first: Walk) -> Coef {
+    let rows = WG / p.tile;
+    let c = first.group;
+    let live = c < p.groups;
+    var sum = vec2<f32>(0.0);
+    if live {
+        for (var s = first.row; s < bp.splits; s += rows) {
+            sum += partials[c * bp.splits + s].xy;
+        }
+    }
+    sh_merge[t] = vec4<f32>(sum, 0.0, 0.0);
+    workgroupBarrier();
+    for (var half = rows / 2u; half > 0u; half /= 2u) {
+        if first.row < half {
+            sh_merge[t] += sh_merge[walk_partner(p, t, half)];
+        }
+        workgroupBarrier();
+    }
+    let merged = sh_merge[t].xy;
+    workgroupBarrier();
+    let slot = c % p.tile;
+    if first.row == 0u && live {
+        let b = backward_channel(bp, merged, saved[bp.padded + c], saved[3u * bp.padded + c], affine[c]);
+        if first.split == 0u {
+            let acc = (bp.flags & BACKWARD_ACCUMULATE) != 0u;
+            if (bp.flags & BACKWARD_WANT_DGAMMA) != 0u {
+                dgamma[c] = select(b.dgamma, dgamma[c] + b.dgamma, acc);
+            }
+            if (bp.flags & BACKWARD_WANT_DBETA) != 0u {
+                dbeta[c] = select(b.dbeta, dbeta[c] + b.dbeta, acc);
+            }
+        }
+        sh_merge[slot] = vec4<f32>(saved[2u * bp.padded + c], b.k);
+    }
+    workgroupBarrier();
+    let k = sh_merge[slot];
+    return Coef(vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w));
+}
+
+@compute @workgroup_size(WG)
+fn merged_channels_first_vec4(@builtin(local_invocation_index) t: u32,
+                              @builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    loop_vec4(first, merged_coef(t, first));
+}
+
+@compute @workgroup_size(WG)
+fn merged_channels_first_quad(@builtin(local_invocation_index) t: u32,
+                              @builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
+    loop_quad(first, merged_coef(t, first));
 }

@@ -728,6 +728,22 @@ impl BatchNorm {
         merged.fits(self.ctx.device()).then_some((plan, merged))
     }
 
+    /// The merged dx pass where a backward of batch statistics that wants dx takes
+    /// two dispatches on a GPU cut (the sums, then dx merging their partials): the
+    /// elementwise walk is channels-first with one channel per unit, and the
+    /// device can bind the kernel.
+    fn merged_dx(&self, shape: &Shape) -> Option<&Kernel> {
+        if self.ctx.tuning().elementwise.lane_block != 0 {
+            return None;
+        }
+        let merged = self
+            .ctx
+            .kernels()
+            .backward_dx_merged
+            .get(self.elementwise_walk(shape).variant)?;
+        merged.fits(self.ctx.device()).then_some(merged)
+    }
+
     fn finalize_params(
         &self,
         splits: u32,
@@ -1246,6 +1262,31 @@ impl BatchNorm {
             );
         }
         let fparams = kernels.uniform(device, &fp);
+        // On GPUs, channels-first: dx merges the sums' partials itself (two dispatches).
+        let merged = grads
+            .dx
+            .filter(|_| batch)
+            .and_then(|dx| Some((dx, self.merged_dx(shape)?)));
+        if let Some((dx, kernel)) = merged {
+            let ep = self.elementwise_walk(shape);
+            kernel.dispatch(
+                pass,
+                &[
+                    whole(&kernels.uniform(device, &ep.params)),
+                    x.binding(shape.bytes()),
+                    dy.binding(shape.bytes()),
+                    dx.binding(shape.bytes()),
+                    binding(&partials, partial_bytes),
+                    whole(&fparams),
+                    whole(&stats_buffer),
+                    whole(&self.affine),
+                    dgamma.binding(c_bytes),
+                    dbeta.binding(c_bytes),
+                ],
+                ep.workgroups(),
+            );
+            return;
+        }
         let merge = if self.merge_lanes() == 1 {
             &kernels.backward_finalize.main_serial
         } else {

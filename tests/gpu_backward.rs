@@ -451,3 +451,49 @@ fn the_fused_backward_under_the_gpu_cut() {
     );
     println!("32x2048x7x7 fused backward: largest error {e:.3e}");
 }
+
+/// Under the GPU cut, a channels-first backward of batch statistics whose sums split
+/// takes two dispatches: the sums' partials, then dx merging them (and writing
+/// dgamma/dbeta); it matches the reference for every output mask.
+#[test]
+fn the_gpu_cut_merges_partials_in_the_dx_pass() {
+    let mut rng = rng("the_gpu_cut_merges_partials_in_the_dx_pass");
+    let gpu = ctx().with_tuning(wgpu_batchnorm::Tuning::gpu());
+    for dims in [&[8usize, 16, 64, 64][..], &[6, 5, 33, 17], &[3, 7, 40, 40]] {
+        let shape = Shape::channels_first(dims).unwrap();
+        let config = BatchNormConfig::new(shape.c());
+        let x = normal(&mut rng, &shape, 2.0, 1.5);
+        let dy = normal(&mut rng, &shape, 0.0, 1.0);
+        let (xb, dyb) = (gpu.upload("x", &x).unwrap(), gpu.upload("dy", &dy).unwrap());
+        let dx = gpu.storage_buffer("dx", shape.bytes()).unwrap();
+        let (mut bn, cpu) = layer_pair_on(&gpu, &mut rng, &config);
+        let saved = wgpu_batchnorm::SavedStats::from_host(
+            &gpu,
+            &bn.forward_train_host(&shape, &x).unwrap().saved,
+        )
+        .unwrap();
+        let plan = bn
+            .plan_backward(&shape, &xb, &dyb, Some(&saved), GradBuffers::new().dx(&dx))
+            .unwrap();
+        let labels: Vec<String> = plan.dispatches().into_iter().map(|d| d.label).collect();
+        assert_eq!(labels.len(), 2, "{dims:?}: {labels:?}");
+        assert!(
+            labels[1].starts_with("bn.backward_dx.merged_"),
+            "{dims:?}: {labels:?}"
+        );
+        drop(plan);
+        for mask in common::all_masks() {
+            let e = check_backward(
+                &mut bn,
+                &cpu,
+                &shape,
+                &x,
+                &dy,
+                StatsSource::Batch,
+                mask,
+                &format!("{dims:?} {mask:?}"),
+            );
+            println!("{dims:?} {mask:?}: largest error {e:.3e}");
+        }
+    }
+}

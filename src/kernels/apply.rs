@@ -1,8 +1,8 @@
 //! Host side of `shaders/apply.wgsl`: normalize + scale/shift over common.rs' walk.
 
-use super::common::{Pass, SwitchedWalkKernels, Variant};
+use super::common::{Pass, SwitchedWalkKernels, Variant, VariantKernels};
+use super::Access;
 use super::Module;
-use super::{Access, Kernel};
 use std::sync::Arc;
 
 /// `WalkParams::flags` bit (reaches WGSL as `APPLY_AFFINE`, see `sources::FLAGS`) of
@@ -60,34 +60,18 @@ const MERGED_BINDINGS: &[Access] = &[
 
 /// apply.wgsl's `merged_*` entry points: the statistics' partials merged in the
 /// normalize (channels-first walks with one channel per unit).
-pub(crate) struct MergedKernels {
-    kernels: Vec<(Variant, Kernel)>,
+pub(crate) fn merged(module: &Arc<Module>) -> VariantKernels {
+    VariantKernels::new(
+        module,
+        "bn.apply",
+        MERGED,
+        MERGED_BINDINGS,
+        &[(FROM_RUNNING, 0.0), (UNIFORM_COEF, 0.0)],
+    )
 }
 
-impl MergedKernels {
-    pub(crate) fn new(module: &Arc<Module>) -> Self {
-        let kernels = [
-            (Variant::ChannelsFirstVec4, "merged_channels_first_vec4"),
-            (Variant::ChannelsFirstQuad, "merged_channels_first_quad"),
-        ]
-        .into_iter()
-        .map(|(variant, entry)| {
-            let label = format!("bn.apply.{entry}");
-            let off = [(FROM_RUNNING, 0.0), (UNIFORM_COEF, 0.0)];
-            (
-                variant,
-                Kernel::with_overrides(module, label, entry, MERGED_BINDINGS, &off),
-            )
-        })
-        .collect();
-        Self { kernels }
-    }
-
-    /// The merged normalize for the elementwise walk `variant`, if it has one.
-    pub(crate) fn get(&self, variant: Variant) -> Option<&Kernel> {
-        self.kernels
-            .iter()
-            .find(|(v, _)| *v == variant)
-            .map(|(_, kernel)| kernel)
-    }
-}
+/// The walks that have a merged normalize (and merged dx, backward_dx.wgsl).
+pub(crate) const MERGED: &[(Variant, &str)] = &[
+    (Variant::ChannelsFirstVec4, "merged_channels_first_vec4"),
+    (Variant::ChannelsFirstQuad, "merged_channels_first_quad"),
+];

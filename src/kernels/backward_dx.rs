@@ -1,6 +1,6 @@
 //! Host side of `shaders/backward_dx.wgsl`: dx over common.rs' walk.
 
-use super::common::{Pass, SwitchedWalkKernels};
+use super::common::{Pass, SwitchedWalkKernels, VariantKernels};
 use super::Access;
 use super::Module;
 use std::sync::Arc;
@@ -43,5 +43,33 @@ pub(crate) fn kernels(module: &Arc<Module>) -> SwitchedWalkKernels {
             &[true, false],
             &[true, true],
         ],
+    )
+}
+
+/// The merged dx's: params, x, dy, dx, partials, backward_finalize's parameters,
+/// saved, affine, dgamma, dbeta.
+const MERGED_BINDINGS: &[Access] = &[
+    Access::Uniform,
+    Access::Read,
+    Access::Read,
+    Access::ReadWrite,
+    Access::Read,
+    Access::Uniform,
+    Access::Read,
+    Access::Read,
+    Access::ReadWrite,
+    Access::ReadWrite,
+];
+
+/// backward_dx.wgsl's `merged_*` entry points (batch statistics: WITH_X): the
+/// backward sums' partials merged in the dx pass, for the walks of apply's merged
+/// normalize.
+pub(crate) fn merged(module: &Arc<Module>) -> VariantKernels {
+    VariantKernels::new(
+        module,
+        "bn.backward_dx",
+        super::apply::MERGED,
+        MERGED_BINDINGS,
+        &[(WITH_X, 1.0), (UNIFORM_COEF, 0.0)],
     )
 }

@@ -1,7 +1,7 @@
 //! Host side of `shaders/backward_reduce.wgsl`: per-channel partial sums of the
 //! backward over common.rs' walk (split as the forward statistics are).
 
-use super::common::{Pass, SwitchedWalkKernels, Variant, WalkPlan};
+use super::common::{Pass, SwitchedWalkKernels, Variant, VariantKernels, WalkPlan};
 use super::Module;
 use super::{Access, Kernel};
 use std::sync::Arc;
@@ -47,20 +47,11 @@ pub(crate) struct BackwardReduceKernels {
     /// sums dy only and does not read x.
     pub sums: SwitchedWalkKernels,
     /// The fused backward (with batch statistics), one per walk it has.
-    fused: Vec<(Variant, Kernel)>,
+    fused: VariantKernels,
 }
 
 impl BackwardReduceKernels {
     pub(crate) fn new(module: &Arc<Module>) -> Self {
-        let fused = FUSED
-            .iter()
-            .map(|&(variant, entry)| {
-                let label = format!("bn.backward_reduce.{entry}");
-                let kernel =
-                    Kernel::with_overrides(module, label, entry, FUSED_BINDINGS, &[(WITH_X, 1.0)]);
-                (variant, kernel)
-            })
-            .collect();
         Self {
             sums: SwitchedWalkKernels::new(
                 module,
@@ -70,7 +61,13 @@ impl BackwardReduceKernels {
                 &[WITH_X],
                 &[&[false], &[true]],
             ),
-            fused,
+            fused: VariantKernels::new(
+                module,
+                "bn.backward_reduce",
+                FUSED,
+                FUSED_BINDINGS,
+                &[(WITH_X, 1.0)],
+            ),
         }
     }
 
@@ -79,9 +76,6 @@ impl BackwardReduceKernels {
         if plan.params.splits != 1 {
             return None;
         }
-        self.fused
-            .iter()
-            .find(|(v, _)| *v == plan.variant)
-            .map(|(_, kernel)| kernel)
+        self.fused.get(plan.variant)
     }
 }

@@ -601,6 +601,40 @@ impl SwitchedWalkKernels {
     }
 }
 
+/// Entry points of a module for some walks only, one pipeline each (`{prefix}.{entry}`),
+/// built with the same bindings and overrides.
+pub(crate) struct VariantKernels {
+    kernels: Vec<(Variant, Kernel)>,
+}
+
+impl VariantKernels {
+    pub(crate) fn new(
+        module: &Arc<Module>,
+        prefix: &str,
+        entries: &[(Variant, &str)],
+        bindings: &'static [Access],
+        overrides: &[(&str, f64)],
+    ) -> Self {
+        let kernels = entries
+            .iter()
+            .map(|&(variant, entry)| {
+                let label = format!("{prefix}.{entry}");
+                let kernel = Kernel::with_overrides(module, label, entry, bindings, overrides);
+                (variant, kernel)
+            })
+            .collect();
+        Self { kernels }
+    }
+
+    /// The pipeline for `variant`, if the module has that walk.
+    pub(crate) fn get(&self, variant: Variant) -> Option<&Kernel> {
+        self.kernels
+            .iter()
+            .find(|(v, _)| *v == variant)
+            .map(|(_, kernel)| kernel)
+    }
+}
+
 /// The entry points of a kernel that walks the tensor, one per [`Variant`].
 pub(crate) struct WalkKernels {
     channels_first_vec4: Kernel,

@@ -497,10 +497,11 @@ pub(crate) struct Kernels {
     pub stats: stats::StatsKernels,
     pub finalize: finalize::FinalizeKernels,
     pub apply: common::SwitchedWalkKernels,
-    pub apply_merged: apply::MergedKernels,
+    pub apply_merged: common::VariantKernels,
     pub backward_reduce: backward_reduce::BackwardReduceKernels,
     pub backward_finalize: backward_finalize::BackwardFinalizeKernels,
     pub backward_dx: common::SwitchedWalkKernels,
+    pub backward_dx_merged: common::VariantKernels,
     pub copy: Kernel,
     pub optimizer: optimizer::OptimizerKernels,
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
@@ -558,11 +559,12 @@ impl Kernels {
                 .unwrap_or_default()
         };
         let apply_module = module("bn.apply", src("apply.wgsl"));
+        let dx_module = module("bn.backward_dx", src("backward_dx.wgsl"));
         let kernels = Self {
             stats: stats::StatsKernels::new(&module("bn.stats", src("stats.wgsl"))),
             finalize: finalize::FinalizeKernels::new(&module("bn.finalize", src("finalize.wgsl"))),
             apply: apply::kernels(&apply_module),
-            apply_merged: apply::MergedKernels::new(&apply_module),
+            apply_merged: apply::merged(&apply_module),
             backward_reduce: backward_reduce::BackwardReduceKernels::new(&module(
                 "bn.backward_reduce",
                 src("backward_reduce.wgsl"),
@@ -571,7 +573,8 @@ impl Kernels {
                 "bn.backward_finalize",
                 src("backward_finalize.wgsl"),
             )),
-            backward_dx: backward_dx::kernels(&module("bn.backward_dx", src("backward_dx.wgsl"))),
+            backward_dx: backward_dx::kernels(&dx_module),
+            backward_dx_merged: backward_dx::merged(&dx_module),
             copy: copy::kernel(&module("bn.copy", src("copy.wgsl"))),
             optimizer: optimizer::OptimizerKernels::new(&module(
                 "bn.optimizer",
