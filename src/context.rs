@@ -1,12 +1,13 @@
 //! The GPU context: a device and queue (chosen from the environment or given by the
-//! caller) and the kernels' pipelines, compiled once.
+//! caller) and the kernels' pipelines, each built on its first use and kept.
 
 use std::sync::{Arc, Mutex};
 
 use crate::kernels::Kernels;
 use crate::{Error, Result, TensorBuffer, Tuning};
 
-/// A `wgpu` device and queue with this crate's pipelines built on it.
+/// A `wgpu` device and queue with this crate's pipelines, built on it as calls first
+/// need them.
 ///
 /// Cheap to clone (shared). Build it with [`GpuContext::from_env`] to let the
 /// environment choose the adapter, or with [`GpuContext::from_device`] to run on a
@@ -59,7 +60,8 @@ impl GpuContext {
         Self::from_device(device, queue)
     }
 
-    /// Builds the pipelines on a device the caller already has.
+    /// A context on a device the caller already has (its pipelines are built as
+    /// calls first need them).
     ///
     /// The context sets the device's device-lost callback (replacing one set
     /// before), so that every call after a loss returns [`Error::DeviceLost`]
@@ -67,14 +69,15 @@ impl GpuContext {
     /// it, and calls then report the loss as [`Error::Gpu`] or [`Error::Readback`].
     ///
     /// The device needs compute shaders with 256 invocations per workgroup (12 KiB
-    /// of workgroup memory), 6 storage buffers per shader stage, uniform bindings of
-    /// 64 KiB and 65535 workgroups per dispatch dimension: `wgpu::Limits::default()`
-    /// has them, `wgpu::Limits::downlevel_defaults()` (4 storage buffers, 16 KiB
-    /// uniform bindings) does not. Anything
-    /// less is reported as [`Error::DeviceLimit`]. Tensors and per-channel buffers
-    /// must fit in one storage binding ([`Self::max_binding_size`]); request the
-    /// adapter's limits (`adapter.limits()`) for tensors past WebGPU's default of
-    /// 128 MiB.
+    /// of workgroup memory) and 65535 workgroups per dispatch dimension; less is
+    /// [`Error::DeviceLimit`]. Beyond that, what a device binds decides what runs:
+    /// `wgpu::Limits::default()` (8 storage buffers per stage, 64 KiB uniform
+    /// bindings) runs everything; `wgpu::Limits::downlevel_defaults()` (4 storage
+    /// buffers, 16 KiB uniform bindings) runs eval forwards, and a call whose kernels
+    /// need more storage buffers is [`Error::DeviceLimit`], before anything is
+    /// recorded. Tensors and per-channel buffers must fit in one storage binding
+    /// ([`Self::max_binding_size`]); request the adapter's limits
+    /// (`adapter.limits()`) for tensors past WebGPU's default of 128 MiB.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         let lost = Arc::new(Mutex::new(None));
         let flag = lost.clone();

@@ -149,8 +149,9 @@ pub enum Error {
         /// The usages it has.
         got: wgpu::BufferUsages,
     },
-    /// A buffer a call writes is also another of its tensors or the layer's own state
-    /// (wgpu checks usages per buffer, so two ranges of one buffer count too).
+    /// A buffer a call writes is also one it reads (wgpu checks usages per buffer, so
+    /// two ranges of one buffer count too), overlaps another written range, or is
+    /// the layer's own state.
     #[error(
         "{a} and {b} are in the same buffer, and the call writes one of them; \
          in-place operation is not supported"

@@ -120,6 +120,11 @@ impl SavedStats {
         padded(self.channels)
     }
 
+    /// The bytes its kernels bind: the whole buffer.
+    fn range(&self) -> (&wgpu::Buffer, u64, u64) {
+        (&self.buffer, 0, self.buffer.size())
+    }
+
     /// Reads the statistics back to the host (submits and waits).
     pub fn to_host(&self, ctx: &GpuContext) -> Result<SavedStatsHost> {
         let p = self.stride();
@@ -411,10 +416,11 @@ impl BatchNorm {
 
     /// Fails if a buffer that is written appears twice among a call's tensors, or
     /// any of them is one of the layer's own buffers (which its kernels bind too).
-    fn check_aliasing(
-        &self,
-        buffers: &[(&'static str, Option<&wgpu::Buffer>, bool)],
-    ) -> Result<()> {
+    /// Each entry: a tensor's name, its bytes (buffer, offset, length) and whether
+    /// the call writes it. wgpu refuses a buffer bound writable and otherwise in one
+    /// dispatch, but not twice writable: written tensors may share a buffer where
+    /// their ranges do not overlap (every dispatch binds those writable).
+    fn check_aliasing(&self, buffers: &[TensorUse<'_>]) -> Result<()> {
         let own = [
             ("the layer's gamma/beta (affine_buffer)", &self.affine),
             (
@@ -427,19 +433,26 @@ impl BatchNorm {
             ("the layer's scratch dgamma", &self.scratch_grads[0]),
             ("the layer's scratch dbeta", &self.scratch_grads[1]),
         ];
-        for (a, buffer, _) in buffers {
-            if let Some(buffer) = buffer {
+        for (a, range, _) in buffers {
+            if let Some((buffer, _, _)) = range {
                 if let Some((b, _)) = own.iter().find(|(_, o)| *o == *buffer) {
                     return Err(Error::AliasedBuffers { a, b });
                 }
             }
         }
-        for (i, (a, ba, wa)) in buffers.iter().enumerate() {
-            for (b, bb, wb) in &buffers[i + 1..] {
-                if let (Some(ba), Some(bb)) = (ba, bb) {
-                    if (*wa || *wb) && ba == bb {
-                        return Err(Error::AliasedBuffers { a, b });
-                    }
+        for (i, (a, ra, wa)) in buffers.iter().enumerate() {
+            for (b, rb, wb) in &buffers[i + 1..] {
+                let (Some((ba, oa, na)), Some((bb, ob, nb))) = (ra, rb) else {
+                    continue;
+                };
+                let overlap = oa < &(ob + nb) && ob < &(oa + na);
+                let conflict = match (wa, wb) {
+                    (true, true) => overlap,
+                    (false, false) => false,
+                    _ => true,
+                };
+                if ba == bb && conflict {
+                    return Err(Error::AliasedBuffers { a, b });
                 }
             }
         }
@@ -467,11 +480,11 @@ impl BatchNorm {
         if batch_stats {
             self.check_partials(shape, common::Pass::Statistics)?;
         }
-        let written_saved = saved.map(|s| &s.buffer);
+        let bytes = shape.bytes();
         self.check_aliasing(&[
-            ("x", Some(x.buffer()), false),
-            ("y", Some(y.buffer()), true),
-            ("saved", written_saved, true),
+            ("x", Some(range(x, bytes)), false),
+            ("y", Some(range(y, bytes)), true),
+            ("saved", saved.map(SavedStats::range), true),
         ])
     }
 
@@ -498,20 +511,18 @@ impl BatchNorm {
     /// The dispatches of [`Self::forward_train`], checked and with their pipelines
     /// built, to inspect ([`Plan::dispatches`]) or record ([`Plan::record`], one
     /// dispatch at a time with [`Plan::record_dispatch`]).
-    pub fn plan_forward_train<'a>(
-        &mut self,
+    pub fn plan_forward_train<'p, 'a>(
+        &'p mut self,
         shape: &Shape,
         x: impl Into<TensorBuffer<'a>>,
         y: impl Into<TensorBuffer<'a>>,
-        saved: &SavedStats,
-    ) -> Result<Plan<'_>> {
+        saved: &'p SavedStats,
+    ) -> Result<Plan<'p>> {
         let (x, y) = (x.into(), y.into());
         self.prepare_forward(shape, x, y, Some(saved), true)?;
-        let plan = self.plan("bn.forward_train", |this, rec| {
+        self.plan("bn.forward_train", Some(saved), |this, rec| {
             this.record_forward_train(rec, shape, x, y, saved)
-        })?;
-        saved.mark_filled();
-        Ok(plan)
+        })
     }
 
     /// [`Self::forward_train`] recorded into a compute pass the caller has begun
@@ -545,23 +556,20 @@ impl BatchNorm {
     }
 
     /// The dispatches of [`Self::forward_eval`] (see [`Self::plan_forward_train`]).
-    pub fn plan_forward_eval<'a>(
-        &mut self,
+    pub fn plan_forward_eval<'p, 'a>(
+        &'p mut self,
         shape: &Shape,
         x: impl Into<TensorBuffer<'a>>,
         y: impl Into<TensorBuffer<'a>>,
-        saved: Option<&SavedStats>,
-    ) -> Result<Plan<'_>> {
+        saved: Option<&'p SavedStats>,
+    ) -> Result<Plan<'p>> {
         let (x, y) = (x.into(), y.into());
         let batch_stats = !self.config.track_running_stats;
         self.prepare_forward(shape, x, y, saved, batch_stats)?;
-        let plan = self.plan("bn.forward_eval", |this, rec| {
+        let filled = saved.filter(|_| batch_stats);
+        self.plan("bn.forward_eval", filled, |this, rec| {
             this.record_forward_eval(rec, shape, x, y, saved)
-        })?;
-        if let Some(s) = saved.filter(|_| batch_stats) {
-            s.mark_filled();
-        }
-        Ok(plan)
+        })
     }
 
     /// [`Self::forward_eval`] recorded into a compute pass the caller has begun.
@@ -580,9 +588,12 @@ impl BatchNorm {
     /// Builds the plan of an operation: its dispatches (from `record`), then every
     /// pipeline they need (a typed error, before anything is recorded, if one cannot
     /// be built on this device).
+    /// `fills`: saved statistics the operation writes, marked filled once it is
+    /// recorded.
     fn plan<'s>(
         &'s self,
         label: &'static str,
+        fills: Option<&'s SavedStats>,
         record: impl FnOnce(&'s Self, &mut Recipe<'s>),
     ) -> Result<Plan<'s>> {
         let mut recipe = Recipe::new();
@@ -592,6 +603,7 @@ impl BatchNorm {
             recipe,
             device: self.ctx.device(),
             label,
+            fills,
         })
     }
 
@@ -1072,7 +1084,7 @@ impl BatchNorm {
     ) -> Result<Plan<'_>> {
         let (x, dy) = (x.into(), dy.into());
         self.prepare_backward(shape, x, dy, saved, &grads)?;
-        self.plan("bn.backward", |this, rec| {
+        self.plan("bn.backward", None, |this, rec| {
             this.record_backward(rec, shape, x, dy, saved, &grads)
         })
     }
@@ -1151,12 +1163,12 @@ impl BatchNorm {
             self.ctx.check_tensor("dbeta", b, c_bytes)?;
         }
         self.check_aliasing(&[
-            ("x", Some(x.buffer()), false),
-            ("dy", Some(dy.buffer()), false),
-            ("saved", saved.map(|s| &s.buffer), false),
-            ("dx", grads.dx.map(|t| t.buffer()), true),
-            ("dgamma", grads.dgamma.map(|t| t.buffer()), true),
-            ("dbeta", grads.dbeta.map(|t| t.buffer()), true),
+            ("x", Some(range(x, bytes)), false),
+            ("dy", Some(range(dy, bytes)), false),
+            ("saved", saved.map(SavedStats::range), false),
+            ("dx", grads.dx.map(|t| range(t, bytes)), true),
+            ("dgamma", grads.dgamma.map(|t| range(t, c_bytes)), true),
+            ("dbeta", grads.dbeta.map(|t| range(t, c_bytes)), true),
         ])
     }
 
@@ -1448,6 +1460,8 @@ pub struct Plan<'a> {
     recipe: Recipe<'a>,
     device: &'a wgpu::Device,
     label: &'static str,
+    /// Saved statistics the plan writes: marked filled when it is recorded.
+    fills: Option<&'a SavedStats>,
 }
 
 impl Plan<'_> {
@@ -1469,6 +1483,13 @@ impl Plan<'_> {
     /// Records every dispatch into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.recipe.record(self.device, pass);
+        self.filled();
+    }
+
+    fn filled(&self) {
+        if let Some(saved) = self.fills {
+            saved.mark_filled();
+        }
     }
 
     /// Records dispatch `i` (of [`Self::len`]) into `pass`. The dispatches depend on
@@ -1477,6 +1498,7 @@ impl Plan<'_> {
     pub fn record_dispatch(&self, i: usize, pass: &mut wgpu::ComputePass<'_>) {
         if i < self.recipe.len() {
             self.recipe.record_step(i, self.device, pass);
+            self.filled();
         }
     }
 
@@ -1485,6 +1507,15 @@ impl Plan<'_> {
         let mut pass = begin(encoder, self.label);
         self.record(&mut pass);
     }
+}
+
+/// A tensor of a call for the aliasing check: its name, its bytes (buffer, offset,
+/// length) if given, and whether the call writes it.
+type TensorUse<'a> = (&'static str, Option<(&'a wgpu::Buffer, u64, u64)>, bool);
+
+/// The first `bytes` bytes of `tensor` as (buffer, offset, length).
+fn range<'t>(tensor: TensorBuffer<'t>, bytes: u64) -> (&'t wgpu::Buffer, u64, u64) {
+    (tensor.buffer(), tensor.offset(), bytes)
 }
 
 fn begin<'e>(encoder: &'e mut wgpu::CommandEncoder, label: &str) -> wgpu::ComputePass<'e> {

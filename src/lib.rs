@@ -52,7 +52,7 @@
 //!
 //! - **Inside your own GPU pipeline.** [`GpuContext::from_device`] wraps the
 //!   `wgpu::Device` and `wgpu::Queue` your application already has (or
-//!   [`GpuContext::from_env`] picks an adapter) and builds the pipelines once.
+//!   [`GpuContext::from_env`] picks an adapter); pipelines are built on first use.
 //!   [`BatchNorm::forward_train`], [`BatchNorm::forward_eval`] and
 //!   [`BatchNorm::backward`] record into your `wgpu::CommandEncoder`, reading and
 //!   writing your buffers (they need `STORAGE` usage, see [`storage_usages`]), or

@@ -12,9 +12,12 @@ use std::num::NonZeroU64;
 /// `min_storage_buffer_offset_alignment` (and of 16, for the kernels' vec4 loads);
 /// anything else is [`crate::Error::MisalignedOffset`] before anything is recorded.
 ///
-/// wgpu checks usages per buffer, not per range: a tensor a call writes must not
-/// share its buffer with any other tensor of the same call, even at another offset
-/// ([`crate::Error::AliasedBuffers`]); tensors that are only read may.
+/// wgpu checks usages per buffer, not per range, and refuses a buffer bound both
+/// writable and read-only in one dispatch: a tensor a call writes must not share
+/// its buffer with a tensor the call reads, even at another offset
+/// ([`crate::Error::AliasedBuffers`]). Tensors that are only read may share one, and
+/// so may written ones whose ranges do not overlap (`dx`, `dgamma` and `dbeta` of a
+/// backward in one arena).
 ///
 /// ```no_run
 /// # fn demo(arena: &wgpu::Buffer) {

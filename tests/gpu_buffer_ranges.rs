@@ -205,3 +205,71 @@ fn bad_ranges_are_typed_errors() {
     let after = bn.state().unwrap();
     assert_eq!(after.num_batches_tracked, before.num_batches_tracked + 1);
 }
+
+/// A backward's outputs sub-allocated from one arena: non-overlapping ranges are
+/// accepted and give the same bits as buffers of their own; overlapping ones are
+/// refused.
+#[test]
+fn written_tensors_may_share_a_buffer_where_they_do_not_overlap() {
+    let mut rng = rng("written_tensors_may_share_a_buffer_where_they_do_not_overlap");
+    let ctx = ctx();
+    let a = alignment(ctx);
+    let shape = Shape::channels_first(&[6, 5, 9, 7]).unwrap();
+    let (n, c) = (shape.numel(), shape.c());
+    let config = BatchNormConfig::new(c);
+    let state = random_state(&mut rng, &config);
+    let x = normal(&mut rng, &shape, 1.0, 2.0);
+    let dy = normal(&mut rng, &shape, 0.0, 1.0);
+    let (xb, dyb) = (ctx.upload("x", &x).unwrap(), ctx.upload("dy", &dy).unwrap());
+    let saved = {
+        let mut bn = BatchNorm::with_state(ctx, config.clone(), &state).unwrap();
+        let s = bn.forward_train_host(&shape, &x).unwrap().saved;
+        SavedStats::from_host(ctx, &s).unwrap()
+    };
+    let run = |grads: GradBuffers<'_>| {
+        let mut bn = BatchNorm::with_state(ctx, config.clone(), &state).unwrap();
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        let r = bn.backward(&mut enc, &shape, &xb, &dyb, Some(&saved), grads);
+        ctx.submit_and_wait(enc).unwrap();
+        r
+    };
+    let (dx, dg, db) = (
+        ctx.storage_buffer("dx", shape.bytes()).unwrap(),
+        ctx.storage_buffer("dg", 4 * c as u64).unwrap(),
+        ctx.storage_buffer("db", 4 * c as u64).unwrap(),
+    );
+    run(GradBuffers::new().dx(&dx).dgamma(&dg).dbeta(&db)).unwrap();
+    let dg_at = shape.bytes().next_multiple_of(a);
+    let db_at = (dg_at + 4 * c as u64).next_multiple_of(a);
+    let arena = ctx.storage_buffer("arena", db_at + 4 * c as u64).unwrap();
+    run(GradBuffers::new()
+        .dx(TensorBuffer::new(&arena, 0))
+        .dgamma(TensorBuffer::new(&arena, dg_at))
+        .dbeta(TensorBuffer::new(&arena, db_at)))
+    .unwrap();
+    let read = |b: &wgpu::Buffer, at: u64, len: usize| {
+        let all: Vec<f32> = ctx.read_buffer(b, (b.size() / 4) as usize).unwrap();
+        all[(at / 4) as usize..(at / 4) as usize + len]
+            .iter()
+            .map(|f| f.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(read(&arena, 0, n), read(&dx, 0, n), "dx");
+    assert_eq!(read(&arena, dg_at, c), read(&dg, 0, c), "dgamma");
+    assert_eq!(read(&arena, db_at, c), read(&db, 0, c), "dbeta");
+    // dgamma's range inside dx's: refused before anything runs.
+    let e = run(GradBuffers::new()
+        .dx(TensorBuffer::new(&arena, 0))
+        .dgamma(TensorBuffer::new(&arena, a)))
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::AliasedBuffers {
+                a: "dx",
+                b: "dgamma"
+            }
+        ),
+        "{e}"
+    );
+}

@@ -226,11 +226,14 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     let odd_runs = !channels_last && s % 4 != 0;
     let rows_vec16 = s >= ROWS_VEC16_MIN_RUN && (c * s) % ROW_UNIT == 0;
     // Where the cut keeps channels whole, the quads' walk needs no partials (its
-    // statistics finalize in place or fuse with the normalize): the rows view, which
-    // writes partials per element position, is for walks that split.
+    // statistics finalize in place or fuse with the normalize). The statistics' rows
+    // view, which writes partials per element position and serves CPU adapters'
+    // SIMD batches, is for CPU cuts (a lane block) only: on a GPU cut it would write
+    // a partial per position of small batches from a few workgroups.
     let quads_whole = tuning.whole_channel_elements > 0
         && plan_units(Units::quads(c, s, n), padded, tuning).splits == 1;
-    if odd_runs && pass == Pass::Statistics && (c * s) % 4 == 0 && !quads_whole {
+    let stats_rows = tuning.lane_block != 0 && !quads_whole;
+    if odd_runs && pass == Pass::Statistics && (c * s) % 4 == 0 && stats_rows {
         let (variant, units) = if rows_vec16 && tuning.max_wide_row > 0 {
             let units = Units::rows(c * s / ROW_UNIT, n, ROW_UNIT).channel_every(s);
             (Variant::ChannelsFirstRowsVec16, units)
@@ -757,6 +760,7 @@ mod tests {
                 &[4096, 256],
                 &[1 << 16, 3],
                 &[32, 64, 112, 112],
+                &[16, 64, 7, 7],
                 &[32, 2048, 7, 7],
                 &[256, 16, 15],
                 &[16, 8, 30, 30],

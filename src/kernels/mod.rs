@@ -134,7 +134,7 @@ pub(crate) enum Access {
 pub(crate) struct Module {
     label: &'static str,
     source: String,
-    built: OnceLock<wgpu::ShaderModule>,
+    built: Mutex<Option<wgpu::ShaderModule>>,
 }
 
 impl Module {
@@ -142,17 +142,27 @@ impl Module {
         Arc::new(Self {
             label,
             source,
-            built: OnceLock::new(),
+            built: Mutex::new(None),
         })
     }
 
-    fn get(&self, device: &wgpu::Device) -> &wgpu::ShaderModule {
-        self.built.get_or_init(|| {
-            device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(self.label),
-                source: wgpu::ShaderSource::Wgsl(self.source.as_str().into()),
+    /// The module, created on the first call (inside the caller's error scopes).
+    fn get(&self, device: &wgpu::Device) -> wgpu::ShaderModule {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        built
+            .get_or_insert_with(|| {
+                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(self.label),
+                    source: wgpu::ShaderSource::Wgsl(self.source.as_str().into()),
+                })
             })
-        })
+            .clone()
+    }
+
+    /// Drops a module whose creation may have failed, so that the next build tries
+    /// again rather than keeping an invalid one for the context's life.
+    fn forget(&self) {
+        *self.built.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -237,7 +247,15 @@ impl Kernel {
         let built = self.create(device);
         let invalid = pollster::block_on(invalid.pop());
         let oom = pollster::block_on(oom.pop());
-        if let Some(e) = invalid.or(oom) {
+        if let Some(e) = oom {
+            self.module.forget();
+            return Err(Error::OutOfMemory {
+                context: "building a pipeline",
+                message: format!("{}: {e}", self.label),
+            });
+        }
+        if let Some(e) = invalid {
+            self.module.forget();
             return Err(Error::Gpu {
                 context: "building a pipeline",
                 message: format!("{}: {e}", self.label),
@@ -285,7 +303,7 @@ impl Kernel {
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(label),
             layout: Some(&pipeline_layout),
-            module: self.module.get(device),
+            module: &self.module.get(device),
             entry_point: Some(&self.entry),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
