@@ -69,7 +69,8 @@ pub struct Tuning {
     /// A forward with batch statistics on a tensor of at most this many elements
     /// runs as one dispatch (statistics, finalize and normalize; `stats.wgsl`'s
     /// fused kernel) where the reduction's cut gives every workgroup whole
-    /// channels. Larger ones (every one when 0) run as two where the statistics
+    /// channels; so does a backward of batch statistics that wants dx
+    /// (`backward_reduce.wgsl`'s fused kernel: sums, dgamma/dbeta, dx). Larger ones (every one when 0) run as two where the statistics
     /// walk does so in a variant that `stats.wgsl`'s `finalized_*` kernels have
     /// (the statistics finalized in place, then normalize) and as three elsewhere
     /// (statistics, finalize, normalize); an update of the running statistics as a
