@@ -201,37 +201,40 @@ fn assert_close(what: &str, got: &[f32], want: &[f64]) {
 
 // ---- Folded layer == layer then batch norm ----
 
-#[test]
-fn linear_pytorch_layout() {
-    let mut rng = rng("linear_pytorch_layout");
+/// A plain CPU Linear: (x, batch, in features, weight, bias) -> y.
+type LinearFn = fn(&[f32], usize, usize, &[f32], Option<&[f32]>) -> Vec<f32>;
+
+/// A Linear (`OutInKernel`: PyTorch's `[out, in]`) or Dense (`KernelInOut`: Keras'
+/// `[in, out]`) folded, against the layer followed by the eval forward.
+fn check_linear(test: &str, layout: WeightLayout) {
+    let mut rng = rng(test);
     let n = 4;
+    let (forward, name): (LinearFn, _) = match layout {
+        WeightLayout::OutInKernel => (linear_out_in, "Linear"),
+        WeightLayout::KernelInOut => (linear_in_out, "Dense"),
+    };
     for cout in [1, 3, 17] {
         for fin in [5, 7] {
-            for (name, config) in configs(cout) {
+            for (cname, config) in configs(cout) {
                 for with_bias in [true, false] {
                     let state = random_state(&mut rng, &config);
                     let x = normal_vec(&mut rng, n * fin, 1.0);
                     let w = normal_vec(&mut rng, cout * fin, 1.0 / (fin as f64).sqrt());
                     let b = with_bias.then(|| normal_vec(&mut rng, cout, 0.5));
+                    // (N, C): the same memory in both layouts.
                     let shape = Shape::channels_first(&[n, cout]).unwrap();
                     let want = bn_eval(
                         &config,
                         &state,
                         &shape,
-                        &linear_out_in(&x, n, fin, &w, b.as_deref()),
+                        &forward(&x, n, fin, &w, b.as_deref()),
                     );
-
                     let folded = FoldedBatchNorm::from_state(&config, &state).unwrap();
                     let mut wf = w.clone();
-                    let bf = folded
-                        .fold_into(&mut wf, b.as_deref(), WeightLayout::OutInKernel)
-                        .unwrap();
-                    let got = linear_out_in(&x, n, fin, &wf, Some(&bf));
-                    assert_close(
-                        &format!("Linear [{cout}, {fin}] {name} bias {with_bias}"),
-                        &got,
-                        &want,
-                    );
+                    let bf = folded.fold_into(&mut wf, b.as_deref(), layout).unwrap();
+                    let got = forward(&x, n, fin, &wf, Some(&bf));
+                    let what = format!("{name} ({cout} out, {fin} in) {cname} bias {with_bias}");
+                    assert_close(&what, &got, &want);
                 }
             }
         }
@@ -239,41 +242,13 @@ fn linear_pytorch_layout() {
 }
 
 #[test]
-fn linear_keras_layout() {
-    let mut rng = rng("linear_keras_layout");
-    let n = 4;
-    for cout in [1, 3, 17] {
-        for fin in [5, 7] {
-            for (name, config) in configs(cout) {
-                for with_bias in [true, false] {
-                    let state = random_state(&mut rng, &config);
-                    let x = normal_vec(&mut rng, n * fin, 1.0);
-                    let w = normal_vec(&mut rng, fin * cout, 1.0 / (fin as f64).sqrt());
-                    let b = with_bias.then(|| normal_vec(&mut rng, cout, 0.5));
-                    // (N, C): the same memory in both layouts.
-                    let shape = Shape::channels_last(&[n, cout]).unwrap();
-                    let want = bn_eval(
-                        &config,
-                        &state,
-                        &shape,
-                        &linear_in_out(&x, n, fin, &w, b.as_deref()),
-                    );
+fn linear_pytorch_layout() {
+    check_linear("linear_pytorch_layout", WeightLayout::OutInKernel);
+}
 
-                    let folded = FoldedBatchNorm::from_state(&config, &state).unwrap();
-                    let mut wf = w.clone();
-                    let bf = folded
-                        .fold_into(&mut wf, b.as_deref(), WeightLayout::KernelInOut)
-                        .unwrap();
-                    let got = linear_in_out(&x, n, fin, &wf, Some(&bf));
-                    assert_close(
-                        &format!("Dense [{fin}, {cout}] {name} bias {with_bias}"),
-                        &got,
-                        &want,
-                    );
-                }
-            }
-        }
-    }
+#[test]
+fn linear_keras_layout() {
+    check_linear("linear_keras_layout", WeightLayout::KernelInOut);
 }
 
 fn conv_cases() -> Vec<Conv> {
