@@ -63,6 +63,18 @@ impl Fixture {
     fn encoder(&self) -> wgpu::CommandEncoder {
         ctx().device().create_command_encoder(&Default::default())
     }
+
+    /// Records a backward of x into a new dx buffer with `saved`; returns the
+    /// encoder (to check that nothing changed) and the result.
+    fn backward_dx(&mut self, saved: &SavedStats) -> (wgpu::CommandEncoder, Result<(), Error>) {
+        let dx = ctx().storage_buffer("dx", self.shape.bytes()).unwrap();
+        let mut enc = self.encoder();
+        let grads = GradBuffers::new().dx(&dx);
+        let r = self
+            .bn
+            .backward(&mut enc, &self.shape, &self.x, &self.x, Some(saved), grads);
+        (enc, r)
+    }
 }
 
 #[test]
@@ -636,18 +648,8 @@ fn backward_refuses_saved_statistics_never_written() {
     let ctx = ctx();
     let fresh = SavedStats::new(ctx, 3).unwrap();
     assert!(!fresh.is_filled());
-    let dx = ctx.storage_buffer("dx", f.shape.bytes()).unwrap();
-    let mut enc = f.encoder();
-    let e =
-        f.bn.backward(
-            &mut enc,
-            &f.shape,
-            &f.x,
-            &f.x,
-            Some(&fresh),
-            GradBuffers::new().dx(&dx),
-        )
-        .unwrap_err();
+    let (enc, e) = f.backward_dx(&fresh);
+    let e = e.unwrap_err();
     assert!(matches!(e, Error::MissingSavedStats(_)), "{e}");
     assert!(e.to_string().contains("never written"), "{e}");
     f.assert_untouched(enc, "unwritten saved statistics");
@@ -656,16 +658,10 @@ fn backward_refuses_saved_statistics_never_written() {
     let mut enc = f.encoder();
     f.bn.forward_train(&mut enc, &f.shape, &f.x, &y, &fresh)
         .unwrap();
+    ctx.submit_and_wait(enc).unwrap();
     assert!(fresh.is_filled());
-    f.bn.backward(
-        &mut enc,
-        &f.shape,
-        &f.x,
-        &f.x,
-        Some(&fresh),
-        GradBuffers::new().dx(&dx),
-    )
-    .unwrap();
+    let (enc, r) = f.backward_dx(&fresh);
+    r.unwrap();
     ctx.submit_and_wait(enc).unwrap();
     let host = fresh.to_host(ctx).unwrap();
     assert!(SavedStats::from_host(ctx, &host).unwrap().is_filled());
@@ -736,18 +732,8 @@ fn a_plan_never_recorded_fills_no_saved_statistics() {
     assert!(!plan.is_empty());
     drop(plan);
     assert!(!fresh.is_filled(), "planned, not recorded");
-    let dx = ctx.storage_buffer("dx", f.shape.bytes()).unwrap();
-    let mut enc = f.encoder();
-    let e =
-        f.bn.backward(
-            &mut enc,
-            &f.shape,
-            &f.x,
-            &f.x,
-            Some(&fresh),
-            GradBuffers::new().dx(&dx),
-        )
-        .unwrap_err();
+    let (enc, e) = f.backward_dx(&fresh);
+    let e = e.unwrap_err();
     assert!(matches!(e, Error::MissingSavedStats(_)), "{e}");
     f.assert_untouched(enc, "a plan never recorded");
 }
