@@ -6,7 +6,10 @@
 //!
 //! Data flow, mirroring the kernels: a reduction pass (per-channel sums), a
 //! per-channel finalize in f64 (statistics, folded coefficients), and an
-//! elementwise pass (`y = (x - hi) * scale + shift`, `dx = k1 * dy + k2 * (x - hi) + k3`).
+//! elementwise pass (`y = act((x - hi) * scale + shift [+ z])`,
+//! `dx = k1 * dy + k2 * (x - hi) + k3`). The activation and the residual add are part
+//! of the elementwise forward; the fused backward first masks `dy` by the
+//! activation ([`CpuBatchNorm::backward_fused`]), into `dz` when there is a residual.
 //!
 //! Numerics: the statistics are sums over blocks of up to `BLOCK` (256) values (or
 //! rows) that stay in L1: a first look at a block gives a pivot close to its mean
@@ -17,13 +20,16 @@
 //! results do not depend on thread scheduling: the same input gives the same bits
 //! on every run, whatever the thread count.
 
+// Serial in a browser (no thread pool there): the same calls, one thread.
+#[cfg(target_arch = "wasm32")]
+use crate::serial_pool as rayon;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::reference::{check_input, check_len, invstd, update_running_stats, NO_RUNNING_STATS};
 use crate::{
-    BatchNormConfig, BatchNormState, Error, ForwardOutput, GradMask, Gradients, Layout, Result,
-    SavedStatsHost, Shape, TrainOutput,
+    Activation, BatchNormConfig, BatchNormState, Error, ForwardOutput, GradMask, Gradients, Layout,
+    Result, SavedStatsHost, Shape, TrainOutput,
 };
 
 /// Values per f32 block before the block's sums are folded into f64 (channels-first
@@ -81,23 +87,52 @@ impl CpuBatchNorm {
         Ok(Self { config, state })
     }
 
-    /// Training forward: batch statistics, normalized output, running statistics
-    /// updated (with `track_running_stats`).
+    /// Training forward: batch statistics, output `y = act(bn(x))` with the
+    /// configured activation, running statistics updated (with
+    /// `track_running_stats`).
     pub fn forward_train(&mut self, shape: &Shape, x: &[f32]) -> Result<TrainOutput> {
         let mut y = vec![0.0; x.len()];
         let saved = self.forward_train_into(shape, x, &mut y)?;
         Ok(TrainOutput { y, saved })
     }
 
+    /// [`Self::forward_train`] with a residual `z` of `x`'s shape and layout:
+    /// `y = act(bn(x) + z)` (the statistics are those of `x` alone).
+    pub fn forward_train_add(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+    ) -> Result<TrainOutput> {
+        let mut y = vec![0.0; x.len()];
+        let saved = self.forward_train_add_into(shape, x, z, &mut y)?;
+        Ok(TrainOutput { y, saved })
+    }
+
     /// Eval forward: running statistics when tracked (`saved = None`), otherwise
-    /// batch statistics (`saved = Some`). Updates nothing.
+    /// batch statistics (`saved = Some`); output `y = act(bn(x))`. Updates nothing.
     pub fn forward_eval(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
         let mut y = vec![0.0; x.len()];
         let saved = self.forward_eval_into(shape, x, &mut y)?;
         Ok(ForwardOutput { y, saved })
     }
 
-    /// Backward. `saved`: the batch statistics of the forward (training form), or
+    /// [`Self::forward_eval`] with a residual `z` of `x`'s shape and layout:
+    /// `y = act(bn(x) + z)`.
+    pub fn forward_eval_add(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+    ) -> Result<ForwardOutput> {
+        let mut y = vec![0.0; x.len()];
+        let saved = self.forward_eval_add_into(shape, x, z, &mut y)?;
+        Ok(ForwardOutput { y, saved })
+    }
+
+    /// Backward of plain batch norm (no activation, no residual): `dy` is the
+    /// gradient of `bn(x)`; for a layer with an activation, or a forward with a
+    /// residual, call [`Self::backward_fused`]. `saved`: the batch statistics of the forward (training form), or
     /// `None` for the running statistics (eval form; needs `track_running_stats`).
     /// `dgamma`/`dbeta` are `None` when not asked for or when the layer is not affine.
     pub fn backward(
@@ -122,7 +157,51 @@ impl CpuBatchNorm {
             dgamma.as_deref_mut(),
             dbeta.as_deref_mut(),
         )?;
-        Ok(Gradients { dx, dgamma, dbeta })
+        Ok(Gradients {
+            dx,
+            dgamma,
+            dbeta,
+            dz: None,
+        })
+    }
+
+    /// Backward through the configured activation and, with `residual`, the
+    /// residual add (`y = act(bn(x) [+ z])`). `y` is the forward's output: `g = dy`
+    /// where [`Activation::passes`] at `y`, 0 elsewhere, takes the place of `dy` in
+    /// [`Self::backward`] (`saved` and `mask` as there); with `residual`, `dz = g`
+    /// (whatever `mask` says).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_fused(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+        saved: Option<&SavedStatsHost>,
+        mask: GradMask,
+        residual: bool,
+    ) -> Result<Gradients> {
+        check_input(
+            &self.config,
+            &self.state,
+            shape,
+            "x",
+            x.len(),
+            saved.is_some(),
+        )?;
+        check_len("y", shape.numel(), y.len())?;
+        check_len("dy", shape.numel(), dy.len())?;
+        let act = self.config.activation;
+        // The masked gradient, computed once: it is dz itself with a residual; with
+        // neither activation nor residual it is dy.
+        let g: Option<Vec<f32>> = (residual || act != Activation::Identity).then(|| {
+            let mut g = vec![0.0; dy.len()];
+            mask_gradient(act, y, dy, &mut g);
+            g
+        });
+        let mut grads = self.backward(shape, x, g.as_deref().unwrap_or(dy), saved, mask)?;
+        grads.dz = if residual { g } else { None };
+        Ok(grads)
     }
 
     /// [`Self::forward_train`] writing `y` into the caller's slice.
@@ -132,10 +211,56 @@ impl CpuBatchNorm {
         x: &[f32],
         y: &mut [f32],
     ) -> Result<SavedStatsHost> {
+        self.train(shape, x, None, y)
+    }
+
+    /// [`Self::forward_eval`] writing `y` into the caller's slice.
+    pub fn forward_eval_into(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<Option<SavedStatsHost>> {
+        self.eval(shape, x, None, y)
+    }
+
+    /// [`Self::forward_train_add`] writing `y` into the caller's slice.
+    pub fn forward_train_add_into(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+        y: &mut [f32],
+    ) -> Result<SavedStatsHost> {
+        self.train(shape, x, Some(z), y)
+    }
+
+    /// [`Self::forward_eval_add`] writing `y` into the caller's slice.
+    pub fn forward_eval_add_into(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+        y: &mut [f32],
+    ) -> Result<Option<SavedStatsHost>> {
+        self.eval(shape, x, Some(z), y)
+    }
+
+    /// The training forward, with the residual `z` when given.
+    fn train(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<SavedStatsHost> {
         check_input(&self.config, &self.state, shape, "x", x.len(), true)?;
+        if let Some(z) = z {
+            check_len("z", shape.numel(), z.len())?;
+        }
         check_len("y", shape.numel(), y.len())?;
         let (mean, var) = batch_stats(shape, x);
-        let saved = self.normalize_batch(shape, x, y, &mean, &var);
+        let saved = self.normalize_batch(shape, x, z, y, &mean, &var);
         update_running_stats(
             &self.config,
             &mut self.state,
@@ -146,19 +271,23 @@ impl CpuBatchNorm {
         Ok(saved)
     }
 
-    /// [`Self::forward_eval`] writing `y` into the caller's slice.
-    pub fn forward_eval_into(
-        &mut self,
+    /// The eval forward, with the residual `z` when given.
+    fn eval(
+        &self,
         shape: &Shape,
         x: &[f32],
+        z: Option<&[f32]>,
         y: &mut [f32],
     ) -> Result<Option<SavedStatsHost>> {
         let track = self.config.track_running_stats;
         check_input(&self.config, &self.state, shape, "x", x.len(), !track)?;
+        if let Some(z) = z {
+            check_len("z", shape.numel(), z.len())?;
+        }
         check_len("y", shape.numel(), y.len())?;
         if !track {
             let (mean, var) = batch_stats(shape, x);
-            return Ok(Some(self.normalize_batch(shape, x, y, &mean, &var)));
+            return Ok(Some(self.normalize_batch(shape, x, z, y, &mean, &var)));
         }
         let c = shape.c();
         let (mut scale, mut shift) = (vec![0.0; c], vec![0.0; c]);
@@ -167,14 +296,14 @@ impl CpuBatchNorm {
             scale[ch] = (self.gamma(ch) * invstd(rv, self.config.eps)) as f32;
             shift[ch] = self.beta(ch) as f32;
         }
-        let hi = &self.state.running_mean;
-        elementwise(
+        let act = self.config.activation;
+        normalize(
+            act,
             shape,
             y,
             x,
-            x,
-            [hi, &scale, &shift, &shift],
-            |x, _, [h, s, t, _]| (x - h) * s + t,
+            z,
+            [&self.state.running_mean, &scale, &shift],
         );
         Ok(None)
     }
@@ -299,12 +428,13 @@ impl CpuBatchNorm {
         self.state.beta.get(c).map_or(0.0, |&b| f64::from(b))
     }
 
-    /// Normalizes with batch statistics: `y = (x - hi) * scale + shift`, where the
-    /// mean is split into `hi + lo` and `lo` is folded into `shift`.
+    /// Normalizes with batch statistics: `y = act((x - hi) * scale + shift [+ z])`,
+    /// where the mean is split into `hi + lo` and `lo` is folded into `shift`.
     fn normalize_batch(
         &self,
         shape: &Shape,
         x: &[f32],
+        z: Option<&[f32]>,
         y: &mut [f32],
         mean: &[f64],
         var: &[f64],
@@ -327,16 +457,101 @@ impl CpuBatchNorm {
             scale[ch] = s as f32;
             shift[ch] = (self.beta(ch) - lo * s) as f32;
         }
-        elementwise(
-            shape,
-            y,
-            x,
-            x,
-            [&saved.mean, &scale, &shift, &shift],
-            |x, _, [h, s, t, _]| (x - h) * s + t,
-        );
+        let act = self.config.activation;
+        normalize(act, shape, y, x, z, [&saved.mean, &scale, &shift]);
         saved
     }
+}
+
+/// Codes of the activations as const parameters ([`act`], [`passes`]).
+const IDENTITY: u8 = 0;
+const RELU: u8 = 1;
+const RELU6: u8 = 2;
+
+/// [`Activation::apply`] with the activation a constant, so that it compiles to a
+/// compare and select in the vectorized loops (NaN stays NaN).
+#[inline(always)]
+fn act<const A: u8>(v: f32) -> f32 {
+    match A {
+        RELU => {
+            if v < 0.0 {
+                0.0
+            } else {
+                v
+            }
+        }
+        RELU6 => v.clamp(0.0, 6.0),
+        _ => v,
+    }
+}
+
+/// [`Activation::passes`] with the activation a constant (a NaN `y` passes).
+#[inline(always)]
+fn passes<const A: u8>(y: f32) -> bool {
+    match A {
+        RELU => y > 0.0 || y.is_nan(),
+        RELU6 => (y > 0.0 && y < 6.0) || y.is_nan(),
+        _ => true,
+    }
+}
+
+/// `y = act((x - hi) * scale + shift [+ z])`, `coef = [hi, scale, shift]` per channel.
+fn normalize(
+    activation: Activation,
+    shape: &Shape,
+    y: &mut [f32],
+    x: &[f32],
+    z: Option<&[f32]>,
+    coef: [&[f32]; 3],
+) {
+    match activation {
+        Activation::Identity => normalize_act::<IDENTITY>(shape, y, x, z, coef),
+        Activation::Relu => normalize_act::<RELU>(shape, y, x, z, coef),
+        Activation::Relu6 => normalize_act::<RELU6>(shape, y, x, z, coef),
+    }
+}
+
+fn normalize_act<const A: u8>(
+    shape: &Shape,
+    y: &mut [f32],
+    x: &[f32],
+    z: Option<&[f32]>,
+    [hi, scale, shift]: [&[f32]; 3],
+) {
+    let coef = [hi, scale, shift, shift];
+    match z {
+        Some(z) => elementwise(shape, y, x, z, coef, |x, z, [h, s, t, _]| {
+            act::<A>((x - h) * s + t + z)
+        }),
+        None => elementwise(shape, y, x, x, coef, |x, _, [h, s, t, _]| {
+            act::<A>((x - h) * s + t)
+        }),
+    }
+}
+
+/// `g = dy` where the activation passes the gradient at `y`, else 0, in parallel
+/// over fixed chunks (any layout: the mask is elementwise and channel-free).
+fn mask_gradient(activation: Activation, y: &[f32], dy: &[f32], g: &mut [f32]) {
+    match activation {
+        Activation::Identity => mask_gradient_act::<IDENTITY>(y, dy, g),
+        Activation::Relu => mask_gradient_act::<RELU>(y, dy, g),
+        Activation::Relu6 => mask_gradient_act::<RELU6>(y, dy, g),
+    }
+}
+
+fn mask_gradient_act<const A: u8>(y: &[f32], dy: &[f32], g: &mut [f32]) {
+    chunk_items(g, ITEM, |k, gi| {
+        let base = k * ITEM;
+        let (yi, di) = (&y[base..base + gi.len()], &dy[base..base + gi.len()]);
+        for q in (0..gi.len()).step_by(BLOCK * 4) {
+            let e = (q + BLOCK * 4).min(gi.len());
+            prefetch::<false>(yi, q + PREFETCH, e - q);
+            prefetch::<false>(di, q + PREFETCH, e - q);
+            for ((o, &v), &d) in gi[q..e].iter_mut().zip(&yi[q..e]).zip(&di[q..e]) {
+                *o = if passes::<A>(v) { d } else { 0.0 };
+            }
+        }
+    });
 }
 
 /// Per-channel batch mean and biased variance (f64), in one pass over memory.

@@ -2,8 +2,14 @@
 //! Every other implementation (the GPU kernels, the fast CPU path) is tested
 //! against it. Clarity over speed: two passes (mean, then variance), everything
 //! accumulated in f64.
+//!
+//! The fused activation and residual of [`Activation`]: the forwards compute
+//! `y = act(bn(x))`, the `*_add` forwards `y = act(bn(x) + z)`;
+//! [`ReferenceBatchNorm::backward_fused`] is their backward.
 
-use crate::{BatchNormConfig, BatchNormState, Error, GradMask, Result, Shape, StatsSource};
+use crate::{
+    Activation, BatchNormConfig, BatchNormState, Error, GradMask, Result, Shape, StatsSource,
+};
 
 /// A batch-norm layer evaluated in f64 on the CPU.
 ///
@@ -27,7 +33,8 @@ pub struct ReferenceBatchNorm {
 /// f64 results of a forward pass.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReferenceForward {
-    /// The normalized tensor, same shape and layout as `x`.
+    /// The output `act(bn(x))` (`act(bn(x) + z)` with a residual), same shape and
+    /// layout as `x`.
     pub y: Vec<f64>,
     /// Per-channel mean used to normalize (batch or running).
     pub mean: Vec<f64>,
@@ -48,6 +55,9 @@ pub struct ReferenceGradients {
     pub dgamma: Option<Vec<f64>>,
     /// Gradient with respect to `beta`.
     pub dbeta: Option<Vec<f64>>,
+    /// Gradient with respect to the residual `z` (only from
+    /// [`ReferenceBatchNorm::backward_fused`] with `residual`).
+    pub dz: Option<Vec<f64>>,
 }
 
 /// The values of channel `c`, in `(n, spatial)` order, whatever the layout.
@@ -78,6 +88,32 @@ pub fn batch_stats(shape: &Shape, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
             (mean, var)
         })
         .unzip()
+}
+
+/// [`Activation::apply`] on an f64 value (NaN stays NaN). The thresholds 0 and 6
+/// are exact in f32, so rounding to f32 before or after it gives the same value.
+pub fn activate(act: Activation, v: f64) -> f64 {
+    match act {
+        Activation::Identity => v,
+        Activation::Relu => {
+            if v < 0.0 {
+                0.0
+            } else {
+                v
+            }
+        }
+        Activation::Relu6 => v.clamp(0.0, 6.0),
+    }
+}
+
+/// `dy` where the activation passes the gradient at the output `y`
+/// ([`Activation::passes`]: a NaN output passes it), 0 elsewhere: the gradient
+/// with respect to the activation's input. Lengths are the caller's to check.
+pub fn activation_grad(act: Activation, y: &[f32], dy: &[f32]) -> Vec<f32> {
+    y.iter()
+        .zip(dy)
+        .map(|(&v, &g)| if act.passes(v) { g } else { 0.0 })
+        .collect()
 }
 
 /// `1 / sqrt(var + eps)`, or 0 where `var + eps == 0` (never inf).
@@ -196,20 +232,25 @@ impl ReferenceBatchNorm {
         )
     }
 
+    /// `y = act(bn(x) + z)` (no `+ z` without a residual).
     fn normalize(
         &self,
         shape: &Shape,
         x: &[f32],
+        z: Option<&[f32]>,
         mean: Vec<f64>,
         var: Vec<f64>,
     ) -> ReferenceForward {
         let invstd: Vec<f64> = var.iter().map(|&v| invstd(v, self.config.eps)).collect();
+        let act = self.config.activation;
         let y = x
             .iter()
             .enumerate()
             .map(|(i, &v)| {
                 let c = shape.channel_of(i);
-                (f64::from(v) - mean[c]) * invstd[c] * self.gamma(c) + self.beta(c)
+                let bn = (f64::from(v) - mean[c]) * invstd[c] * self.gamma(c) + self.beta(c);
+                let residual = z.map_or(0.0, |z| f64::from(z[i]));
+                activate(act, bn + residual)
             })
             .collect();
         ReferenceForward {
@@ -220,10 +261,47 @@ impl ReferenceBatchNorm {
         }
     }
 
-    /// Training forward: normalizes with the batch statistics, then updates the
-    /// running statistics and `num_batches_tracked` (with `track_running_stats`).
+    /// Training forward: normalizes with the batch statistics and applies the
+    /// configured activation (`y = act(bn(x))`), then updates the running statistics
+    /// and `num_batches_tracked` (with `track_running_stats`).
     pub fn forward_train(&mut self, shape: &Shape, x: &[f32]) -> Result<ReferenceForward> {
+        self.train(shape, x, None)
+    }
+
+    /// [`Self::forward_train`] with a residual `z` of `x`'s shape and layout:
+    /// `y = act(bn(x) + z)`. The statistics are those of `x` alone.
+    pub fn forward_train_add(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+    ) -> Result<ReferenceForward> {
+        self.train(shape, x, Some(z))
+    }
+
+    /// Eval forward: normalizes with the running statistics when the layer tracks
+    /// them (`mean = running_mean`, `var = running_var`), otherwise with the batch
+    /// statistics, and applies the configured activation. Updates nothing.
+    pub fn forward_eval(&self, shape: &Shape, x: &[f32]) -> Result<ReferenceForward> {
+        self.eval(shape, x, None)
+    }
+
+    /// [`Self::forward_eval`] with a residual `z` of `x`'s shape and layout:
+    /// `y = act(bn(x) + z)`.
+    pub fn forward_eval_add(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+    ) -> Result<ReferenceForward> {
+        self.eval(shape, x, Some(z))
+    }
+
+    fn train(&mut self, shape: &Shape, x: &[f32], z: Option<&[f32]>) -> Result<ReferenceForward> {
         check_input(&self.config, &self.state, shape, "x", x.len(), true)?;
+        if let Some(z) = z {
+            check_len("z", shape.numel(), z.len())?;
+        }
         let (mean, var) = batch_stats(shape, x);
         update_running_stats(
             &self.config,
@@ -232,24 +310,26 @@ impl ReferenceBatchNorm {
             &var,
             shape.per_channel(),
         );
-        Ok(self.normalize(shape, x, mean, var))
+        Ok(self.normalize(shape, x, z, mean, var))
     }
 
-    /// Eval forward: normalizes with the running statistics when the layer tracks
-    /// them (`mean = running_mean`, `var = running_var`), otherwise with the batch
-    /// statistics. Updates nothing.
-    pub fn forward_eval(&self, shape: &Shape, x: &[f32]) -> Result<ReferenceForward> {
+    fn eval(&self, shape: &Shape, x: &[f32], z: Option<&[f32]>) -> Result<ReferenceForward> {
         let track = self.config.track_running_stats;
         check_input(&self.config, &self.state, shape, "x", x.len(), !track)?;
+        if let Some(z) = z {
+            check_len("z", shape.numel(), z.len())?;
+        }
         let (mean, var) = if track {
             self.running()
         } else {
             batch_stats(shape, x)
         };
-        Ok(self.normalize(shape, x, mean, var))
+        Ok(self.normalize(shape, x, z, mean, var))
     }
 
-    /// Backward. With [`StatsSource::Batch`] the statistics are recomputed from `x`
+    /// Backward of plain batch norm (no activation, no residual): `dy` is the
+    /// gradient of `bn(x)`. For a layer with an activation, or a forward with a
+    /// residual, call [`Self::backward_fused`]. With [`StatsSource::Batch`] the statistics are recomputed from `x`
     /// and `dx` has the training form; with [`StatsSource::Running`] the running
     /// statistics are constants (eval form). `mask` says which gradients to compute.
     pub fn backward(
@@ -304,6 +384,33 @@ impl ReferenceBatchNorm {
             dx,
             dgamma: (affine && mask.dgamma).then_some(dgamma),
             dbeta: (affine && mask.dbeta).then_some(dbeta),
+            dz: None,
         })
+    }
+
+    /// Backward through the configured activation and, with `residual`, the
+    /// residual add (`y = act(bn(x) [+ z])`). `y` is the forward's output: the
+    /// gradient `g = dy` where [`Activation::passes`] at `y`, 0 elsewhere, goes into
+    /// [`Self::backward`] in place of `dy` (`source` and `mask` as there), and with
+    /// `residual`, `dz = g` (whatever `mask` says).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_fused(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+        source: StatsSource,
+        mask: GradMask,
+        residual: bool,
+    ) -> Result<ReferenceGradients> {
+        let batch = source == StatsSource::Batch;
+        check_input(&self.config, &self.state, shape, "x", x.len(), batch)?;
+        check_len("y", shape.numel(), y.len())?;
+        check_len("dy", shape.numel(), dy.len())?;
+        let g = activation_grad(self.config.activation, y, dy);
+        let mut grads = self.backward(shape, x, &g, source, mask)?;
+        grads.dz = residual.then(|| g.iter().map(|&v| f64::from(v)).collect());
+        Ok(grads)
     }
 }
