@@ -100,7 +100,7 @@ fn pick(a: Norm, b: Norm, past: vec4<bool>) -> Norm {
 fn loop_vec4(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y4[i] = normalize(k, x4[i]);
+        y4[i] = epilogue4(normalize(k, x4[i]), i);
     }
 }
 
@@ -110,7 +110,7 @@ fn loop_vec4_rows(first: Walk, k: Norm) {
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        y4[i] = normalize(k, x4[i]);
+        y4[i] = epilogue4(normalize(k, x4[i]), i);
         i += step;
     }
 }
@@ -122,10 +122,10 @@ fn loop_vec16(first: Walk, k0: Norm, k1: Norm, k2: Norm, k3: Norm) {
     let step = 4u * row_step(p);
     var i = 4u * walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        y4[i] = normalize(k0, x4[i]);
-        y4[i + 1u] = normalize(k1, x4[i + 1u]);
-        y4[i + 2u] = normalize(k2, x4[i + 2u]);
-        y4[i + 3u] = normalize(k3, x4[i + 3u]);
+        y4[i] = epilogue4(normalize(k0, x4[i]), i);
+        y4[i + 1u] = epilogue4(normalize(k1, x4[i + 1u]), i + 1u);
+        y4[i + 2u] = epilogue4(normalize(k2, x4[i + 2u]), i + 2u);
+        y4[i + 3u] = epilogue4(normalize(k3, x4[i + 3u]), i + 3u);
         i += step;
     }
 }
@@ -148,7 +148,7 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
         let k = coef_channel(c);
         loop {
             let i = walk_index(p, w);
-            y4[i] = normalize(k, x4[i]);
+            y4[i] = epilogue4(normalize(k, x4[i]), i);
             w = flat_step(p, w);
             if !flat_in_run(p, w) {
                 break;
@@ -170,7 +170,7 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn loop_quad(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
+        let v = epilogue_quad(normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w])), i);
         // Past the run, indices repeat the last element and write its same value.
         y[i.x] = v.x;
         y[i.y] = v.y;
@@ -234,7 +234,7 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        y[i] = (x[i] - k.hi.x) * k.scale.x + k.shift.x;
+        y[i] = epilogue1((x[i] - k.hi.x) * k.scale.x + k.shift.x, i);
         i += step;
     }
 }

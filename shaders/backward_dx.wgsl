@@ -92,7 +92,7 @@ fn x4_if_used(i: u32, k: Coef) -> vec4<f32> {
 fn loop_vec4(first: Walk, k: Coef) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        dx4[i] = dx_of(k, dy4[i], x4_if_used(i, k));
+        dx4[i] = dx_of(k, grad4(i), x4_if_used(i, k));
     }
 }
 
@@ -102,7 +102,7 @@ fn loop_vec4_rows(first: Walk, k: Coef) {
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        dx4[i] = dx_of(k, dy4[i], x4_if_used(i, k));
+        dx4[i] = dx_of(k, grad4(i), x4_if_used(i, k));
         i += step;
     }
 }
@@ -114,10 +114,10 @@ fn loop_vec16(first: Walk, k0: Coef, k1: Coef, k2: Coef, k3: Coef) {
     let step = 4u * row_step(p);
     var i = 4u * walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        dx4[i] = dx_of(k0, dy4[i], x4_if_used(i, k0));
-        dx4[i + 1u] = dx_of(k1, dy4[i + 1u], x4_if_used(i + 1u, k1));
-        dx4[i + 2u] = dx_of(k2, dy4[i + 2u], x4_if_used(i + 2u, k2));
-        dx4[i + 3u] = dx_of(k3, dy4[i + 3u], x4_if_used(i + 3u, k3));
+        dx4[i] = dx_of(k0, grad4(i), x4_if_used(i, k0));
+        dx4[i + 1u] = dx_of(k1, grad4(i + 1u), x4_if_used(i + 1u, k1));
+        dx4[i + 2u] = dx_of(k2, grad4(i + 2u), x4_if_used(i + 2u, k2));
+        dx4[i + 3u] = dx_of(k3, grad4(i + 3u), x4_if_used(i + 3u, k3));
         i += step;
     }
 }
@@ -142,7 +142,7 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
         let k = coef_channel(c);
         loop {
             let i = walk_index(p, w);
-            dx4[i] = dx_of(k, dy4[i], x4_if_used(i, k));
+            dx4[i] = dx_of(k, grad4(i), x4_if_used(i, k));
             w = flat_step(p, w);
             if !flat_in_run(p, w) {
                 break;
@@ -168,7 +168,7 @@ fn loop_quad(first: Walk, k: Coef) {
         if WITH_X {
             xv = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
         }
-        let r = dx_of(k, vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]), xv);
+        let r = dx_of(k, grad_quad(i), xv);
         // Past the run, indices repeat the last element and write its same value.
         dx[i.x] = r.x;
         dx[i.y] = r.y;
@@ -236,7 +236,7 @@ fn scalar(@builtin(local_invocation_index) t: u32,
         if WITH_X {
             xv = x[i];
         }
-        dx[i] = dx_of(k, vec4<f32>(dy[i]), vec4<f32>(xv)).x;
+        dx[i] = dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(xv)).x;
         i += step;
     }
 }

@@ -119,7 +119,9 @@ fn loop_vec4(first: Walk, hi: vec4<f32>) -> Sums {
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        acc = accumulate(acc, dy4[i], x4_if_wanted(i, hi), hi);
+        let g = grad4(i);
+        store_dz4(i, g);
+        acc = accumulate(acc, g, x4_if_wanted(i, hi), hi);
     }
     return acc;
 }
@@ -131,7 +133,9 @@ fn loop_vec4_rows(first: Walk, hi: vec4<f32>) -> Sums {
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        acc = accumulate(acc, dy4[i], x4_if_wanted(i, hi), hi);
+        let g = grad4(i);
+        store_dz4(i, g);
+        acc = accumulate(acc, g, x4_if_wanted(i, hi), hi);
         i += step;
     }
     return acc;
@@ -182,7 +186,9 @@ fn loop_quad(first: Walk, hi: vec4<f32>) -> Sums {
         if WITH_X {
             xv = select(hi, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]), valid);
         }
-        let g = select(vec4<f32>(0.0), vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]), valid);
+        let gq = grad_quad(i);
+        store_dz_quad(i, gq);
+        let g = select(vec4<f32>(0.0), gq, valid);
         acc = accumulate(acc, g, xv, hi);
     }
     return acc;
@@ -199,7 +205,8 @@ fn channels_first_packed(@builtin(local_invocation_index) t: u32,
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        let g = dy4[i];
+        let g = grad4(i);
+        store_dz4(i, g);
         let xv = x4_if_wanted(i, hi);
         // The four components by name (not indexed in a loop: see channels_last_vec16).
         let ch = packed_channels(p, w);
@@ -240,10 +247,18 @@ fn channels_last_vec16(@builtin(local_invocation_index) t: u32,
     let step = 4u * row_step(p);
     var i = 4u * walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        a0 = accumulate(a0, dy4[i], x4_if_wanted(i, h0), h0);
-        a1 = accumulate(a1, dy4[i + 1u], x4_if_wanted(i + 1u, h1), h1);
-        a2 = accumulate(a2, dy4[i + 2u], x4_if_wanted(i + 2u, h2), h2);
-        a3 = accumulate(a3, dy4[i + 3u], x4_if_wanted(i + 3u, h3), h3);
+        let g0 = grad4(i);
+        let g1 = grad4(i + 1u);
+        let g2 = grad4(i + 2u);
+        let g3 = grad4(i + 3u);
+        store_dz4(i, g0);
+        store_dz4(i + 1u, g1);
+        store_dz4(i + 2u, g2);
+        store_dz4(i + 3u, g3);
+        a0 = accumulate(a0, g0, x4_if_wanted(i, h0), h0);
+        a1 = accumulate(a1, g1, x4_if_wanted(i + 1u, h1), h1);
+        a2 = accumulate(a2, g2, x4_if_wanted(i + 2u, h2), h2);
+        a3 = accumulate(a3, g3, x4_if_wanted(i + 3u, h3), h3);
         i += step;
     }
     let v = 4u * first.group;
@@ -272,7 +287,9 @@ fn loop_scalar(first: Walk, hi: vec4<f32>) -> Sums {
         if WITH_X {
             xv = vec4<f32>(x[i], hi.yzw);
         }
-        acc = accumulate(acc, vec4<f32>(dy[i], 0.0, 0.0, 0.0), xv, hi);
+        let g = grad1(i);
+        store_dz1(i, g);
+        acc = accumulate(acc, vec4<f32>(g, 0.0, 0.0, 0.0), xv, hi);
         i += step;
     }
     return acc;
@@ -366,7 +383,7 @@ fn fused_coef(t: u32, first: Walk, acc: Sums, lanes: u32) -> DxCoef {
 fn dx_vec4(first: Walk, k: DxCoef) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        dx4[i] = dx_of(k, dy4[i], x4[i]);
+        dx4[i] = dx_of(k, grad4(i), x4[i]);
     }
 }
 
@@ -387,8 +404,7 @@ fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
     let k = fused_coef(t, first, loop_quad(first, hi_channel(walk_group(p, first))), 1u);
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = dx_of(k, vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]),
-                      vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
+        let v = dx_of(k, grad_quad(i), vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
         // Past the run, indices repeat the last element and write its same value.
         dx[i.x] = v.x;
         dx[i.y] = v.y;
@@ -419,7 +435,7 @@ fn fused_scalar(@builtin(local_invocation_index) t: u32,
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        dx[i] = dx_of(k, vec4<f32>(dy[i]), vec4<f32>(x[i])).x;
+        dx[i] = dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(x[i])).x;
         i += step;
     }
 }

@@ -257,6 +257,33 @@ fn normalize(k: Norm, v: vec4<f32>) -> vec4<f32> {
     return (v - k.hi) * k.scale + k.shift;
 }
 
+// The activation fused after the normalization: ACT, the module's (a host constant,
+// one of ACT_IDENTITY, ACT_RELU, ACT_RELU6). Selects rather than max/min, so that a
+// NaN stays NaN.
+fn act4(v: vec4<f32>) -> vec4<f32> {
+    let zero = vec4<f32>(0.0);
+    if ACT == ACT_RELU {
+        return select(v, zero, v < zero);
+    }
+    if ACT == ACT_RELU6 {
+        return select(select(v, vec4<f32>(6.0), v > vec4<f32>(6.0)), zero, v < zero);
+    }
+    return v;
+}
+
+// Where the activation passes the gradient, from its output y (PyTorch's
+// threshold_backward and hardtanh_backward: a NaN output passes it).
+fn passes4(y: vec4<f32>) -> vec4<bool> {
+    let zero = vec4<f32>(0.0);
+    if ACT == ACT_RELU {
+        return !(y <= zero);
+    }
+    if ACT == ACT_RELU6 {
+        return !((y <= zero) | (y >= vec4<f32>(6.0)));
+    }
+    return vec4<bool>(true);
+}
+
 // How a channel's merged batch statistics become its saved statistics, coefficients
 // and running statistics (finalize.wgsl, and stats.wgsl's fused forward).
 struct FinalizeParams {

@@ -468,7 +468,7 @@ fn fused_norm(t: u32, first: Walk, w: Welford, pivot: vec4<f32>, lanes: u32) -> 
 fn normalize_vec4(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y4[i] = normalize(k, x4[i]);
+        y4[i] = epilogue4(normalize(k, x4[i]), i);
     }
 }
 
@@ -488,7 +488,7 @@ fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
     let k = fused_norm(t, s.first, s.w, s.pivot, 1u);
     for (var w = s.first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
+        let v = epilogue_quad(normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w])), i);
         // Past the run, indices repeat the last element and write its same value.
         y[i.x] = v.x;
         y[i.y] = v.y;
@@ -513,7 +513,7 @@ fn fused_scalar(@builtin(local_invocation_index) t: u32,
     let k = fused_norm(t, s.first, s.w, s.pivot, 1u);
     for (var w = s.first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y[i] = normalize(k, vec4<f32>(x[i])).x;
+        y[i] = epilogue1(normalize(k, vec4<f32>(x[i])).x, i);
     }
 }
 

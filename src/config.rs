@@ -15,6 +15,71 @@ pub enum Convention {
     Keras,
 }
 
+/// An activation applied to the normalized output, fused into the layer's kernels:
+/// `y = act(bn(x))`, or with a residual `z` (the `*_add` calls) `y = act(bn(x) + z)`,
+/// the block cuDNN calls `BN_ACTIVATION` / `BN_ADD_ACTIVATION` and ResNets use. The
+/// backward passes through it from `y`, the forward's output: `dy` is masked where
+/// the activation is flat (PyTorch's `threshold_backward` / `hardtanh_backward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Activation {
+    /// No activation (plain batch norm).
+    #[default]
+    Identity,
+    /// `max(v, 0)`; backward passes `dy` where `y > 0`.
+    Relu,
+    /// `min(max(v, 0), 6)` (PyTorch's `ReLU6`, a clamp); backward passes `dy` where
+    /// `0 < y < 6`.
+    Relu6,
+}
+
+impl Activation {
+    /// Every activation, in the order of their codes.
+    pub const ALL: [Activation; 3] = [Activation::Identity, Activation::Relu, Activation::Relu6];
+
+    /// The activation of one value (NaN stays NaN).
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::Identity => v,
+            Activation::Relu => {
+                if v < 0.0 {
+                    0.0
+                } else {
+                    v
+                }
+            }
+            Activation::Relu6 => {
+                if v < 0.0 {
+                    0.0
+                } else if v > 6.0 {
+                    6.0
+                } else {
+                    v
+                }
+            }
+        }
+    }
+
+    /// Whether the gradient passes at an output `y` (a NaN output passes it, as
+    /// PyTorch's backward does).
+    pub fn passes(self, y: f32) -> bool {
+        match self {
+            Activation::Identity => true,
+            Activation::Relu => !(y <= 0.0),
+            Activation::Relu6 => !(y <= 0.0 || y >= 6.0),
+        }
+    }
+
+
+    /// Lower-case name (`identity`, `relu`, `relu6`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Identity => "identity",
+            Activation::Relu => "relu",
+            Activation::Relu6 => "relu6",
+        }
+    }
+}
+
 /// Options of a batch-norm layer, with PyTorch's names and defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchNormConfig {
@@ -31,6 +96,8 @@ pub struct BatchNormConfig {
     pub track_running_stats: bool,
     /// How `momentum` is read and which variance is tracked (default PyTorch).
     pub convention: Convention,
+    /// Activation fused after the normalization (default none).
+    pub activation: Activation,
 }
 
 impl BatchNormConfig {
@@ -43,6 +110,7 @@ impl BatchNormConfig {
             affine: true,
             track_running_stats: true,
             convention: Convention::PyTorch,
+            activation: Activation::Identity,
         }
     }
 
@@ -95,6 +163,12 @@ impl BatchNormConfig {
     /// Sets `track_running_stats`.
     pub fn track_running_stats(mut self, track: bool) -> Self {
         self.track_running_stats = track;
+        self
+    }
+
+    /// Sets the fused activation.
+    pub fn activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
         self
     }
 

@@ -6,6 +6,17 @@ use std::sync::{Arc, Mutex};
 use crate::kernels::Kernels;
 use crate::{Error, Result, TensorBuffer, Tuning};
 
+/// An elementwise step of the unfused sequence ([`GpuContext::elementwise_in_pass`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elementwise {
+    /// `out = act(a)`.
+    Activation(crate::Activation),
+    /// `out = a + b` (a residual add).
+    Add,
+    /// `out = a` where the activation passes the gradient at its output `b`, else 0.
+    ActivationBackward(crate::Activation),
+}
+
 /// A `wgpu` device and queue with this crate's pipelines, built on it as calls first
 /// need them.
 ///
@@ -38,7 +49,9 @@ impl GpuContext {
     /// `WGPU_BACKEND` (`vulkan`, `metal`, `dx12`, `gl`) limits the backends,
     /// `WGPU_ADAPTER_NAME` picks an adapter whose name contains the given text, and
     /// `WGPU_POWER_PREF` (`low`/`high`) the default choice (a discrete GPU unless told
-    /// otherwise). Blocks until the device is ready; see [`Self::from_env_async`].
+    /// otherwise). Blocks until the device is ready; see [`Self::from_env_async`]
+    /// (the only form on the web).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_env() -> Result<Self> {
         pollster::block_on(Self::from_env_async())
     }
@@ -99,8 +112,13 @@ impl GpuContext {
         })
     }
 
-    /// Fails with [`Error::DeviceLost`] once the device is lost.
+    /// Fails with [`Error::DeviceLost`] once the device is lost. On the web it also
+    /// returns, once, an error that a synchronous call caught after it returned
+    /// (see the crate docs on the web).
     pub fn check_device(&self) -> Result<()> {
+        if let Some(e) = crate::scopes::take_deferred(&self.inner.device) {
+            return Err(e);
+        }
         match &*self.inner.lost.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(why) => Err(Error::DeviceLost(why.clone())),
             None => Ok(()),
@@ -121,8 +139,8 @@ impl GpuContext {
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let result = f();
-        let invalid = pollster::block_on(invalid.pop());
-        let oom = pollster::block_on(oom.pop());
+        // On the web this cannot wait: what the scopes catch comes back later.
+        let (invalid, oom) = crate::scopes::pop(device, context, oom, invalid);
         if invalid.is_some() || oom.is_some() {
             // A destroyed device reports its loss at the next poll: an error here
             // may be the first sign of it.
@@ -269,6 +287,74 @@ impl GpuContext {
         Ok(())
     }
 
+    /// Records one elementwise step of the sequence that a fused batch norm
+    /// ([`crate::Activation`], the `*_add` forwards) replaces, over the first
+    /// `bytes` bytes of f32 tensors: `out = act(a)`, `out = a + b`, or the
+    /// activation's backward `out = a` where it passes the gradient at its output
+    /// `b` (`a` = dy, `b` = y), else 0. The benchmarks time the fused calls
+    /// against these. `bytes` must be a non-zero multiple of 16; `out` must not be
+    /// `a` or `b`.
+    pub fn elementwise_in_pass(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        op: Elementwise,
+        a: &wgpu::Buffer,
+        b: Option<&wgpu::Buffer>,
+        out: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<()> {
+        let vec4s = u32::try_from(bytes / 16).unwrap_or(0);
+        if !bytes.is_multiple_of(16) || vec4s == 0 {
+            return Err(Error::LengthMismatch {
+                name: "elementwise bytes (a non-zero multiple of 16)",
+                expected: bytes.next_multiple_of(16).max(16) as usize,
+                got: bytes as usize,
+            });
+        }
+        let (act, needs_b) = match op {
+            Elementwise::Activation(act) => (act, false),
+            Elementwise::Add => (crate::Activation::Identity, true),
+            Elementwise::ActivationBackward(act) => (act, true),
+        };
+        let b = match (b, needs_b) {
+            (Some(b), true) => b,
+            (None, true) => return Err(Error::MissingState("this elementwise step reads b")),
+            // Bound but not read.
+            (_, false) => a,
+        };
+        self.check_storage("a", a, bytes)?;
+        self.check_storage("b", b, bytes)?;
+        self.check_storage("out", out, bytes)?;
+        if out == a || out == b {
+            return Err(Error::AliasedBuffers { a: "out", b: "a or b" });
+        }
+        let fusion = crate::kernels::Fusion {
+            act,
+            residual: false,
+        };
+        let kernels = self.kernels().fused(self.device(), fusion)?;
+        let kernel = match op {
+            Elementwise::Activation(_) => &kernels.activation.act,
+            Elementwise::Add => &kernels.activation.add,
+            Elementwise::ActivationBackward(_) => &kernels.activation.backward,
+        };
+        kernel.build(self.device())?;
+        let plan = crate::kernels::common::plan_flat(vec4s, self.tuning.elementwise);
+        let params = kernels.uniform(self.device(), &plan.params);
+        kernel.record(
+            self.device(),
+            pass,
+            &[
+                crate::kernels::whole(&params),
+                crate::kernels::binding(a, bytes),
+                crate::kernels::binding(b, bytes),
+                crate::kernels::binding(out, bytes),
+            ],
+            plan.workgroups(),
+        );
+        Ok(())
+    }
+
     /// Checks that the first `bytes` of `buffer` can be bound as a storage buffer on
     /// this device: within the binding limit, inside the buffer, with `STORAGE`.
     pub(crate) fn check_storage(
@@ -347,7 +433,9 @@ impl GpuContext {
             .min(limits.max_buffer_size)
     }
 
-    /// Submits the encoder and waits for the GPU to finish it.
+    /// Submits the encoder and waits for the GPU to finish it (not on the web: see
+    /// [`Self::submit_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
         self.check_device()?;
         let index = self.inner.queue.submit([encoder.finish()]);
@@ -356,6 +444,7 @@ impl GpuContext {
 
     /// Waits for the submission `index` (or all work); a failure is
     /// [`Error::DeviceLost`] when the device is lost, else [`Error::Readback`].
+    #[cfg(not(target_arch = "wasm32"))]
     fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         let waited = self.inner.device.poll(wgpu::PollType::Wait {
             submission_index: index,
@@ -368,6 +457,8 @@ impl GpuContext {
 
     /// Copies the first `len` values of type `T` in `buffer` to the host. The buffer
     /// needs `COPY_SRC`, and `len * size_of::<T>()` must be a multiple of 4 bytes.
+    /// Blocks; not on the web (see [`Self::read_buffer_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_buffer<T: bytemuck::Pod>(
         &self,
         buffer: &wgpu::Buffer,

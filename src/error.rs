@@ -220,6 +220,13 @@ pub enum Error {
     /// forward of the same shape.
     #[error("{0}")]
     MissingSavedStats(&'static str),
+    /// The backward of a layer with an activation was not given the forward's
+    /// output `y` ([`crate::GradBuffers::output`]), which it masks `dy` with.
+    #[error(
+        "the layer's activation ({0}) needs the forward's output y for its backward: \
+         pass it with GradBuffers::output"
+    )]
+    MissingOutput(&'static str),
 }
 
 /// Shorthand for this crate's results.

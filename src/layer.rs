@@ -3,13 +3,17 @@
 use crate::context::GpuContext;
 use crate::kernels::{
     apply, backward_dx, backward_finalize, binding, common, finalize, stats, whole, DispatchInfo,
-    Kernel, Recipe, WORKGROUP_SIZE,
+    Fusion, Kernel, Kernels, Recipe, WORKGROUP_SIZE,
 };
+// The host types serve the blocking host calls, which the web does not have.
+#[cfg_attr(target_arch = "wasm32", allow(unused_imports))]
 use crate::{
     BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
     SavedStatsHost, Shape, TensorBuffer, TrainOutput,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
+
+mod host_async;
 
 /// Where the normalize pass takes its coefficients from.
 #[derive(Clone, Copy)]
@@ -125,7 +129,9 @@ impl SavedStats {
         (&self.buffer, 0, self.buffer.size())
     }
 
-    /// Reads the statistics back to the host (submits and waits).
+    /// Reads the statistics back to the host (submits and waits; on the web:
+    /// [`Self::to_host_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn to_host(&self, ctx: &GpuContext) -> Result<SavedStatsHost> {
         let p = self.stride();
         let c = self.channels;
@@ -164,6 +170,12 @@ pub struct GradBuffers<'a> {
     /// `.grad`) instead of overwriting them (the default, like the functional
     /// backward). `dx` is always overwritten.
     pub accumulate: bool,
+    /// The forward's output `y` (read): the backward of a layer with an
+    /// activation masks `dy` with it.
+    pub output: Option<TensorBuffer<'a>>,
+    /// Receives `dz`, the gradient of the residual of an `*_add` forward (x's shape):
+    /// the backward of `act(bn(x) + z)`.
+    pub dz: Option<TensorBuffer<'a>>,
 }
 
 impl<'a> GradBuffers<'a> {
@@ -199,6 +211,24 @@ impl<'a> GradBuffers<'a> {
     /// Adds `dgamma`/`dbeta` to the buffers' contents instead of overwriting them.
     pub fn accumulate(self, accumulate: bool) -> Self {
         Self { accumulate, ..self }
+    }
+
+    /// The forward's output `y`, which the backward of a layer with an activation
+    /// needs ([`crate::Activation`]).
+    pub fn output(self, y: impl Into<TensorBuffer<'a>>) -> Self {
+        Self {
+            output: Some(y.into()),
+            ..self
+        }
+    }
+
+    /// Computes the residual's gradient `dz` into `dz`: the backward of an `*_add`
+    /// forward (`act(bn(x) + z)`).
+    pub fn dz(self, dz: impl Into<TensorBuffer<'a>>) -> Self {
+        Self {
+            dz: Some(dz.into()),
+            ..self
+        }
     }
 }
 
@@ -301,7 +331,9 @@ impl BatchNorm {
         padded(self.config.num_features)
     }
 
-    /// Reads parameters and running statistics back (submits and waits).
+    /// Reads parameters and running statistics back (submits and waits; on the web:
+    /// [`Self::state_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn state(&self) -> Result<BatchNormState> {
         let (c, p) = (self.config.num_features, self.stride());
         let affine: Vec<f32> = self.ctx.read_buffer(&self.affine, 2 * p)?;
@@ -465,6 +497,7 @@ impl BatchNorm {
         &self,
         shape: &Shape,
         x: TensorBuffer<'_>,
+        z: Option<TensorBuffer<'_>>,
         y: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
         batch_stats: bool,
@@ -472,6 +505,9 @@ impl BatchNorm {
         self.ctx.check_device()?;
         self.check_shape(shape, batch_stats)?;
         self.ctx.check_tensor("x", x, shape.bytes())?;
+        if let Some(z) = z {
+            self.ctx.check_tensor("z", z, shape.bytes())?;
+        }
         self.ctx.check_tensor("y", y, shape.bytes())?;
         let saved = saved.filter(|_| batch_stats);
         if let Some(s) = saved {
@@ -483,9 +519,21 @@ impl BatchNorm {
         let bytes = shape.bytes();
         self.check_aliasing(&[
             ("x", Some(range(x, bytes)), false),
+            ("z", z.map(|z| range(z, bytes)), false),
             ("y", Some(range(y, bytes)), true),
             ("saved", saved.map(SavedStats::range), true),
-        ])
+        ])?;
+        self.fused_kernels(z.is_some()).map(|_| ())
+    }
+
+    /// The pipelines of this layer's activation, with or without a residual (plain
+    /// batch norm's for neither).
+    fn fused_kernels(&self, residual: bool) -> Result<&Kernels> {
+        let fusion = Fusion {
+            act: self.config.activation,
+            residual,
+        };
+        self.ctx.kernels().fused(self.ctx.device(), fusion)
     }
 
     // ----- forward ----------------------------------------------------------------
@@ -518,10 +566,52 @@ impl BatchNorm {
         y: impl Into<TensorBuffer<'a>>,
         saved: &'p SavedStats,
     ) -> Result<Plan<'p>> {
-        let (x, y) = (x.into(), y.into());
-        self.prepare_forward(shape, x, y, Some(saved), true)?;
+        self.plan_train(shape, x.into(), None, y.into(), saved)
+    }
+
+    /// A training forward with a residual: `y = act(bn(x) + z)` (the layer's
+    /// activation, [`crate::Activation`]), `z` a tensor of x's shape and layout,
+    /// added in the normalize pass (cuDNN's `BN_ADD_ACTIVATION`, a ResNet block's
+    /// `relu(bn(conv(x)) + identity)`). Otherwise as [`Self::forward_train`]; its
+    /// backward passes a [`GradBuffers::dz`].
+    pub fn forward_train_add<'a>(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        shape: &Shape,
+        x: impl Into<TensorBuffer<'a>>,
+        z: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
+        saved: &SavedStats,
+    ) -> Result<()> {
+        self.plan_forward_train_add(shape, x, z, y, saved)?
+            .record_into(encoder);
+        Ok(())
+    }
+
+    /// The dispatches of [`Self::forward_train_add`].
+    pub fn plan_forward_train_add<'p, 'a>(
+        &'p mut self,
+        shape: &Shape,
+        x: impl Into<TensorBuffer<'a>>,
+        z: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
+        saved: &'p SavedStats,
+    ) -> Result<Plan<'p>> {
+        self.plan_train(shape, x.into(), Some(z.into()), y.into(), saved)
+    }
+
+    fn plan_train<'p>(
+        &'p mut self,
+        shape: &Shape,
+        x: TensorBuffer<'_>,
+        z: Option<TensorBuffer<'_>>,
+        y: TensorBuffer<'_>,
+        saved: &'p SavedStats,
+    ) -> Result<Plan<'p>> {
+        self.prepare_forward(shape, x, z, y, Some(saved), true)?;
         self.plan("bn.forward_train", Some(saved), |this, rec| {
-            this.record_forward_train(rec, shape, x, y, saved)
+            let update = this.config.track_running_stats;
+            this.record_batch_forward(rec, shape, x, z, y, &saved.buffer, update)
         })
     }
 
@@ -563,12 +653,50 @@ impl BatchNorm {
         y: impl Into<TensorBuffer<'a>>,
         saved: Option<&'p SavedStats>,
     ) -> Result<Plan<'p>> {
-        let (x, y) = (x.into(), y.into());
+        self.plan_eval(shape, x.into(), None, y.into(), saved)
+    }
+
+    /// An eval forward with a residual: `y = act(bn(x) + z)` (see
+    /// [`Self::forward_train_add`]); otherwise as [`Self::forward_eval`].
+    pub fn forward_eval_add<'a>(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        shape: &Shape,
+        x: impl Into<TensorBuffer<'a>>,
+        z: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
+        saved: Option<&SavedStats>,
+    ) -> Result<()> {
+        self.plan_forward_eval_add(shape, x, z, y, saved)?
+            .record_into(encoder);
+        Ok(())
+    }
+
+    /// The dispatches of [`Self::forward_eval_add`].
+    pub fn plan_forward_eval_add<'p, 'a>(
+        &'p mut self,
+        shape: &Shape,
+        x: impl Into<TensorBuffer<'a>>,
+        z: impl Into<TensorBuffer<'a>>,
+        y: impl Into<TensorBuffer<'a>>,
+        saved: Option<&'p SavedStats>,
+    ) -> Result<Plan<'p>> {
+        self.plan_eval(shape, x.into(), Some(z.into()), y.into(), saved)
+    }
+
+    fn plan_eval<'p>(
+        &'p mut self,
+        shape: &Shape,
+        x: TensorBuffer<'_>,
+        z: Option<TensorBuffer<'_>>,
+        y: TensorBuffer<'_>,
+        saved: Option<&'p SavedStats>,
+    ) -> Result<Plan<'p>> {
         let batch_stats = !self.config.track_running_stats;
-        self.prepare_forward(shape, x, y, saved, batch_stats)?;
+        self.prepare_forward(shape, x, z, y, saved, batch_stats)?;
         let filled = saved.filter(|_| batch_stats);
         self.plan("bn.forward_eval", filled, |this, rec| {
-            this.record_forward_eval(rec, shape, x, y, saved)
+            this.record_forward_eval(rec, shape, x, z, y, saved)
         })
     }
 
@@ -594,10 +722,10 @@ impl BatchNorm {
         &'s self,
         label: &'static str,
         fills: Option<&'s SavedStats>,
-        record: impl FnOnce(&'s Self, &mut Recipe<'s>),
+        record: impl FnOnce(&'s Self, &mut Recipe<'s>) -> Result<()>,
     ) -> Result<Plan<'s>> {
         let mut recipe = Recipe::new();
-        record(self, &mut recipe);
+        record(self, &mut recipe)?;
         recipe.build(self.ctx.device())?;
         Ok(Plan {
             recipe,
@@ -612,27 +740,16 @@ impl BatchNorm {
         &mut self,
         shape: &Shape,
         x: TensorBuffer<'_>,
+        z: Option<TensorBuffer<'_>>,
         y: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
         batch_stats: bool,
     ) -> Result<()> {
-        self.check_forward(shape, x, y, saved, batch_stats)?;
+        self.check_forward(shape, x, z, y, saved, batch_stats)?;
         if batch_stats {
             self.reserve_partials(shape, common::Pass::Statistics)?;
         }
         Ok(())
-    }
-
-    fn record_forward_train<'s>(
-        &'s self,
-        pass: &mut Recipe<'s>,
-        shape: &Shape,
-        x: TensorBuffer<'_>,
-        y: TensorBuffer<'_>,
-        saved: &SavedStats,
-    ) {
-        let update = self.config.track_running_stats;
-        self.record_batch_forward(pass, shape, x, y, &saved.buffer, update);
     }
 
     fn record_forward_eval<'s>(
@@ -640,22 +757,23 @@ impl BatchNorm {
         pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
+        z: Option<TensorBuffer<'_>>,
         y: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
-    ) {
+    ) -> Result<()> {
         if self.config.track_running_stats {
             // Small tensors in one dispatch (see `Tuning::fused_eval_max_elements`),
             // and any tensor on a device that cannot bind finalize's buffers.
             let fold_fits = self.ctx.kernels().finalize.eval.fits(self.ctx.device());
             if shape.numel() as u64 <= self.ctx.tuning().fused_eval_max_elements || !fold_fits {
-                self.record_apply(pass, shape, x, y, Coefficients::Running);
+                self.record_apply(pass, shape, x, z, y, Coefficients::Running)
             } else {
                 self.record_fold_running(pass);
-                self.record_apply(pass, shape, x, y, Coefficients::Finalized);
+                self.record_apply(pass, shape, x, z, y, Coefficients::Finalized)
             }
         } else {
             let target = saved.unwrap_or(&self.scratch_saved).buffer.clone();
-            self.record_batch_forward(pass, shape, x, y, &target, false);
+            self.record_batch_forward(pass, shape, x, z, y, &target, false)
         }
     }
 
@@ -665,25 +783,42 @@ impl BatchNorm {
     /// not a cumulative average, which reads the batch count); else statistics
     /// and finalize (one dispatch where the finalized statistics serve the walk, on
     /// the same terms), then normalize.
+    #[allow(clippy::too_many_arguments)]
     fn record_batch_forward<'s>(
         &'s self,
         pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
+        z: Option<TensorBuffer<'_>>,
         y: TensorBuffer<'_>,
         saved: &wgpu::Buffer,
         update_running: bool,
-    ) {
+    ) -> Result<()> {
         let fusable = self.finalizes_in_place(update_running)
             && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
-        let kernels = self.ctx.kernels();
+        let device = self.ctx.device();
+        // The kernels that write y: those of the layer's activation and residual.
+        let out = self.fused_kernels(z.is_some())?;
+        let residual = z;
+        let z = z.map(|z| z.binding(shape.bytes()));
         let fused = fusable
             .then(|| self.stats_walk(shape, update_running, common::Pass::FusedForward))
-            .and_then(|plan| Some((plan, kernels.stats.fused(&plan)?)));
+            .and_then(|plan| Some((plan, out.stats.fused(&plan)?)))
+            .filter(|(_, kernel)| kernel.fits(device));
         if let Some((plan, fused)) = fused {
             let y = y.binding(shape.bytes());
-            self.record_whole_channels(pass, fused, &plan, shape, x, y, saved, update_running);
-        } else if let Some((plan, merged)) = self.merged_forward(shape, update_running) {
+            self.record_whole_channels(
+                pass,
+                fused,
+                &plan,
+                shape,
+                x,
+                y,
+                saved,
+                update_running,
+                z.as_slice(),
+            );
+        } else if let Some((plan, merged)) = self.merged_forward(out, shape, update_running) {
             let partials = self.record_stats_partials(pass, shape, x, &plan);
             let fp = self.finalize_params(
                 plan.partials_per_channel(),
@@ -692,25 +827,26 @@ impl BatchNorm {
             );
             let ep = self.elementwise_walk(shape);
             let kernels = self.ctx.kernels();
-            let device = self.ctx.device();
-            merged.dispatch(
-                pass,
-                &[
-                    whole(&kernels.uniform(device, &ep.params)),
-                    x.binding(shape.bytes()),
-                    y.binding(shape.bytes()),
-                    partials,
-                    whole(&self.affine),
-                    whole(&kernels.uniform(device, &fp)),
-                    whole(saved),
-                    whole(&self.running),
-                ],
-                ep.workgroups(),
+            let (params, fparams) = (
+                kernels.uniform(device, &ep.params),
+                kernels.uniform(device, &fp),
             );
+            let resources = [
+                whole(&params),
+                x.binding(shape.bytes()),
+                y.binding(shape.bytes()),
+                partials,
+                whole(&self.affine),
+                whole(&fparams),
+                whole(saved),
+                whole(&self.running),
+            ];
+            merged.dispatch(pass, &[&resources[..], z.as_slice()].concat(), ep.workgroups());
         } else {
             self.record_batch_stats(pass, shape, x, saved, update_running);
-            self.record_apply(pass, shape, x, y, Coefficients::Finalized);
+            self.record_apply(pass, shape, x, residual, y, Coefficients::Finalized)?;
         }
+        Ok(())
     }
 
     /// Where a forward with batch statistics takes two dispatches on a GPU cut
@@ -718,11 +854,12 @@ impl BatchNorm {
     /// finalized in place nor in 16-element units), and the merged normalize for
     /// the elementwise walk (channels-first, one channel per unit) that the device
     /// can bind.
-    fn merged_forward(
+    fn merged_forward<'k>(
         &self,
+        out: &'k Kernels,
         shape: &Shape,
         update_running: bool,
-    ) -> Option<(common::WalkPlan, &Kernel)> {
+    ) -> Option<(common::WalkPlan, &'k Kernel)> {
         let tuning = self.ctx.tuning();
         if tuning.elementwise.lane_block != 0 {
             return None;
@@ -734,9 +871,7 @@ impl BatchNorm {
         if in_place || plan.unit_pairs() != 0 {
             return None;
         }
-        let merged = kernels
-            .apply_merged
-            .get(self.elementwise_walk(shape).variant)?;
+        let merged = out.apply_merged.get(self.elementwise_walk(shape).variant)?;
         merged.fits(self.ctx.device()).then_some((plan, merged))
     }
 
@@ -744,13 +879,11 @@ impl BatchNorm {
     /// two dispatches on a GPU cut (the sums, then dx merging their partials): the
     /// elementwise walk is channels-first with one channel per unit, and the
     /// device can bind the kernel.
-    fn merged_dx(&self, shape: &Shape) -> Option<&Kernel> {
+    fn merged_dx<'k>(&self, kernels: &'k Kernels, shape: &Shape) -> Option<&'k Kernel> {
         if self.ctx.tuning().elementwise.lane_block != 0 {
             return None;
         }
-        let merged = self
-            .ctx
-            .kernels()
+        let merged = kernels
             .backward_dx_merged
             .get(self.elementwise_walk(shape).variant)?;
         merged.fits(self.ctx.device()).then_some(merged)
@@ -872,6 +1005,7 @@ impl BatchNorm {
         out: wgpu::BufferBinding<'_>,
         saved: &wgpu::Buffer,
         update_running: bool,
+        fused: &[wgpu::BufferBinding<'_>],
     ) {
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
@@ -880,19 +1014,16 @@ impl BatchNorm {
             kernels.uniform(device, &plan.params),
             kernels.uniform(device, &fp),
         );
-        kernel.dispatch(
-            pass,
-            &[
-                whole(&params),
-                x.binding(shape.bytes()),
-                out,
-                whole(&self.running),
-                whole(saved),
-                whole(&self.affine),
-                whole(&fparams),
-            ],
-            plan.workgroups(),
-        );
+        let resources = [
+            whole(&params),
+            x.binding(shape.bytes()),
+            out,
+            whole(&self.running),
+            whole(saved),
+            whole(&self.affine),
+            whole(&fparams),
+        ];
+        kernel.dispatch(pass, &[&resources[..], fused].concat(), plan.workgroups());
     }
 
     /// Whether the statistics pass may finalize its channels itself (the fused
@@ -928,6 +1059,7 @@ impl BatchNorm {
                     coef,
                     saved,
                     update_running,
+                    &[],
                 );
                 return;
             }
@@ -1018,11 +1150,12 @@ impl BatchNorm {
         pass: &mut Recipe<'s>,
         shape: &Shape,
         x: TensorBuffer<'_>,
+        z: Option<TensorBuffer<'_>>,
         y: TensorBuffer<'_>,
         from: Coefficients,
-    ) {
+    ) -> Result<()> {
         let mut plan = self.elementwise_walk(shape);
-        let kernels = self.ctx.kernels();
+        let kernels = self.fused_kernels(z.is_some())?;
         let (pipelines, coef) = match from {
             Coefficients::Finalized => {
                 let uniform = kernels.coefficients_fit(apply::SEGMENTS, self.stride() as u32);
@@ -1038,18 +1171,19 @@ impl BatchNorm {
         };
         let device = self.ctx.device();
         let params = kernels.uniform(device, &plan.params);
-        pipelines.get(plan.variant).dispatch(
-            pass,
-            &[
-                whole(&params),
-                x.binding(shape.bytes()),
-                y.binding(shape.bytes()),
-                whole(coef),
-                whole(&self.affine),
-                binding(&self.coef, kernels.coef_window_bytes()),
-            ],
-            plan.workgroups(),
-        );
+        let resources = [
+            whole(&params),
+            x.binding(shape.bytes()),
+            y.binding(shape.bytes()),
+            whole(coef),
+            whole(&self.affine),
+            binding(&self.coef, kernels.coef_window_bytes()),
+        ];
+        let z = z.map(|z| z.binding(shape.bytes()));
+        pipelines
+            .get(plan.variant)
+            .dispatch(pass, &[&resources[..], z.as_slice()].concat(), plan.workgroups());
+        Ok(())
     }
 
     // ----- backward ---------------------------------------------------------------
@@ -1148,6 +1282,10 @@ impl BatchNorm {
                 "dgamma/dbeta asked for, but the layer has affine = false",
             ));
         }
+        let act = self.config.activation;
+        if act != crate::Activation::Identity && grads.output.is_none() {
+            return Err(Error::MissingOutput(act.name()));
+        }
         let bytes = shape.bytes();
         self.ctx.check_tensor("x", x, bytes)?;
         self.ctx.check_tensor("dy", dy, bytes)?;
@@ -1162,14 +1300,25 @@ impl BatchNorm {
         if let Some(b) = grads.dbeta {
             self.ctx.check_tensor("dbeta", b, c_bytes)?;
         }
+        // y is read only by the activation's mask.
+        let output = grads.output.filter(|_| act != crate::Activation::Identity);
+        if let Some(b) = output {
+            self.ctx.check_tensor("y", b, bytes)?;
+        }
+        if let Some(b) = grads.dz {
+            self.ctx.check_tensor("dz", b, bytes)?;
+        }
         self.check_aliasing(&[
             ("x", Some(range(x, bytes)), false),
             ("dy", Some(range(dy, bytes)), false),
             ("saved", saved.map(SavedStats::range), false),
+            ("y", output.map(|t| range(t, bytes)), false),
             ("dx", grads.dx.map(|t| range(t, bytes)), true),
             ("dgamma", grads.dgamma.map(|t| range(t, c_bytes)), true),
             ("dbeta", grads.dbeta.map(|t| range(t, c_bytes)), true),
-        ])
+            ("dz", grads.dz.map(|t| range(t, bytes)), true),
+        ])?;
+        self.fused_kernels(grads.dz.is_some()).map(|_| ())
     }
 
     fn record_backward<'s>(
@@ -1180,17 +1329,35 @@ impl BatchNorm {
         dy: TensorBuffer<'_>,
         saved: Option<&SavedStats>,
         grads: &GradBuffers<'_>,
-    ) {
+    ) -> Result<()> {
         let batch = saved.is_some();
         if !batch {
             self.record_fold_running(pass);
         }
         let stats_buffer = saved.unwrap_or(&self.scratch_saved).buffer.clone();
         let (want_dgamma, want_dbeta) = (grads.dgamma.is_some(), grads.dbeta.is_some());
-        let need_sums = batch && grads.dx.is_some() || want_dgamma || want_dbeta;
+        // The sums' pass writes dz (the gradient through the activation), which
+        // the dx pass then reads as its dy.
+        let residual = grads.dz.is_some();
+        let need_sums = batch && grads.dx.is_some() || want_dgamma || want_dbeta || residual;
         if !need_sums && grads.dx.is_none() {
-            return;
+            return Ok(());
         }
+        let bytes = shape.bytes();
+        // The pipelines of the layer's activation (and residual), with their extra
+        // bindings: y for the mask, then dz.
+        let fused = self.fused_kernels(residual)?;
+        let masks = self.config.activation != crate::Activation::Identity;
+        let output = grads.output.filter(|_| masks).map(|t| t.binding(bytes));
+        let dz = grads.dz.map(|t| t.binding(bytes));
+        let sums_extra: Vec<wgpu::BufferBinding<'_>> =
+            output.iter().chain(dz.iter()).cloned().collect();
+        // The dx pass: after a residual's sums, plain dx over dz; else the
+        // activation's dx (masking dy with y).
+        let (dx_kernels, dx_dy, dx_extra) = match grads.dz {
+            Some(dz) => (self.ctx.kernels(), dz, Vec::new()),
+            None => (fused, dy, output.iter().cloned().collect::<Vec<_>>()),
+        };
         let stride = self.stride() as u32;
         let plan = self.reduce_walk(shape, common::Pass::Sums);
         let with_x = batch || want_dgamma;
@@ -1229,75 +1396,67 @@ impl BatchNorm {
         // every workgroup whole channels and the tensor is small enough (the same
         // bound as the fused forward's).
         let fusable = batch && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
-        let fused = grads
+        let one_pass = grads
             .dx
             .filter(|_| fusable)
-            .and_then(|dx| Some((dx, kernels.backward_reduce.fused(&plan)?)))
+            .and_then(|dx| Some((dx, fused.backward_reduce.fused(&plan)?)))
             .filter(|(_, kernel)| kernel.fits(device));
-        if let Some((dx, kernel)) = fused {
+        if let Some((dx, kernel)) = one_pass {
             let params = kernels.uniform(device, &plan.params);
             let fparams = kernels.uniform(device, &fp);
-            kernel.dispatch(
-                pass,
-                &[
-                    whole(&params),
-                    x.binding(shape.bytes()),
-                    dy.binding(shape.bytes()),
-                    whole(&stats_buffer),
-                    dx.binding(shape.bytes()),
-                    dgamma.binding(c_bytes),
-                    dbeta.binding(c_bytes),
-                    whole(&self.affine),
-                    whole(&fparams),
-                ],
-                plan.workgroups(),
-            );
-            return;
+            let resources = [
+                whole(&params),
+                x.binding(bytes),
+                dy.binding(bytes),
+                whole(&stats_buffer),
+                dx.binding(bytes),
+                dgamma.binding(c_bytes),
+                dbeta.binding(c_bytes),
+                whole(&self.affine),
+                whole(&fparams),
+            ];
+            kernel.dispatch(pass, &[&resources[..], &sums_extra].concat(), plan.workgroups());
+            return Ok(());
         }
         if need_sums {
             let params = kernels.uniform(device, &plan.params);
-            let sums = kernels
+            let sums = fused
                 .backward_reduce
                 .sums
                 .get(&[with_x])
                 .get(plan.variant);
-            sums.dispatch(
-                pass,
-                &[
-                    whole(&params),
-                    x.binding(shape.bytes()),
-                    dy.binding(shape.bytes()),
-                    whole(&stats_buffer),
-                    binding(&partials, partial_bytes),
-                ],
-                plan.workgroups(),
-            );
+            let resources = [
+                whole(&params),
+                x.binding(bytes),
+                dy.binding(bytes),
+                whole(&stats_buffer),
+                binding(&partials, partial_bytes),
+            ];
+            sums.dispatch(pass, &[&resources[..], &sums_extra].concat(), plan.workgroups());
         }
         let fparams = kernels.uniform(device, &fp);
         // On GPUs, channels-first: dx merges the sums' partials itself (two dispatches).
         let merged = grads
             .dx
             .filter(|_| batch)
-            .and_then(|dx| Some((dx, self.merged_dx(shape)?)));
+            .and_then(|dx| Some((dx, self.merged_dx(dx_kernels, shape)?)));
         if let Some((dx, kernel)) = merged {
             let ep = self.elementwise_walk(shape);
-            kernel.dispatch(
-                pass,
-                &[
-                    whole(&kernels.uniform(device, &ep.params)),
-                    x.binding(shape.bytes()),
-                    dy.binding(shape.bytes()),
-                    dx.binding(shape.bytes()),
-                    binding(&partials, partial_bytes),
-                    whole(&fparams),
-                    whole(&stats_buffer),
-                    whole(&self.affine),
-                    dgamma.binding(c_bytes),
-                    dbeta.binding(c_bytes),
-                ],
-                ep.workgroups(),
-            );
-            return;
+            let params = kernels.uniform(device, &ep.params);
+            let resources = [
+                whole(&params),
+                x.binding(bytes),
+                dx_dy.binding(bytes),
+                dx.binding(bytes),
+                binding(&partials, partial_bytes),
+                whole(&fparams),
+                whole(&stats_buffer),
+                whole(&self.affine),
+                dgamma.binding(c_bytes),
+                dbeta.binding(c_bytes),
+            ];
+            kernel.dispatch(pass, &[&resources[..], &dx_extra].concat(), ep.workgroups());
+            return Ok(());
         }
         let merge = if self.merge_lanes() == 1 {
             &kernels.backward_finalize.main_serial
@@ -1321,23 +1480,21 @@ impl BatchNorm {
             let ep = self.elementwise_walk(shape);
             let params = kernels.uniform(device, &ep.params);
             let uniform = kernels.coefficients_fit(backward_dx::SEGMENTS, self.stride() as u32);
-            kernels
+            let resources = [
+                whole(&params),
+                x.binding(bytes),
+                dx_dy.binding(bytes),
+                dx.binding(bytes),
+                self.coef_binding(),
+                binding(&self.coef, kernels.coef_window_bytes()),
+            ];
+            dx_kernels
                 .backward_dx
                 .get(&[batch, uniform])
                 .get(ep.variant)
-                .dispatch(
-                    pass,
-                    &[
-                        whole(&params),
-                        x.binding(shape.bytes()),
-                        dy.binding(shape.bytes()),
-                        dx.binding(shape.bytes()),
-                        self.coef_binding(),
-                        binding(&self.coef, kernels.coef_window_bytes()),
-                    ],
-                    ep.workgroups(),
-                );
+                .dispatch(pass, &[&resources[..], &dx_extra].concat(), ep.workgroups());
         }
+        Ok(())
     }
 
     // ----- host convenience ---------------------------------------------------------
@@ -1348,18 +1505,33 @@ impl BatchNorm {
 
     /// Training forward on host data: uploads `x`, runs, reads back `y` and the
     /// saved statistics. Running statistics are updated on the GPU.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_train_host(&mut self, shape: &Shape, x: &[f32]) -> Result<TrainOutput> {
-        Self::check_len("x", shape, x)?;
-        self.check_shape(shape, true)?;
-        self.ctx.check_size("x", shape.bytes())?;
+        self.train_host(shape, x, None)
+    }
+
+    /// [`Self::forward_train_add`] on host data: `y = act(bn(x) + z)`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_train_add_host(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+    ) -> Result<TrainOutput> {
+        self.train_host(shape, x, Some(z))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn train_host(&mut self, shape: &Shape, x: &[f32], z: Option<&[f32]>) -> Result<TrainOutput> {
         let ctx = self.ctx.clone();
-        let (xb, yb) = (
-            ctx.upload("bn.x", x)?,
-            ctx.storage_buffer("bn.y", shape.bytes())?,
-        );
+        let (xb, zb) = self.upload_inputs(shape, x, z, true)?;
+        let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
         let saved = SavedStats::new(&ctx, self.config.num_features)?;
         run(&ctx, "forward_train", |enc| {
-            self.forward_train(enc, shape, &xb, &yb, &saved)
+            let z = zb.as_ref().map(TensorBuffer::from);
+            self.plan_train(shape, (&xb).into(), z, (&yb).into(), &saved)?
+                .record_into(enc);
+            Ok(())
         })?;
         Ok(TrainOutput {
             y: ctx.read_buffer(&yb, shape.numel())?,
@@ -1367,23 +1539,59 @@ impl BatchNorm {
         })
     }
 
-    /// Eval forward on host data. `saved` in the output holds the batch statistics
-    /// when the layer has no running statistics, else `None`.
-    pub fn forward_eval_host(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
+    /// Checks and uploads a host forward's x and residual z (`batch`: whether it
+    /// uses batch statistics).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn upload_inputs(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+        z: Option<&[f32]>,
+        batch: bool,
+    ) -> Result<(wgpu::Buffer, Option<wgpu::Buffer>)> {
         Self::check_len("x", shape, x)?;
-        let batch = !self.config.track_running_stats;
+        if let Some(z) = z {
+            Self::check_len("z", shape, z)?;
+        }
         self.check_shape(shape, batch)?;
         self.ctx.check_size("x", shape.bytes())?;
+        let xb = self.ctx.upload("bn.x", x)?;
+        let zb = z.map(|z| self.ctx.upload("bn.z", z)).transpose()?;
+        Ok((xb, zb))
+    }
+
+    /// Eval forward on host data. `saved` in the output holds the batch statistics
+    /// when the layer has no running statistics, else `None`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_eval_host(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
+        self.eval_host(shape, x, None)
+    }
+
+    /// [`Self::forward_eval_add`] on host data: `y = act(bn(x) + z)`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_eval_add_host(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+    ) -> Result<ForwardOutput> {
+        self.eval_host(shape, x, Some(z))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn eval_host(&mut self, shape: &Shape, x: &[f32], z: Option<&[f32]>) -> Result<ForwardOutput> {
+        let batch = !self.config.track_running_stats;
         let ctx = self.ctx.clone();
-        let (xb, yb) = (
-            ctx.upload("bn.x", x)?,
-            ctx.storage_buffer("bn.y", shape.bytes())?,
-        );
+        let (xb, zb) = self.upload_inputs(shape, x, z, batch)?;
+        let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
         let saved = batch
             .then(|| SavedStats::new(&ctx, self.config.num_features))
             .transpose()?;
         run(&ctx, "forward_eval", |enc| {
-            self.forward_eval(enc, shape, &xb, &yb, saved.as_ref())
+            let z = zb.as_ref().map(TensorBuffer::from);
+            self.plan_eval(shape, (&xb).into(), z, (&yb).into(), saved.as_ref())?
+                .record_into(enc);
+            Ok(())
         })?;
         Ok(ForwardOutput {
             y: ctx.read_buffer(&yb, shape.numel())?,
@@ -1393,7 +1601,9 @@ impl BatchNorm {
 
     /// Backward on host data. `saved`: the statistics from the forward's output
     /// (batch statistics), or `None` for the running statistics. Gradients not in
-    /// `mask` (and `dgamma`/`dbeta` without `affine`) come back as `None`.
+    /// `mask` (and `dgamma`/`dbeta` without `affine`) come back as `None`. A layer
+    /// with an activation needs the forward's output: [`Self::backward_fused_host`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn backward_host(
         &mut self,
         shape: &Shape,
@@ -1402,8 +1612,29 @@ impl BatchNorm {
         saved: Option<&SavedStatsHost>,
         mask: GradMask,
     ) -> Result<Gradients> {
+        self.backward_fused_host(shape, x, None, dy, saved, mask, false)
+    }
+
+    /// The backward of the fused forward on host data: `y` is the forward's output
+    /// (needed with an activation, else may be `None`), and with `residual` (the
+    /// backward of an `*_add` forward) `dz` comes back too.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_fused_host(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        y: Option<&[f32]>,
+        dy: &[f32],
+        saved: Option<&SavedStatsHost>,
+        mask: GradMask,
+        residual: bool,
+    ) -> Result<Gradients> {
         Self::check_len("x", shape, x)?;
         Self::check_len("dy", shape, dy)?;
+        if let Some(y) = y {
+            Self::check_len("y", shape, y)?;
+        }
         self.ctx.check_size("x", shape.bytes())?;
         let ctx = self.ctx.clone();
         let saved = saved.map(|s| SavedStats::from_host(&ctx, s)).transpose()?;
@@ -1414,12 +1645,16 @@ impl BatchNorm {
         let dx = alloc(mask.dx, "bn.dx", shape.bytes())?;
         let dgamma = alloc(mask.dgamma && affine, "bn.dgamma", c as u64 * 4)?;
         let dbeta = alloc(mask.dbeta && affine, "bn.dbeta", c as u64 * 4)?;
+        let dz = alloc(residual, "bn.dz", shape.bytes())?;
         let (xb, dyb) = (ctx.upload("bn.x", x)?, ctx.upload("bn.dy", dy)?);
+        let yb = y.map(|y| ctx.upload("bn.y", y)).transpose()?;
         let grads = GradBuffers {
             dx: dx.as_ref().map(TensorBuffer::from),
             dgamma: dgamma.as_ref().map(TensorBuffer::from),
             dbeta: dbeta.as_ref().map(TensorBuffer::from),
             accumulate: false,
+            output: yb.as_ref().map(TensorBuffer::from),
+            dz: dz.as_ref().map(TensorBuffer::from),
         };
         run(&ctx, "backward", |enc| {
             self.backward(enc, shape, &xb, &dyb, saved.as_ref(), grads)
@@ -1429,6 +1664,7 @@ impl BatchNorm {
             dx: read(dx, shape.numel())?,
             dgamma: read(dgamma, c)?,
             dbeta: read(dbeta, c)?,
+            dz: read(dz, shape.numel())?,
         })
     }
 }
@@ -1436,6 +1672,7 @@ impl BatchNorm {
 /// Records with `record`, submits and waits, with wgpu's errors and a lost device
 /// reported as this crate's errors ([`GpuContext::guarded`]) rather than reaching
 /// the device's error handler.
+#[cfg(not(target_arch = "wasm32"))]
 fn run(
     ctx: &GpuContext,
     context: &'static str,

@@ -99,7 +99,7 @@ mod tuning;
 
 pub mod cpu;
 
-pub use config::{BatchNormConfig, BatchNormState, Convention, GradMask, StatsSource};
+pub use config::{Activation, BatchNormConfig, BatchNormState, Convention, GradMask, StatsSource};
 pub use error::{Error, Result};
 pub use fold::{FoldedBatchNorm, WeightLayout};
 pub use outputs::{ForwardOutput, Gradients, SavedStatsHost, TrainOutput};
@@ -107,11 +107,15 @@ pub use shape::{Layout, Shape, MAX_ELEMENTS};
 pub use tensor::TensorBuffer;
 pub use tuning::{Cut, Tuning};
 mod context;
+mod context_async;
 mod kernels;
 mod layer;
 mod optimizer;
+mod scopes;
+#[cfg(target_arch = "wasm32")]
+mod serial_pool;
 
-pub use context::{storage_usages, GpuContext, OPTIONAL_FEATURES};
+pub use context::{storage_usages, Elementwise, GpuContext, OPTIONAL_FEATURES};
 pub use kernels::sources as shader_sources;
 pub use kernels::DispatchInfo;
 pub use layer::{BatchNorm, GradBuffers, Plan, SavedStats};

@@ -4,6 +4,9 @@
 //!
 //! Writes a table on stdout, `results.csv`, `results.json` and `bandwidth.svg`
 //! into the output directory; progress goes to stderr.
+// The report measures with blocking waits and threads: not built for the web.
+#![cfg_attr(target_arch = "wasm32", no_main)]
+#![cfg(not(target_arch = "wasm32"))]
 
 mod report;
 
@@ -14,7 +17,7 @@ use clap::{Parser, ValueEnum};
 use wgpu_batchnorm::{GpuContext, Layout, Tuning};
 
 use report::data::{quick_table, table, ShapeSpec};
-use report::measure::{Op, Row, ShapeBench, TOLERANCE};
+use report::measure::{Case, Fuse, Op, Row, ShapeBench, TOLERANCE};
 use report::output::{self, Header};
 use report::timing::{GpuTimer, WARMUP};
 use report::BoxResult;
@@ -70,6 +73,15 @@ struct Args {
     /// statistics), `backward` (of the training forward: dx, dgamma, dbeta).
     #[arg(long, value_delimiter = ',', default_values = ["train", "eval", "backward"])]
     ops: Vec<Op>,
+
+    /// What each operation fuses: `none` (plain batch norm), `relu` (a layer
+    /// with a ReLU: `relu(bn(x))`), `add-relu` (`relu(bn(x) + z)`, the `*_add`
+    /// calls). A fused row is also timed against its unfused sequence on the GPU
+    /// (the plain op, then the add and the ReLU as elementwise kernels; backward:
+    /// the ReLU's backward, then the plain backward), taking turns, in column
+    /// `vs unfused` (unfused time / fused time).
+    #[arg(long, value_delimiter = ',', default_values = ["none"])]
+    fuse: Vec<Fuse>,
 
     /// Timed repetitions per measurement (after 2 warm-up runs). Default: by size,
     /// 11 for tensors of 4M elements or more, up to 101 for tiny ones.
@@ -191,14 +203,16 @@ fn header(ctx: &GpuContext, timer: &GpuTimer, tuning: TuningArg) -> Header {
         cpu_threads: rayon::current_num_threads(),
         warmup_runs: WARMUP,
         tolerance: TOLERANCE,
-        floor_bytes: "forward-train 3Es, eval 2Es, backward 5Es (s = 4)".into(),
+        floor_bytes: "forward-train 3Es, eval 2Es, backward 5Es (s = 4); fused: +Es for z \
+                      (add), +2Es for y (backward)"
+            .into(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         context_ms: 0.0,
     }
 }
 
 /// Rows saying that a shape or layout could not be set up.
-fn error_rows(spec: &ShapeSpec, layout: &str, ops: &[Op], error: &str) -> Vec<Row> {
+fn error_rows(spec: &ShapeSpec, layout: &str, ops: &[Case], error: &str) -> Vec<Row> {
     ops.iter()
         .map(|&op| Row {
             status: format!("ERROR: {error}"),
@@ -241,12 +255,16 @@ fn main() -> BoxResult<()> {
         (None, true) => quick_table(),
         (None, false) => table(args.batch as usize),
     };
-    let mut ops: Vec<Op> = Vec::new();
-    for &op in &args.ops {
-        if !ops.contains(&op) {
-            ops.push(op);
+    let mut ops: Vec<Case> = Vec::new();
+    for &fuse in &args.fuse {
+        for &op in &args.ops {
+            let case = Case { op, fuse };
+            if !ops.contains(&case) {
+                ops.push(case);
+            }
         }
     }
+    let fused = ops.iter().any(|c| c.fuse != Fuse::None);
     let total: usize = shapes
         .iter()
         .map(|s| layouts_for(s, &args.layouts).len() * ops.len())
@@ -285,7 +303,7 @@ fn main() -> BoxResult<()> {
     for spec in &shapes {
         let reps = args.reps.map_or(default_reps(spec.numel()), |r| r as usize);
         let layouts = layouts_for(spec, &args.layouts);
-        let mut bench = match ShapeBench::new(&ctx, spec, args.rotate_mib << 20) {
+        let mut bench = match ShapeBench::new(&ctx, spec, args.rotate_mib << 20, fused) {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("{}: cannot set up: {e}", spec.label());

@@ -9,6 +9,7 @@ impl BatchNorm {
     /// Reads `(gamma, beta)` back (submits and waits).
     ///
     /// Fails with [`Error::MissingState`] when the layer has `affine = false`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn affine(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         require_affine(self)?;
         let (c, p) = (self.config().num_features, self.stride());
@@ -44,7 +45,7 @@ impl BatchNorm {
     }
 }
 
-fn require_affine(layer: &BatchNorm) -> Result<()> {
+pub(crate) fn require_affine(layer: &BatchNorm) -> Result<()> {
     if layer.config().affine {
         Ok(())
     } else {

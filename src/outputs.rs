@@ -48,4 +48,6 @@ pub struct Gradients {
     pub dgamma: Option<Vec<f32>>,
     /// Gradient with respect to `beta`.
     pub dbeta: Option<Vec<f32>>,
+    /// Gradient with respect to the residual `z` (the `*_add` backward only).
+    pub dz: Option<Vec<f32>>,
 }

@@ -340,6 +340,7 @@ fn gradients_accumulate_when_asked() {
             dgamma: Some((&dg).into()),
             dbeta: Some((&db).into()),
             accumulate,
+            ..Default::default()
         };
         gpu.backward(&mut enc, &shape, &xb, &dyb, Some(&saved), grads)
             .unwrap();

@@ -213,6 +213,7 @@ impl Side for Reference {
                 dx: fo(g.dx),
                 dgamma: fo(g.dgamma),
                 dbeta: fo(g.dbeta),
+                dz: None,
             }
         };
         Outcome {

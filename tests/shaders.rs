@@ -1,7 +1,7 @@
 //! Every WGSL kernel parses and validates with naga: a shader error fails here on
 //! any machine, GPU or not.
 
-use wgpu_batchnorm::shader_sources::{full, COMMON, FLAGS, KERNELS};
+use wgpu_batchnorm::shader_sources::{full, fused_variants, COMMON, FLAGS, KERNELS, PIECES};
 
 fn validate(name: &str, source: &str) -> naga::Module {
     let module = naga::front::wgsl::parse_str(source)
@@ -33,13 +33,28 @@ fn every_kernel_validates_with_naga() {
             "shaders/{file} is not built by the crate (missing from shader_sources::KERNELS)"
         );
     }
-    for (file, source) in KERNELS {
-        let module = validate(file, &full(source));
+    let pieces: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/fusion"))
+        .expect("shaders/fusion/ exists")
+        .map(|e| e.expect("readable").file_name().into_string().expect("utf-8"))
+        .collect();
+    for piece in &pieces {
+        assert!(
+            PIECES.iter().any(|(p, _)| *p == format!("fusion/{piece}")),
+            "shaders/fusion/{piece} is not built by the crate (missing from shader_sources::PIECES)"
+        );
+    }
+    for (file, _) in KERNELS {
+        let module = validate(file, &full(file));
         assert!(!module.entry_points.is_empty(), "{file} has no entry point");
         for ep in &module.entry_points {
             assert_eq!(ep.stage, naga::ShaderStage::Compute, "{file}::{}", ep.name);
         }
         println!("{file}: {} entry points valid", module.entry_points.len());
+        // Every fused activation and residual: the same entry points.
+        for (fusion, source) in fused_variants(file) {
+            let fused = validate(&format!("{file} ({fusion})"), &source);
+            assert_eq!(fused.entry_points.len(), module.entry_points.len(), "{file} ({fusion})");
+        }
     }
 }
 
@@ -66,7 +81,7 @@ fn flag_bits_are_defined_by_the_host_only() {
     for (name, value) in FLAGS {
         assert!(value.is_power_of_two(), "{name} = {value} is not one bit");
     }
-    for (file, source) in [("common.wgsl", COMMON)].iter().chain(KERNELS) {
+    for (file, source) in [("common.wgsl", COMMON)].iter().chain(KERNELS).chain(PIECES) {
         for line in source.lines().map(str::trim) {
             assert!(!line.starts_with("const "), "{file}: {line}");
             if let Some((_, tested)) = line.split_once("flags & ") {

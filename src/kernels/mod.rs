@@ -2,6 +2,7 @@
 //! uniform parameters (mirroring the WGSL struct), its launch geometry and its
 //! recording function. This module builds every pipeline once per device.
 
+pub(crate) mod activation;
 pub(crate) mod apply;
 pub(crate) mod backward_dx;
 pub(crate) mod backward_finalize;
@@ -16,7 +17,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::{Error, Result};
+use crate::{Activation, Error, Result};
 
 /// Invocations per workgroup of every kernel; reaches WGSL as the `WG` override.
 pub(crate) const WORKGROUP_SIZE: u32 = 256;
@@ -55,6 +56,10 @@ pub mod sources {
         ),
         ("copy.wgsl", include_str!("../../shaders/copy.wgsl")),
         (
+            "activation.wgsl",
+            include_str!("../../shaders/activation.wgsl"),
+        ),
+        (
             "optimizer.wgsl",
             include_str!("../../shaders/optimizer.wgsl"),
         ),
@@ -87,43 +92,190 @@ pub mod sources {
         ("OPTIMIZER_NESTEROV", super::optimizer::NESTEROV),
     ];
 
-    /// Sizes the host and the kernels share, as `(WGSL name, value)`, prepended as
-    /// the flags are.
+    /// Sizes and codes the host and the kernels share, as `(WGSL name, value)`,
+    /// prepended as the flags are: the activations' codes (`ACT_*`, the values of
+    /// [`crate::Activation`]) and the bindings of the fused tensors (shaders/fusion/).
     pub const SIZES: &[(&str, u32)] = &[
         ("ROW_UNIT", super::common::ROW_UNIT),
         ("COEF_WINDOW", super::COEF_WINDOW),
+        ("ACT_IDENTITY", crate::Activation::Identity as u32),
+        ("ACT_RELU", crate::Activation::Relu as u32),
+        ("ACT_RELU6", crate::Activation::Relu6 as u32),
+        ("RESIDUAL_BINDING", super::RESIDUAL_BINDING),
+        ("OUTPUT_BINDING", super::OUTPUT_BINDING),
+        ("RESIDUAL_GRAD_BINDING", super::RESIDUAL_GRAD_BINDING),
     ];
 
-    /// Full source of a kernel file: the flag and size constants, the shared piece,
-    /// the kernel.
-    pub fn full(kernel: &str) -> String {
-        with_sizes(kernel, SIZES)
+    /// The pieces that define the fused epilogue and prologue of the kernels that
+    /// have them (`(file name, source)`): the forward's output with or without a
+    /// residual z (stats.wgsl and apply.wgsl), the backward's gradient with or
+    /// without the activation's mask from y, and with or without writing dz
+    /// (backward_reduce.wgsl; backward_dx.wgsl has the mask only).
+    pub const PIECES: &[(&str, &str)] = &[
+        (
+            "fusion/residual.wgsl",
+            include_str!("../../shaders/fusion/residual.wgsl"),
+        ),
+        (
+            "fusion/residual_none.wgsl",
+            include_str!("../../shaders/fusion/residual_none.wgsl"),
+        ),
+        (
+            "fusion/mask.wgsl",
+            include_str!("../../shaders/fusion/mask.wgsl"),
+        ),
+        (
+            "fusion/mask_none.wgsl",
+            include_str!("../../shaders/fusion/mask_none.wgsl"),
+        ),
+        ("fusion/dz.wgsl", include_str!("../../shaders/fusion/dz.wgsl")),
+        (
+            "fusion/dz_none.wgsl",
+            include_str!("../../shaders/fusion/dz_none.wgsl"),
+        ),
+    ];
+
+    /// Full source of a kernel file (plain batch norm): the flag and size
+    /// constants, the shared piece, the fusion pieces the file uses, the kernel.
+    pub fn full(file: &str) -> String {
+        module(file, super::Fusion::NONE, super::COEF_WINDOW)
     }
 
-    /// [`full`] with the coefficient window of a device (vec4s).
-    pub(crate) fn for_window(kernel: &str, coef_window: u32) -> String {
-        let sizes: Vec<(&str, u32)> = SIZES
+    /// [`full`] for every fused activation and residual: `(description, source)`.
+    pub fn fused_variants(file: &str) -> Vec<(String, String)> {
+        super::Fusion::ALL
             .iter()
+            .map(|f| {
+                let name = format!("{} residual={}", f.act.name(), f.residual);
+                (name, module(file, *f, super::COEF_WINDOW))
+            })
+            .collect()
+    }
+
+    fn piece(name: &str) -> &'static str {
+        PIECES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+            .unwrap_or_default()
+    }
+
+    fn kernel(file: &str) -> &'static str {
+        KERNELS
+            .iter()
+            .find(|(f, _)| *f == file)
+            .map(|(_, s)| *s)
+            .unwrap_or_default()
+    }
+
+    /// A kernel file's module for `fusion` on a device with a coefficient window of
+    /// `coef_window` vec4s.
+    pub(crate) fn module(file: &str, fusion: super::Fusion, coef_window: u32) -> String {
+        let pieces: String = fusion
+            .pieces(file)
+            .iter()
+            .map(|(name, _)| piece(name))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let consts: String = FLAGS
+            .iter()
+            .chain(SIZES)
             .map(|&(name, value)| match name {
                 "COEF_WINDOW" => (name, coef_window),
                 _ => (name, value),
             })
-            .collect();
-        with_sizes(kernel, &sizes)
-    }
-
-    fn with_sizes(kernel: &str, sizes: &[(&str, u32)]) -> String {
-        let flags: String = FLAGS
-            .iter()
-            .chain(sizes)
+            .chain([("ACT", fusion.act as u32)])
             .map(|(name, value)| format!("const {name}: u32 = {value}u;\n"))
             .collect();
-        format!("{flags}\n{COMMON}\n{kernel}")
+        format!("{consts}\n{COMMON}\n{pieces}\n{}", kernel(file))
+    }
+}
+
+/// Binding of the residual z in the forward kernels of a fused module (above every
+/// kernel's own bindings).
+const RESIDUAL_BINDING: u32 = 10;
+/// Binding of the forward's output y in the backward kernels of a fused module.
+const OUTPUT_BINDING: u32 = 11;
+/// Binding of dz in backward_reduce.wgsl's kernels of a module with a residual.
+const RESIDUAL_GRAD_BINDING: u32 = 12;
+
+/// What a layer fuses around batch norm: its activation and whether the forward
+/// adds a residual (and the backward writes its gradient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Fusion {
+    pub act: Activation,
+    pub residual: bool,
+}
+
+impl Fusion {
+    /// Plain batch norm.
+    pub const NONE: Fusion = Fusion {
+        act: Activation::Identity,
+        residual: false,
+    };
+
+    /// Every fusion, plain first.
+    pub const ALL: [Fusion; 6] = {
+        let mut all = [Fusion::NONE; 6];
+        let mut i = 0;
+        while i < 6 {
+            all[i] = Fusion {
+                act: Activation::ALL[i / 2],
+                residual: i % 2 == 1,
+            };
+            i += 1;
+        }
+        all
+    };
+
+    fn index(self) -> usize {
+        2 * self.act as usize + usize::from(self.residual)
+    }
+
+    /// Whether the backward masks the gradient with the forward's output.
+    pub fn masks(self) -> bool {
+        self.act != Activation::Identity
+    }
+
+    /// The pieces a kernel file takes, each with the binding it adds (if any).
+    fn pieces(self, file: &str) -> Vec<(&'static str, Option<(u32, Access)>)> {
+        let residual = if self.residual {
+            ("fusion/residual.wgsl", Some((RESIDUAL_BINDING, Access::Read)))
+        } else {
+            ("fusion/residual_none.wgsl", None)
+        };
+        let mask = if self.masks() {
+            ("fusion/mask.wgsl", Some((OUTPUT_BINDING, Access::Read)))
+        } else {
+            ("fusion/mask_none.wgsl", None)
+        };
+        let dz = if self.residual {
+            (
+                "fusion/dz.wgsl",
+                Some((RESIDUAL_GRAD_BINDING, Access::ReadWrite)),
+            )
+        } else {
+            ("fusion/dz_none.wgsl", None)
+        };
+        match file {
+            "stats.wgsl" | "apply.wgsl" => vec![residual],
+            "backward_reduce.wgsl" => vec![mask, dz],
+            // The dx pass after a residual's sums reads dz, already masked.
+            "backward_dx.wgsl" if !self.residual => vec![mask],
+            "backward_dx.wgsl" => vec![("fusion/mask_none.wgsl", None)],
+            _ => vec![],
+        }
+    }
+
+    /// The bindings a kernel file's fused module adds, in the order its dispatches
+    /// pass them after the kernel's own.
+    fn extra_bindings(self, file: &str) -> Vec<(u32, Access)> {
+        self.pieces(file).into_iter().filter_map(|(_, b)| b).collect()
     }
 }
 
 /// How a shader binding is used.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Access {
     Uniform,
     Read,
@@ -132,16 +284,19 @@ pub(crate) enum Access {
 
 /// A shader module built on first use: a context builds only what its calls need.
 pub(crate) struct Module {
-    label: &'static str,
+    label: String,
     source: String,
+    /// Bindings of the fused tensors its pieces declare, after every kernel's own.
+    extra: Vec<(u32, Access)>,
     built: Mutex<Option<wgpu::ShaderModule>>,
 }
 
 impl Module {
-    pub(crate) fn new(label: &'static str, source: String) -> Arc<Self> {
+    pub(crate) fn new(label: String, source: String, extra: Vec<(u32, Access)>) -> Arc<Self> {
         Arc::new(Self {
             label,
             source,
+            extra,
             built: Mutex::new(None),
         })
     }
@@ -152,7 +307,7 @@ impl Module {
         built
             .get_or_insert_with(|| {
                 device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(self.label),
+                    label: Some(&self.label),
                     source: wgpu::ShaderSource::Wgsl(self.source.as_str().into()),
                 })
             })
@@ -214,11 +369,18 @@ impl Kernel {
         }
     }
 
+    /// Every binding of the kernel: its own (from 0), then its module's fused
+    /// tensors.
+    fn slots(&self) -> impl Iterator<Item = (u32, Access)> + '_ {
+        (0u32..)
+            .zip(self.bindings.iter().copied())
+            .chain(self.module.extra.iter().copied())
+    }
+
     /// Storage buffers the kernel binds.
     fn storage_buffers(&self) -> u32 {
-        self.bindings
-            .iter()
-            .filter(|a| !matches!(a, Access::Uniform))
+        self.slots()
+            .filter(|(_, a)| !matches!(a, Access::Uniform))
             .count() as u32
     }
 
@@ -245,8 +407,9 @@ impl Kernel {
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let built = self.create(device);
-        let invalid = pollster::block_on(invalid.pop());
-        let oom = pollster::block_on(oom.pop());
+        // On the web this cannot wait: a failure is reported later (crate::scopes), and
+        // the pipeline is kept.
+        let (invalid, oom) = crate::scopes::pop(device, "building a pipeline", oom, invalid);
         if let Some(e) = oom {
             self.module.forget();
             return Err(Error::OutOfMemory {
@@ -269,11 +432,9 @@ impl Kernel {
     fn create(&self, device: &wgpu::Device) -> Built {
         let label = &self.label;
         let entries: Vec<wgpu::BindGroupLayoutEntry> = self
-            .bindings
-            .iter()
-            .enumerate()
+            .slots()
             .map(|(i, access)| wgpu::BindGroupLayoutEntry {
-                binding: i as u32,
+                binding: i,
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty: match access {
@@ -315,7 +476,8 @@ impl Kernel {
     }
 
     /// Adds one dispatch of `workgroups` workgroups over `resources` (bound in order
-    /// from binding 0) to `recipe`; nothing is recorded until the recipe is.
+    /// from binding 0, then the module's fused tensors) to `recipe`; nothing is
+    /// recorded until the recipe is.
     pub(crate) fn dispatch<'k>(
         &'k self,
         recipe: &mut Recipe<'k>,
@@ -344,9 +506,9 @@ impl Kernel {
         };
         let entries: Vec<wgpu::BindGroupEntry> = resources
             .iter()
-            .enumerate()
-            .map(|(i, r)| wgpu::BindGroupEntry {
-                binding: i as u32,
+            .zip(self.slots())
+            .map(|(r, (i, _))| wgpu::BindGroupEntry {
+                binding: i,
                 resource: wgpu::BindingResource::Buffer(r.clone()),
             })
             .collect();
@@ -471,7 +633,7 @@ impl<'k> Recipe<'k> {
             .iter()
             .map(|s| {
                 let (mut read, mut written) = (0, 0);
-                for (r, access) in s.resources.iter().zip(s.kernel.bindings) {
+                for (r, (_, access)) in s.resources.iter().zip(s.kernel.slots()) {
                     match access {
                         Access::Uniform => {}
                         Access::Read => read += r.bytes(),
@@ -521,9 +683,14 @@ pub(crate) struct Kernels {
     pub backward_dx: common::SwitchedWalkKernels,
     pub backward_dx_merged: common::VariantKernels,
     pub copy: Kernel,
+    pub activation: activation::ActivationKernels,
     pub optimizer: optimizer::OptimizerKernels,
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
     coef_window: u32,
+    /// What this set fuses around batch norm.
+    fusion: Fusion,
+    /// The sets of the other fusions (of the plain set only), made on first use.
+    fused: [OnceLock<Box<Kernels>>; 6],
 }
 
 /// Beyond this many cached uniform buffers the cache starts over.
@@ -531,6 +698,23 @@ const MAX_CACHED_UNIFORMS: usize = 4096;
 
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device) -> Result<Self> {
+        Self::with_fusion(device, Fusion::NONE)
+    }
+
+    /// The pipelines of `fusion` (made on first use; plain batch norm's are `self`).
+    pub(crate) fn fused(&self, device: &wgpu::Device, fusion: Fusion) -> Result<&Kernels> {
+        if fusion == self.fusion {
+            return Ok(self);
+        }
+        let slot = &self.fused[fusion.index()];
+        if let Some(k) = slot.get() {
+            return Ok(k);
+        }
+        let made = Box::new(Self::with_fusion(device, fusion)?);
+        Ok(slot.get_or_init(|| made))
+    }
+
+    fn with_fusion(device: &wgpu::Device, fusion: Fusion) -> Result<Self> {
         let limits = device.limits();
         for (name, actual, required) in [
             (
@@ -566,16 +750,17 @@ impl Kernels {
         let coef_window = u32::try_from(limits.max_uniform_buffer_binding_size / 16)
             .unwrap_or(u32::MAX)
             .clamp(1, COEF_WINDOW);
-        let module = |name: &'static str, kernel: &str| {
-            Module::new(name, sources::for_window(kernel, coef_window))
+        let module = |name: &'static str, file: &str| {
+            let label = if fusion == Fusion::NONE {
+                name.to_string()
+            } else {
+                let residual = if fusion.residual { ".add" } else { "" };
+                format!("{name}.{}{residual}", fusion.act.name())
+            };
+            let source = sources::module(file, fusion, coef_window);
+            Module::new(label, source, fusion.extra_bindings(file))
         };
-        let src = |file: &str| {
-            sources::KERNELS
-                .iter()
-                .find(|(f, _)| *f == file)
-                .map(|(_, s)| *s)
-                .unwrap_or_default()
-        };
+        let src = |file: &'static str| file;
         let apply_module = module("bn.apply", src("apply.wgsl"));
         let dx_module = module("bn.backward_dx", src("backward_dx.wgsl"));
         let kernels = Self {
@@ -594,12 +779,18 @@ impl Kernels {
             backward_dx: backward_dx::kernels(&dx_module),
             backward_dx_merged: backward_dx::merged(&dx_module),
             copy: copy::kernel(&module("bn.copy", src("copy.wgsl"))),
+            activation: activation::ActivationKernels::new(&module(
+                "bn.activation",
+                src("activation.wgsl"),
+            )),
             optimizer: optimizer::OptimizerKernels::new(&module(
                 "bn.optimizer",
                 src("optimizer.wgsl"),
             )),
             uniforms: Mutex::new(HashMap::new()),
             coef_window,
+            fusion,
+            fused: Default::default(),
         };
         Ok(kernels)
     }

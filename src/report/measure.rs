@@ -4,12 +4,12 @@
 use serde::Serialize;
 use wgpu_batchnorm::cpu::fast::CpuBatchNorm;
 use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, GpuContext, GradBuffers, Layout, Plan, SavedStats, SavedStatsHost,
-    Shape,
+    Activation, BatchNorm, BatchNormConfig, Elementwise, GpuContext, GradBuffers, GradMask, Layout,
+    Plan, SavedStats, SavedStatsHost, Shape,
 };
 
 use super::data::{layout_name, random_state, ShapeSpec, XorShift};
-use super::timing::{median, time_cpu, Clock, GpuTime, GpuTimer};
+use super::timing::{median, time_cpu, Clock, GpuTime, GpuTimer, Recorder};
 use super::BoxResult;
 
 /// Largest error (`max |gpu - cpu| / (1 + |cpu|)`) of a result still reported.
@@ -48,10 +48,84 @@ impl Op {
             Op::Backward => 5,
         }
     }
+}
 
-    /// Floor bytes of the operation on `numel` f32 elements.
+/// What an operation fuses around batch norm (`--fuse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fuse {
+    /// Plain batch norm.
+    None,
+    /// `relu(bn(x))` (the layer's activation): against batch norm, then a ReLU.
+    Relu,
+    /// `relu(bn(x) + z)` (the `*_add` calls): against batch norm, an add, a ReLU.
+    AddRelu,
+}
+
+impl Fuse {
+    fn suffix(self) -> &'static str {
+        match self {
+            Fuse::None => "",
+            Fuse::Relu => "+relu",
+            Fuse::AddRelu => "+add+relu",
+        }
+    }
+
+    fn residual(self) -> bool {
+        self == Fuse::AddRelu
+    }
+}
+
+/// An operation as measured: the op and what it fuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Case {
+    pub op: Op,
+    pub fuse: Fuse,
+}
+
+impl From<Op> for Case {
+    fn from(op: Op) -> Self {
+        Case {
+            op,
+            fuse: Fuse::None,
+        }
+    }
+}
+
+impl Case {
+    pub fn name(self) -> String {
+        format!("{}{}", self.op.name(), self.fuse.suffix())
+    }
+
+    /// Tensor-sized streams of the fused operation: the op's, plus z read once by
+    /// the normalize (`add`), plus y read by both backward passes for the mask
+    /// (with a residual, the sums write dz, which the dx pass reads as its dy:
+    /// the same count).
+    fn floor_streams(self) -> u64 {
+        let base = self.op.floor_streams();
+        match (self.op, self.fuse) {
+            (_, Fuse::None) => base,
+            (Op::Train | Op::Eval, Fuse::Relu) => base,
+            (Op::Train | Op::Eval, Fuse::AddRelu) => base + 1,
+            (Op::Backward, _) => base + 2,
+        }
+    }
+
+    /// Floor bytes on `numel` f32 elements.
     pub fn floor_bytes(self, numel: usize) -> u64 {
         self.floor_streams() * numel as u64 * ELEMENT_BYTES
+    }
+
+    /// Bytes of the unfused sequence it replaces: batch norm (its floor), then an
+    /// add (3E) and a ReLU (2E) forward; backward, the ReLU's backward (dy, y -> g:
+    /// 3E, g being dz with a residual) before batch norm's.
+    pub fn unfused_bytes(self, numel: usize) -> Option<u64> {
+        let streams = match (self.op, self.fuse) {
+            (_, Fuse::None) => return None,
+            (Op::Train | Op::Eval, Fuse::Relu) => self.op.floor_streams() + 2,
+            (Op::Train | Op::Eval, Fuse::AddRelu) => self.op.floor_streams() + 5,
+            (Op::Backward, _) => self.op.floor_streams() + 3,
+        };
+        Some(streams * numel as u64 * ELEMENT_BYTES)
     }
 }
 
@@ -103,6 +177,12 @@ pub struct Row {
     /// With `--detail`: each dispatch timed alone (its own compute pass with
     /// timestamp writes).
     pub detail: Vec<DispatchTime>,
+    /// Fused operations: the unfused sequence on the GPU (batch norm's op and the
+    /// elementwise kernels), timed taking turns with the fused one, its bytes
+    /// (floor of each step), and its time over the fused time.
+    pub unfused_ms: Option<f64>,
+    pub unfused_bytes: Option<u64>,
+    pub fused_speedup: Option<f64>,
 }
 
 /// One dispatch of an operation, timed alone.
@@ -118,15 +198,22 @@ pub struct DispatchTime {
 
 impl Row {
     /// A row with nothing measured yet (status `ok`).
-    pub fn new(spec: &ShapeSpec, layout: &str, op: Op, reps: usize, input_copies: usize) -> Self {
+    pub fn new(
+        spec: &ShapeSpec,
+        layout: &str,
+        case: impl Into<Case>,
+        reps: usize,
+        input_copies: usize,
+    ) -> Self {
+        let case = case.into();
         let numel = spec.numel();
         Self {
             shape: spec.label(),
             dims: spec.dims.clone(),
             layout: layout.into(),
-            op: op.name().into(),
+            op: case.name(),
             numel,
-            floor_bytes: op.floor_bytes(numel),
+            floor_bytes: case.floor_bytes(numel),
             reps,
             input_copies,
             cpu_ms: None,
@@ -147,6 +234,9 @@ impl Row {
             bound_over_floor: None,
             record_us: None,
             detail: Vec::new(),
+            unfused_ms: None,
+            unfused_bytes: case.unfused_bytes(numel),
+            fused_speedup: None,
         }
     }
 }
@@ -241,12 +331,35 @@ pub struct ShapeBench {
     gpu_eval: BatchNorm,
     cpu_train: CpuBatchNorm,
     cpu_eval: CpuBatchNorm,
+    /// For `--fuse`: the same layers with a ReLU, the residual and scratch tensors.
+    fused: Option<FusedBench>,
+}
+
+/// The fused operations' layers (ReLU, the same state as the plain ones) and
+/// tensors: the residual z (as many copies as x), the unfused sequence's
+/// intermediates, and dz.
+struct FusedBench {
+    host_z: Vec<Vec<f32>>,
+    gpu_z: Vec<wgpu::Buffer>,
+    gpu_t1: wgpu::Buffer,
+    gpu_t2: wgpu::Buffer,
+    gpu_dz: wgpu::Buffer,
+    dz: Vec<f32>,
+    gpu_train: BatchNorm,
+    gpu_eval: BatchNorm,
+    cpu_train: CpuBatchNorm,
+    cpu_eval: CpuBatchNorm,
 }
 
 impl ShapeBench {
     /// Generates the inputs (`input_copies` of x and dy, spanning `rotate_bytes`)
     /// and uploads them.
-    pub fn new(ctx: &GpuContext, spec: &ShapeSpec, rotate_bytes: u64) -> BoxResult<Self> {
+    pub fn new(
+        ctx: &GpuContext,
+        spec: &ShapeSpec,
+        rotate_bytes: u64,
+        fused: bool,
+    ) -> BoxResult<Self> {
         let numel = spec.numel();
         let c = spec.dims[1];
         let bytes = numel as u64 * ELEMENT_BYTES;
@@ -265,7 +378,30 @@ impl ShapeBench {
             .collect::<Result<_, _>>()?;
         let config = BatchNormConfig::new(c);
         let state = random_state(&config, &mut rng);
+        let fused = if fused {
+            let host_z: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -1.0, 1.0)).collect();
+            let gpu_z = host_z
+                .iter()
+                .map(|z| ctx.upload("bench.z", z))
+                .collect::<Result<_, _>>()?;
+            let relu = config.clone().activation(Activation::Relu);
+            Some(FusedBench {
+                host_z,
+                gpu_z,
+                gpu_t1: ctx.storage_buffer("bench.t1", bytes)?,
+                gpu_t2: ctx.storage_buffer("bench.t2", bytes)?,
+                gpu_dz: ctx.storage_buffer("bench.dz", bytes)?,
+                dz: vec![0.0; numel],
+                gpu_train: BatchNorm::with_state(ctx, relu.clone(), &state)?,
+                gpu_eval: BatchNorm::with_state(ctx, relu.clone(), &state)?,
+                cpu_train: CpuBatchNorm::with_state(relu.clone(), state.clone())?,
+                cpu_eval: CpuBatchNorm::with_state(relu, state.clone())?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
+            fused,
             spec: spec.clone(),
             ctx: ctx.clone(),
             host_x,
@@ -329,12 +465,30 @@ impl ShapeBench {
                 (placeholder, Some(e.to_string()))
             }
         };
+        // The fused backward's y (ReLU, and ReLU after the residual add), from the
+        // plain forward's on input copy 0, one copy for both sides: a mask that
+        // differs by a rounding would show as an error of the GPU.
+        let fused_y = match &self.fused {
+            Some(f) if train_error.is_none() => {
+                let relu = |v: f32| Activation::Relu.apply(v);
+                let y_relu: Vec<f32> = self.y.iter().map(|&v| relu(v)).collect();
+                let y_add: Vec<f32> =
+                    self.y.iter().zip(&f.host_z[0]).map(|(&v, &z)| relu(v + z)).collect();
+                let up = |y: Vec<f32>| -> BoxResult<(Vec<f32>, wgpu::Buffer)> {
+                    let b = self.ctx.upload("bench.fused_y", &y)?;
+                    Ok((y, b))
+                };
+                vec![up(y_relu)?, up(y_add)?]
+            }
+            _ => Vec::new(),
+        };
         Ok(LayoutBench {
             bench: self,
             shape,
             cpu_saved,
             gpu_saved,
             train_error,
+            fused_y,
         })
     }
 }
@@ -347,6 +501,8 @@ pub struct LayoutBench<'a> {
     gpu_saved: SavedStats,
     /// Why the training forward failed, if it did (then only eval is measured).
     train_error: Option<String>,
+    /// With `--fuse`: the y of the fused backward, ReLU then add-ReLU (host, GPU).
+    fused_y: Vec<(Vec<f32>, wgpu::Buffer)>,
 }
 
 impl LayoutBench<'_> {
@@ -361,11 +517,14 @@ impl LayoutBench<'_> {
 
     /// Runs `op` on the CPU with input copy `i % copies`. (The backward always
     /// uses the statistics of copy 0: the same work, and the check uses copy 0.)
-    fn run_cpu(&mut self, op: Op, i: usize) -> BoxResult<()> {
+    fn run_cpu(&mut self, case: Case, i: usize) -> BoxResult<()> {
+        if case.fuse != Fuse::None {
+            return self.run_cpu_fused(case, i);
+        }
         let b = &mut *self.bench;
         let k = i % b.host_x.len();
         let (shape, x) = (&self.shape, &b.host_x[k]);
-        match op {
+        match case.op {
             Op::Train => {
                 b.cpu_train.forward_train_into(shape, x, &mut b.y)?;
             }
@@ -385,12 +544,60 @@ impl LayoutBench<'_> {
         Ok(())
     }
 
-    /// The plan of `op` on the GPU with input copy `i % copies`.
-    fn plan(&mut self, op: Op, i: usize) -> wgpu_batchnorm::Result<Plan<'_>> {
+    /// The fused `case` on the CPU (fast path) with input copy `i % copies`.
+    fn run_cpu_fused(&mut self, case: Case, i: usize) -> BoxResult<()> {
+        let b = &mut *self.bench;
+        let k = i % b.host_x.len();
+        let f = b.fused.as_mut().ok_or("--fuse without fused layers")?;
+        let (shape, x, z) = (&self.shape, &b.host_x[k], &f.host_z[k]);
+        let residual = case.fuse.residual();
+        match (case.op, residual) {
+            (Op::Train, false) => {
+                f.cpu_train.forward_train_into(shape, x, &mut b.y)?;
+            }
+            (Op::Train, true) => {
+                f.cpu_train.forward_train_add_into(shape, x, z, &mut b.y)?;
+            }
+            (Op::Eval, false) => {
+                f.cpu_eval.forward_eval_into(shape, x, &mut b.y)?;
+            }
+            (Op::Eval, true) => {
+                f.cpu_eval.forward_eval_add_into(shape, x, z, &mut b.y)?;
+            }
+            (Op::Backward, _) => {
+                let y = &self.fused_y[usize::from(residual)].0;
+                let g = f.cpu_train.backward_fused(
+                    shape,
+                    x,
+                    y,
+                    &b.host_dy[k],
+                    Some(&self.cpu_saved),
+                    GradMask::default(),
+                    residual,
+                )?;
+                let copy = |out: &mut Vec<f32>, v: Option<Vec<f32>>| {
+                    if let Some(v) = v {
+                        *out = v;
+                    }
+                };
+                copy(&mut b.dx, g.dx);
+                copy(&mut b.dgamma, g.dgamma);
+                copy(&mut b.dbeta, g.dbeta);
+                copy(&mut f.dz, g.dz);
+            }
+        }
+        Ok(())
+    }
+
+    /// The plan of `case` on the GPU with input copy `i % copies`.
+    fn plan(&mut self, case: Case, i: usize) -> wgpu_batchnorm::Result<Plan<'_>> {
+        if case.fuse != Fuse::None {
+            return self.plan_fused(case, i);
+        }
         let b = &mut *self.bench;
         let k = i % b.gpu_x.len();
         let (shape, x) = (&self.shape, &b.gpu_x[k]);
-        match op {
+        match case.op {
             Op::Train => b
                 .gpu_train
                 .plan_forward_train(shape, x, &b.gpu_y, &b.gpu_train_saved),
@@ -408,19 +615,124 @@ impl LayoutBench<'_> {
         }
     }
 
-    /// Records `op` on the GPU with input copy `i % copies` into `pass`.
+    /// The plan of the fused `case` (the ReLU layers) with input copy `i % copies`.
+    fn plan_fused(&mut self, case: Case, i: usize) -> wgpu_batchnorm::Result<Plan<'_>> {
+        let b = &mut *self.bench;
+        let k = i % b.gpu_x.len();
+        let Some(f) = b.fused.as_mut() else {
+            return Err(wgpu_batchnorm::Error::MissingState("--fuse without fused layers"));
+        };
+        let (shape, x, z) = (&self.shape, &b.gpu_x[k], &f.gpu_z[k]);
+        let residual = case.fuse.residual();
+        match (case.op, residual) {
+            (Op::Train, false) => f
+                .gpu_train
+                .plan_forward_train(shape, x, &b.gpu_y, &b.gpu_train_saved),
+            (Op::Train, true) => f
+                .gpu_train
+                .plan_forward_train_add(shape, x, z, &b.gpu_y, &b.gpu_train_saved),
+            (Op::Eval, false) => f.gpu_eval.plan_forward_eval(shape, x, &b.gpu_y, None),
+            (Op::Eval, true) => f.gpu_eval.plan_forward_eval_add(shape, x, z, &b.gpu_y, None),
+            (Op::Backward, _) => {
+                let grads = GradBuffers::new()
+                    .dx(&b.gpu_dx)
+                    .dgamma(&b.gpu_dgamma)
+                    .dbeta(&b.gpu_dbeta)
+                    .output(&self.fused_y[usize::from(residual)].1);
+                let grads = if residual { grads.dz(&f.gpu_dz) } else { grads };
+                f.gpu_train
+                    .plan_backward(shape, x, &b.gpu_dy[k], Some(&self.gpu_saved), grads)
+            }
+        }
+    }
+
+    /// Records `case` on the GPU with input copy `i % copies` into `pass`.
     fn record_gpu(
         &mut self,
-        op: Op,
+        case: Case,
         pass: &mut wgpu::ComputePass<'_>,
         i: usize,
     ) -> wgpu_batchnorm::Result<()> {
-        self.plan(op, i)?.record(pass);
+        self.plan(case, i)?.record(pass);
         Ok(())
     }
 
+    /// Records the unfused sequence a fused `case` replaces: the plain layer's op,
+    /// then the add and the ReLU (forward), or the ReLU's backward then the plain
+    /// backward. The elementwise steps cover the tensor's whole vec4s.
+    fn record_unfused(
+        &mut self,
+        case: Case,
+        pass: &mut wgpu::ComputePass<'_>,
+        i: usize,
+    ) -> wgpu_batchnorm::Result<()> {
+        let b = &mut *self.bench;
+        let k = i % b.gpu_x.len();
+        let Some(f) = b.fused.as_ref() else {
+            return Err(wgpu_batchnorm::Error::MissingState("--fuse without fused layers"));
+        };
+        let (shape, x, z) = (&self.shape, &b.gpu_x[k], &f.gpu_z[k]);
+        let bytes = shape.bytes() / 16 * 16;
+        let ctx = b.ctx.clone();
+        let relu = Activation::Relu;
+        let residual = case.fuse.residual();
+        match case.op {
+            Op::Train | Op::Eval => {
+                if case.op == Op::Train {
+                    b.gpu_train
+                        .plan_forward_train(shape, x, &f.gpu_t1, &b.gpu_train_saved)?
+                        .record(pass);
+                } else {
+                    b.gpu_eval
+                        .plan_forward_eval(shape, x, &f.gpu_t1, None)?
+                        .record(pass);
+                }
+                let mut act_in = &f.gpu_t1;
+                if residual {
+                    ctx.elementwise_in_pass(
+                        pass,
+                        Elementwise::Add,
+                        &f.gpu_t1,
+                        Some(z),
+                        &f.gpu_t2,
+                        bytes,
+                    )?;
+                    act_in = &f.gpu_t2;
+                }
+                ctx.elementwise_in_pass(
+                    pass,
+                    Elementwise::Activation(relu),
+                    act_in,
+                    None,
+                    &b.gpu_y,
+                    bytes,
+                )
+            }
+            Op::Backward => {
+                // g = dz with a residual (dz is g).
+                let g = if residual { &f.gpu_dz } else { &f.gpu_t1 };
+                ctx.elementwise_in_pass(
+                    pass,
+                    Elementwise::ActivationBackward(relu),
+                    &b.gpu_dy[k],
+                    Some(&self.fused_y[usize::from(residual)].1),
+                    g,
+                    bytes,
+                )?;
+                let grads = GradBuffers::new()
+                    .dx(&b.gpu_dx)
+                    .dgamma(&b.gpu_dgamma)
+                    .dbeta(&b.gpu_dbeta);
+                b.gpu_train
+                    .plan_backward(shape, x, g, Some(&self.gpu_saved), grads)?
+                    .record(pass);
+                Ok(())
+            }
+        }
+    }
+
     /// Dispatches and bound bytes of `op`, and the CPU time to record it.
-    fn host_side(&mut self, op: Op, reps: usize, row: &mut Row) -> BoxResult<()> {
+    fn host_side(&mut self, op: Case, reps: usize, row: &mut Row) -> BoxResult<()> {
         let info = self.plan(op, 0)?.dispatches();
         let bound: u64 = info.iter().map(|d| d.bytes_read + d.bytes_written).sum();
         row.dispatches = Some(info.len());
@@ -439,7 +751,7 @@ impl LayoutBench<'_> {
 
     /// Times each dispatch of `op` alone (input copy 0), where the adapter has
     /// timestamp queries.
-    fn detail(&mut self, op: Op, timer: &GpuTimer, reps: usize, row: &mut Row) -> BoxResult<()> {
+    fn detail(&mut self, op: Case, timer: &GpuTimer, reps: usize, row: &mut Row) -> BoxResult<()> {
         let plan = self.plan(op, 0)?;
         let Some(ms) = timer.time_dispatches(reps, &plan)? else {
             return Ok(());
@@ -461,12 +773,28 @@ impl LayoutBench<'_> {
 
     /// Runs `op` once on both sides with input copy 0 and returns the largest
     /// error of the GPU's outputs against the fast CPU path's (see [`Row::max_err`]).
-    fn check(&mut self, op: Op, timer: &GpuTimer) -> BoxResult<f64> {
+    fn check(&mut self, op: Case, timer: &GpuTimer) -> BoxResult<f64> {
         self.run_cpu(op, 0)?;
         timer.run_once(|pass| self.record_gpu(op, pass, 0))?;
         let b = &*self.bench;
         let (ctx, numel, c) = (&b.ctx, self.shape.numel(), self.shape.c());
-        Ok(match op {
+        let dz_err = match (&b.fused, op.op, op.fuse.residual()) {
+            (Some(f), Op::Backward, true) => {
+                max_rel_err(&ctx.read_buffer(&f.gpu_dz, numel)?, &f.dz)
+            }
+            _ => 0.0,
+        };
+        let dy = match (op.op, op.fuse) {
+            // The fused backward's sums are of the masked dy (dz with a residual).
+            (Op::Backward, Fuse::Relu | Fuse::AddRelu) => {
+                let y = &self.fused_y[usize::from(op.fuse.residual())].0;
+                let relu = Activation::Relu;
+                let g = y.iter().zip(&b.host_dy[0]);
+                g.map(|(&y, &d)| if relu.passes(y) { d } else { 0.0 }).collect()
+            }
+            _ => b.host_dy[0].clone(),
+        };
+        Ok(dz_err.max(match op.op {
             Op::Train => {
                 let saved = b.gpu_train_saved.to_host(ctx)?;
                 max_rel_err(&ctx.read_buffer(&b.gpu_y, numel)?, &b.y)
@@ -475,22 +803,22 @@ impl LayoutBench<'_> {
             }
             Op::Eval => max_rel_err(&ctx.read_buffer(&b.gpu_y, numel)?, &b.y),
             Op::Backward => {
-                let (x, dy) = (&b.host_x[0], &b.host_dy[0]);
-                let (beta_scale, gamma_scale) = grad_scales(&self.shape, x, dy, &self.cpu_saved);
+                let x = &b.host_x[0];
+                let (beta_scale, gamma_scale) = grad_scales(&self.shape, x, &dy, &self.cpu_saved);
                 let dgamma = ctx.read_buffer(&b.gpu_dgamma, c)?;
                 let dbeta = ctx.read_buffer(&b.gpu_dbeta, c)?;
                 max_rel_err(&ctx.read_buffer(&b.gpu_dx, numel)?, &b.dx)
                     .max(max_sum_err(&dgamma, &b.dgamma, &gamma_scale))
                     .max(max_sum_err(&dbeta, &b.dbeta, &beta_scale))
             }
-        })
+        }))
     }
 
     /// Checks and times `op` on both sides. A GPU result off by more than
     /// [`TOLERANCE`] is not timed on the GPU (the row says FAILED); an error of
     /// the library is reported in the row rather than ending the run.
     /// With `detail`, each dispatch is also timed alone.
-    pub fn measure(&mut self, op: Op, timer: &GpuTimer, reps: usize, detail: bool) -> Row {
+    pub fn measure(&mut self, op: Case, timer: &GpuTimer, reps: usize, detail: bool) -> Row {
         let layout = self.layout_label();
         let mut row = Row::new(&self.bench.spec, &layout, op, reps, self.bench.copies());
         let measured = self.measure_into(op, timer, reps, &mut row).and_then(|()| {
@@ -511,12 +839,12 @@ impl LayoutBench<'_> {
 
     fn measure_into(
         &mut self,
-        op: Op,
+        op: Case,
         timer: &GpuTimer,
         reps: usize,
         row: &mut Row,
     ) -> BoxResult<()> {
-        if let (Some(e), Op::Train | Op::Backward) = (&self.train_error, op) {
+        if let (Some(e), Op::Train | Op::Backward) = (&self.train_error, op.op) {
             return Err(e.clone().into());
         }
         let err = self.check(op, timer)?;
@@ -538,17 +866,26 @@ impl LayoutBench<'_> {
         let mut copy_kernel = |pass: &mut wgpu::ComputePass<'_>, i: usize| {
             ctx.copy_in_pass(pass, &sources[i % sources.len()], &dst, copy_bytes)
         };
+        // A fused op's unfused sequence takes turns with them too.
+        let fused = op.fuse != Fuse::None;
+        let this = std::cell::RefCell::new(&mut *self);
         let mut operation =
-            |pass: &mut wgpu::ComputePass<'_>, i: usize| self.record_gpu(op, pass, i);
-        let (gpu, copy) = if copy_bytes > 0 {
-            let samples = timer.time_interleaved(reps, &mut [&mut operation, &mut copy_kernel])?;
-            (
-                samples[0].summarize(),
-                Some((samples[1].summarize(), 2 * copy_bytes)),
-            )
-        } else {
-            (timer.time(reps, operation)?.summarize(), None)
+            |pass: &mut wgpu::ComputePass<'_>, i: usize| this.borrow_mut().record_gpu(op, pass, i);
+        let mut unfused_sequence = |pass: &mut wgpu::ComputePass<'_>, i: usize| {
+            this.borrow_mut().record_unfused(op, pass, i)
         };
+        let mut recorders: Vec<&mut Recorder<'_>> = vec![&mut operation];
+        if copy_bytes > 0 {
+            recorders.push(&mut copy_kernel);
+        }
+        if fused {
+            recorders.push(&mut unfused_sequence);
+        }
+        let samples = timer.time_interleaved(reps, &mut recorders)?;
+        drop(recorders);
+        let gpu = samples[0].summarize();
+        let copy = (copy_bytes > 0).then(|| (samples[1].summarize(), 2 * copy_bytes));
+        let unfused = fused.then(|| samples[samples.len() - 1].summarize());
         // Compare op and copy on one clock: timestamps only when both have them.
         let on_timestamps =
             gpu.clock == Clock::Timestamp && copy.is_none_or(|(c, _)| c.clock == Clock::Timestamp);
@@ -572,6 +909,11 @@ impl LayoutBench<'_> {
             row.gpu_over_copy = Some(gpu_gbs / gbs(bytes, copy_ms));
         }
         row.speedup = Some(cpu_ms / gpu_ms);
+        if let Some(u) = unfused {
+            let unfused_ms = pick(&u);
+            row.unfused_ms = Some(unfused_ms);
+            row.fused_speedup = Some(unfused_ms / gpu_ms);
+        }
         Ok(())
     }
 }

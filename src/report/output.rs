@@ -82,7 +82,9 @@ pub fn header_lines(h: &Header) -> String {
         "host    : context created in {:.1} ms (pipelines built on first use); \
          disp = dispatches per op, bound/floor = bytes of the storage ranges bound \
          (an upper bound of the bytes moved) over the floor bytes, rec us = CPU time \
-         to check, plan and record one op",
+         to check, plan and record one op; fused rows (+relu, +add+relu): vs unfused = \
+         time of the unfused sequence (plain op, add, ReLU as elementwise kernels) over the \
+         fused time, taking turns, B/unfused = floor bytes over the unfused sequence's",
         h.context_ms
     );
     s
@@ -123,6 +125,8 @@ pub fn table(rows: &[Row]) -> String {
         "gpu GB/s",
         "copy GB/s",
         "gpu/copy",
+        "vs unfused",
+        "B/unfused",
         "max err",
         "disp",
         "bound/floor",
@@ -145,6 +149,12 @@ pub fn table(rows: &[Row]) -> String {
                 fixed(r.gpu_gbs, 2),
                 fixed(r.copy_gbs, 2),
                 fixed(r.gpu_over_copy, 2),
+                fixed(r.fused_speedup, 2),
+                fixed(
+                    r.unfused_bytes
+                        .map(|u| r.floor_bytes as f64 / u as f64),
+                    2,
+                ),
                 sci(r.max_err),
                 r.dispatches.map_or("-".into(), |d| d.to_string()),
                 fixed(r.bound_over_floor, 2),
@@ -160,7 +170,7 @@ pub fn table(rows: &[Row]) -> String {
         }
     }
     // Text columns left-aligned, numbers right-aligned; the status runs free.
-    let left = [0, 1, 2, 6, 16];
+    let left = [0, 1, 2, 6, 18];
     let fmt_line = |line: &[String]| {
         let mut s = String::new();
         for (i, (cell, w)) in line.iter().zip(&widths).enumerate() {
@@ -207,7 +217,7 @@ pub fn csv(rows: &[Row]) -> String {
     let mut out = String::from(
         "shape,layout,op,numel,floor_bytes,reps,input_copies,cpu_ms,cpu_gbs,gpu_ms,gpu_clock,\
          gpu_wall_ms,gpu_timestamp_ms,gpu_gbs,copy_ms,copy_gbs,gpu_over_copy,speedup,max_err,status,\
-         dispatches,bytes_bound,bound_over_floor,record_us\n",
+         dispatches,bytes_bound,bound_over_floor,record_us,unfused_ms,unfused_bytes,fused_speedup\n",
     );
     for r in rows {
         let fields = [
@@ -235,6 +245,9 @@ pub fn csv(rows: &[Row]) -> String {
             r.bytes_bound.map_or_else(String::new, |b| b.to_string()),
             opt(r.bound_over_floor),
             opt(r.record_us),
+            opt(r.unfused_ms),
+            r.unfused_bytes.map_or_else(String::new, |b| b.to_string()),
+            opt(r.fused_speedup),
         ];
         let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
         out.push_str(&line.join(","));
@@ -270,7 +283,7 @@ mod tests {
         let text = csv(&[row]);
         let line = text.lines().nth(1).unwrap();
         assert!(line.starts_with("4x8,cf=cl,backward,32,640,3,2,1.5,,"));
-        assert!(line.ends_with(",\"ERROR: a, \"\"b\"\"\",,,,"));
+        assert!(line.ends_with(",\"ERROR: a, \"\"b\"\"\",,,,,,,"));
         assert_eq!(
             text.lines().next().unwrap().split(',').count(),
             line.split(',').count() - 1

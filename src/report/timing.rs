@@ -139,21 +139,11 @@ impl GpuTimer {
         self.queries.as_ref().map(|_| self.period_ns)
     }
 
-    /// Runs `record(pass, i)` in a compute pass of its own submission, `WARMUP`
-    /// untimed and then `reps` timed times. Validation errors of the recorded work
-    /// come back as errors rather than panics.
-    pub fn time(
-        &self,
-        reps: usize,
-        mut record: impl FnMut(&mut wgpu::ComputePass<'_>, usize) -> wgpu_batchnorm::Result<()>,
-    ) -> BoxResult<GpuSamples> {
-        let mut samples = self.time_interleaved(reps, &mut [&mut record])?;
-        Ok(samples.remove(0))
-    }
-
-    /// [`Self::time`] for several recorders, taking turns repetition by repetition
-    /// (each in its own submission), so that a slow spell of the machine hits all
-    /// of them alike and their ratio stays meaningful.
+    /// Runs each recorder's `record(pass, i)` in a compute pass of its own
+    /// submission, `WARMUP` untimed and then `reps` timed times, the recorders
+    /// taking turns repetition by repetition, so that a slow spell of the machine
+    /// hits all of them alike and their ratio stays meaningful. Validation errors
+    /// of the recorded work come back as errors rather than panics.
     pub fn time_interleaved(
         &self,
         reps: usize,

@@ -1,0 +1,21 @@
+// The forward's epilogue with a residual: y = act(bn(x) + z), z a tensor of x's
+// shape and layout (prepended to stats.wgsl and apply.wgsl for the `*_add`
+// forwards). Reads z.
+
+@group(0) @binding(RESIDUAL_BINDING) var<storage, read> z: array<f32>;
+@group(0) @binding(RESIDUAL_BINDING) var<storage, read> z4: array<vec4<f32>>;
+
+// The output of vec4 i from its normalized value v.
+fn epilogue4(v: vec4<f32>, i: u32) -> vec4<f32> {
+    return act4(v + z4[i]);
+}
+
+// The output of element i.
+fn epilogue1(v: f32, i: u32) -> f32 {
+    return act4(vec4<f32>(v + z[i])).x;
+}
+
+// The outputs of elements i.x..i.w (a quad walk's).
+fn epilogue_quad(v: vec4<f32>, i: vec4<u32>) -> vec4<f32> {
+    return act4(v + vec4<f32>(z[i.x], z[i.y], z[i.z], z[i.w]));
+}
