@@ -59,7 +59,8 @@
 //! or CSV (one sample per line, numbers separated by commas, the label in the last
 //! column or, with `--label-column first`, the first; a header line is skipped;
 //! features are used as they are, so scale them). One sample in six is held out as
-//! the test set.
+//! the test set. On such data missing the target accuracy is reported, and fails
+//! the run only when the target was given with `--target`.
 
 #[path = "train_mlp/data.rs"]
 mod data;
@@ -142,6 +143,10 @@ struct Args {
     /// Training steps per run.
     #[arg(long)]
     steps: Option<usize>,
+    /// Target batch accuracy (default 0.9 for the Keras network, 0.95 for the
+    /// PyTorch one); with --data, missing it fails the run only when given.
+    #[arg(long)]
+    target: Option<f64>,
 }
 
 /// One network's experiment: data, sizes and the target accuracy.
@@ -152,6 +157,9 @@ struct Task {
     lrs: Vec<f32>,
     batches: Vec<usize>,
     target: f64,
+    /// Whether missing the target fails the run (the generated data, or a target
+    /// given with --target).
+    enforce_target: bool,
     log_every: usize,
 }
 
@@ -210,6 +218,7 @@ fn run() -> BoxResult<bool> {
             lrs: vec![0.01, 0.1, 1.0],
             batches: vec![32, 128],
             target: 0.9,
+            enforce_target: true,
             log_every: 100,
         });
     }
@@ -232,6 +241,7 @@ fn run() -> BoxResult<bool> {
             lrs: vec![0.01, 0.1, 1.0],
             batches: vec![32, 128],
             target: 0.95,
+            enforce_target: true,
             log_every: 100,
         });
     }
@@ -249,8 +259,16 @@ fn run() -> BoxResult<bool> {
         if let Some(s) = args.steps {
             task.steps = s;
         }
+        // A user's data may not allow the default target: it is then reported only.
+        task.enforce_target = args.data.is_none() || args.target.is_some();
+        if let Some(t) = args.target {
+            task.target = t;
+        }
         if task.lrs.is_empty() || task.batches.is_empty() || task.steps == 0 {
             return Err("--lr, --batch and --steps need at least one value above zero".into());
+        }
+        if !(0.0..=1.0).contains(&task.target) {
+            return Err(format!("--target {}: an accuracy between 0 and 1", task.target).into());
         }
         if let Some(&b) = task
             .batches
@@ -596,12 +614,16 @@ fn run_one(
         ok &= pass;
         if bn {
             let reached = steps_to_target.is_some();
+            let verdict = match (reached, task.enforce_target) {
+                (true, _) => "yes",
+                (false, true) => "no FAIL",
+                (false, false) => "no (not a failure on --data without --target)",
+            };
             println!(
-                "   batch norm reaches {:.0} %: {}",
-                100.0 * task.target,
-                if reached { "yes" } else { "no FAIL" }
+                "   batch norm reaches {:.0} %: {verdict}",
+                100.0 * task.target
             );
-            ok &= reached;
+            ok &= reached || !task.enforce_target;
         }
     }
 
