@@ -14,8 +14,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
 use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, BatchNormState, Error, GpuContext, GradMask, Layout, Shape,
-    StatsSource,
+    Activation, BatchNorm, BatchNormConfig, BatchNormState, Error, GpuContext, GradMask, Layout,
+    Shape, StatsSource,
 };
 
 #[cfg(target_arch = "wasm32")]
@@ -65,15 +65,21 @@ const LAYOUTS: [Layout; 2] = [Layout::ChannelsFirst, Layout::ChannelsLast];
 
 /// A context on the default adapter (WebGPU in a browser), named in the output.
 async fn ctx() -> GpuContext {
-    let ctx = GpuContext::from_env_async().await.unwrap_or_else(|e| match e {
-        Error::NoAdapter { .. } if cfg!(target_arch = "wasm32") => panic!(
-            "the browser tests need WebGPU, and this browser offered no adapter: {e} \
+    let ctx = GpuContext::from_env_async()
+        .await
+        .unwrap_or_else(|e| match e {
+            Error::NoAdapter { .. } if cfg!(target_arch = "wasm32") => panic!(
+                "the browser tests need WebGPU, and this browser offered no adapter: {e} \
              (Chromium: --enable-unsafe-webgpu, see webdriver.json)"
-        ),
-        Error::NoAdapter { .. } => panic!("GPU tests need an adapter: {e}"),
-        e => panic!("GPU context could not be set up on this adapter: {e}"),
-    });
-    log!("GPU tests run on: {} ({:?})", ctx.describe(), ctx.adapter_info());
+            ),
+            Error::NoAdapter { .. } => panic!("GPU tests need an adapter: {e}"),
+            e => panic!("GPU context could not be set up on this adapter: {e}"),
+        });
+    log!(
+        "GPU tests run on: {} ({:?})",
+        ctx.describe(),
+        ctx.adapter_info()
+    );
     ctx
 }
 
@@ -283,5 +289,123 @@ web_test! {
         let x: Vec<f32> = (0..shape.numel()).map(|i| i as f32).collect();
         bn.forward_eval_host_async(&shape, &x).await.expect("eval after errors");
         ctx.check_device().expect("no error kept for later");
+    }
+}
+
+web_test! {
+    /// The fused activation and residual: `y = act(bn(x) + z)` in training, and its
+    /// backward from the forward's own `y` (dx, dgamma, dbeta, dz).
+    async fn fused_activation_and_residual_match_reference() {
+        let ctx = ctx().await;
+        let mut rng = rng("fused_activation_and_residual_match_reference");
+        let mut worst = 0f64;
+        for dims in &SHAPES[..4] {
+            for layout in LAYOUTS {
+                let shape = Shape::new(dims, layout).unwrap();
+                let c = shape.c();
+                for (activation, residual) in [(Activation::Relu, true), (Activation::Relu6, false)] {
+                    let config = BatchNormConfig::new(c).activation(activation);
+                    let what = format!("{dims:?} {layout:?} {activation:?} residual={residual}");
+                    let (mut gpu, mut cpu) = layer_pair(&ctx, &mut rng, &config);
+                    let mean = rng.random_range(-2.0..2.0);
+                    let x = normal(&mut rng, &shape, mean, 1.5);
+                    let z = normal(&mut rng, &shape, 0.0, 1.0);
+                    let dy = normal(&mut rng, &shape, 0.1, 1.0);
+                    let (out, r) = if residual {
+                        (
+                            gpu.forward_train_add_host_async(&shape, &x, &z).await.expect("forward_train_add"),
+                            cpu.forward_train_add(&shape, &x, &z).expect("reference"),
+                        )
+                    } else {
+                        (
+                            gpu.forward_train_host_async(&shape, &x).await.expect("forward_train"),
+                            cpu.forward_train(&shape, &x).expect("reference"),
+                        )
+                    };
+                    worst = worst.max(assert_close(&format!("{what} y"), &out.y, &r.y, TOL));
+                    let g = gpu
+                        .backward_fused_host_async(&shape, &x, Some(&out.y), &dy, Some(&out.saved), GradMask::default(), residual)
+                        .await
+                        .expect("backward_fused");
+                    let rg = cpu
+                        .backward_fused(&shape, &x, &out.y, &dy, StatsSource::Batch, GradMask::default(), residual)
+                        .expect("reference backward");
+                    // The gradient that reaches the batch norm: dy where the
+                    // activation passed it (decided by the same y on both sides).
+                    let passed: Vec<f32> = out
+                        .y
+                        .iter()
+                        .zip(&dy)
+                        .map(|(&y, &d)| match activation {
+                            Activation::Relu6 if y > 0.0 && y < 6.0 => d,
+                            Activation::Relu if y > 0.0 => d,
+                            _ => 0.0,
+                        })
+                        .collect();
+                    let gamma = cpu.state.gamma.as_slice();
+                    let sx = dx_scale(&shape, &x, &passed, gamma, &r.mean, &r.invstd, true);
+                    worst = worst.max(assert_sums_close(
+                        &format!("{what} dx"),
+                        g.dx.as_deref().expect("dx"),
+                        rg.dx.as_deref().expect("reference dx"),
+                        &sx,
+                        TOL,
+                    ));
+                    let sg = dgamma_scale(&shape, &x, &passed, &r.mean, &r.invstd);
+                    worst = worst.max(assert_sums_close(
+                        &format!("{what} dgamma"),
+                        g.dgamma.as_deref().expect("dgamma"),
+                        rg.dgamma.as_deref().expect("reference dgamma"),
+                        &sg,
+                        TOL,
+                    ));
+                    let sb = dbeta_scale(&shape, &passed);
+                    worst = worst.max(assert_sums_close(
+                        &format!("{what} dbeta"),
+                        g.dbeta.as_deref().expect("dbeta"),
+                        rg.dbeta.as_deref().expect("reference dbeta"),
+                        &sb,
+                        TOL,
+                    ));
+                    assert_eq!(g.dz.is_some(), residual, "{what}: dz presence");
+                    if let (Some(dz), Some(rdz)) = (&g.dz, &rg.dz) {
+                        worst = worst.max(assert_close(&format!("{what} dz"), dz, rdz, TOL));
+                    }
+                }
+            }
+        }
+        log!("fused: worst error {worst:.2e} (tolerance {TOL:.0e})");
+    }
+}
+
+web_test! {
+    /// An error wgpu raises inside a synchronous call (a write into a destroyed
+    /// buffer): returned by the call natively; on the web the call cannot wait for
+    /// it, and the next call that checks the device returns it, once.
+    async fn gpu_errors_of_synchronous_calls() {
+        let ctx = ctx().await;
+        let mut bn = BatchNorm::new(&ctx, BatchNormConfig::new(3)).expect("layer");
+        bn.affine_buffer().destroy();
+        let written = bn.set_affine(&[1.0; 3], &[0.0; 3]);
+        let empty = || ctx.device().create_command_encoder(&Default::default());
+        #[cfg(not(target_arch = "wasm32"))]
+        let error = written.expect_err("a write into a destroyed buffer");
+        #[cfg(target_arch = "wasm32")]
+        let error = {
+            assert!(written.is_ok(), "on the web the write cannot wait: {written:?}");
+            let mut error = None;
+            for _ in 0..50 {
+                if let Err(e) = ctx.submit_async(empty()).await {
+                    error = Some(e);
+                    break;
+                }
+            }
+            error.expect("the write's error, returned by a later call")
+        };
+        assert!(
+            matches!(error, Error::Gpu { context: "writing a buffer", .. }),
+            "{error:?}"
+        );
+        ctx.submit_async(empty()).await.expect("the error is returned once");
     }
 }

@@ -144,7 +144,12 @@ mod page {
             })
         }
 
-        async fn step(&mut self, x: &[f32], dy: &[f32], saved: &wgpu_batchnorm::SavedStatsHost) -> Result<Vec<f32>> {
+        async fn step(
+            &mut self,
+            x: &[f32],
+            dy: &[f32],
+            saved: &wgpu_batchnorm::SavedStatsHost,
+        ) -> Result<Vec<f32>> {
             let g = self
                 .bn
                 .backward_host_async(&self.shape, x, dy, Some(saved), GradMask::default())
@@ -269,7 +274,14 @@ mod page {
         let path: String = losses
             .iter()
             .enumerate()
-            .map(|(i, &l)| format!("{}{:.1},{:.1}", if i == 0 { "M" } else { " L" }, px(i), py(l)))
+            .map(|(i, &l)| {
+                format!(
+                    "{}{:.1},{:.1}",
+                    if i == 0 { "M" } else { " L" },
+                    px(i),
+                    py(l)
+                )
+            })
             .collect();
         let mut svg = format!(
             r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">
@@ -293,7 +305,11 @@ mod page {
         );
         for i in 0..labels.len() {
             let hue = if p[i] > 0.5 { "#2e86c1" } else { "#e67e22" };
-            let ring = if labels[i] > 0.5 { "#1b4f72" } else { "#873600" };
+            let ring = if labels[i] > 0.5 {
+                "#1b4f72"
+            } else {
+                "#873600"
+            };
             svg += &format!(
                 r#"<circle cx="{:.3}" cy="{:.3}" r="0.035" fill="{hue}" stroke="{ring}" stroke-width="0.01"/>"#,
                 x[2 * i],

@@ -5,8 +5,8 @@
 
 use super::{BatchNorm, GradBuffers, SavedStats};
 use crate::{
-    BatchNormState, ForwardOutput, GpuContext, GradMask, Gradients, Result, SavedStatsHost,
-    Shape, TrainOutput,
+    BatchNormState, ForwardOutput, GpuContext, GradMask, Gradients, Result, SavedStatsHost, Shape,
+    TensorBuffer, TrainOutput,
 };
 
 impl SavedStats {
@@ -67,17 +67,34 @@ impl BatchNorm {
         shape: &Shape,
         x: &[f32],
     ) -> Result<TrainOutput> {
-        Self::check_len("x", shape, x)?;
-        self.check_shape(shape, true)?;
-        self.ctx.check_size("x", shape.bytes())?;
+        self.train_host_async(shape, x, None).await
+    }
+
+    /// [`Self::forward_train_add_host`] without blocking.
+    pub async fn forward_train_add_host_async(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+    ) -> Result<TrainOutput> {
+        self.train_host_async(shape, x, Some(z)).await
+    }
+
+    async fn train_host_async(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: Option<&[f32]>,
+    ) -> Result<TrainOutput> {
         let ctx = self.ctx.clone();
-        let (xb, yb) = (
-            ctx.upload("bn.x", x)?,
-            ctx.storage_buffer("bn.y", shape.bytes())?,
-        );
+        let (xb, zb) = self.upload_inputs_async(shape, x, z, true)?;
+        let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
         let saved = SavedStats::new(&ctx, self.config.num_features)?;
         run_async(&ctx, "forward_train", |enc| {
-            self.forward_train(enc, shape, &xb, &yb, &saved)
+            let z = zb.as_ref().map(TensorBuffer::from);
+            self.plan_train(shape, (&xb).into(), z, (&yb).into(), &saved)?
+                .record_into(enc);
+            Ok(())
         })
         .await?;
         Ok(TrainOutput {
@@ -86,26 +103,63 @@ impl BatchNorm {
         })
     }
 
+    /// Checks and uploads a host forward's x and residual z (`batch`: whether it
+    /// uses batch statistics), as the blocking calls do.
+    fn upload_inputs_async(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+        z: Option<&[f32]>,
+        batch: bool,
+    ) -> Result<(wgpu::Buffer, Option<wgpu::Buffer>)> {
+        Self::check_len("x", shape, x)?;
+        if let Some(z) = z {
+            Self::check_len("z", shape, z)?;
+        }
+        self.check_shape(shape, batch)?;
+        self.ctx.check_size("x", shape.bytes())?;
+        let xb = self.ctx.upload("bn.x", x)?;
+        let zb = z.map(|z| self.ctx.upload("bn.z", z)).transpose()?;
+        Ok((xb, zb))
+    }
+
     /// [`Self::forward_eval_host`] without blocking.
     pub async fn forward_eval_host_async(
         &mut self,
         shape: &Shape,
         x: &[f32],
     ) -> Result<ForwardOutput> {
-        Self::check_len("x", shape, x)?;
+        self.eval_host_async(shape, x, None).await
+    }
+
+    /// [`Self::forward_eval_add_host`] without blocking.
+    pub async fn forward_eval_add_host_async(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: &[f32],
+    ) -> Result<ForwardOutput> {
+        self.eval_host_async(shape, x, Some(z)).await
+    }
+
+    async fn eval_host_async(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        z: Option<&[f32]>,
+    ) -> Result<ForwardOutput> {
         let batch = !self.config.track_running_stats;
-        self.check_shape(shape, batch)?;
-        self.ctx.check_size("x", shape.bytes())?;
         let ctx = self.ctx.clone();
-        let (xb, yb) = (
-            ctx.upload("bn.x", x)?,
-            ctx.storage_buffer("bn.y", shape.bytes())?,
-        );
+        let (xb, zb) = self.upload_inputs_async(shape, x, z, batch)?;
+        let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
         let saved = batch
             .then(|| SavedStats::new(&ctx, self.config.num_features))
             .transpose()?;
         run_async(&ctx, "forward_eval", |enc| {
-            self.forward_eval(enc, shape, &xb, &yb, saved.as_ref())
+            let z = zb.as_ref().map(TensorBuffer::from);
+            self.plan_eval(shape, (&xb).into(), z, (&yb).into(), saved.as_ref())?
+                .record_into(enc);
+            Ok(())
         })
         .await?;
         let y = ctx.read_buffer_async(&yb, shape.numel()).await?;
@@ -125,8 +179,27 @@ impl BatchNorm {
         saved: Option<&SavedStatsHost>,
         mask: GradMask,
     ) -> Result<Gradients> {
+        self.backward_fused_host_async(shape, x, None, dy, saved, mask, false)
+            .await
+    }
+
+    /// [`Self::backward_fused_host`] without blocking.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn backward_fused_host_async(
+        &mut self,
+        shape: &Shape,
+        x: &[f32],
+        y: Option<&[f32]>,
+        dy: &[f32],
+        saved: Option<&SavedStatsHost>,
+        mask: GradMask,
+        residual: bool,
+    ) -> Result<Gradients> {
         Self::check_len("x", shape, x)?;
         Self::check_len("dy", shape, dy)?;
+        if let Some(y) = y {
+            Self::check_len("y", shape, y)?;
+        }
         self.ctx.check_size("x", shape.bytes())?;
         let ctx = self.ctx.clone();
         let saved = saved.map(|s| SavedStats::from_host(&ctx, s)).transpose()?;
@@ -137,30 +210,31 @@ impl BatchNorm {
         let dx = alloc(mask.dx, "bn.dx", shape.bytes())?;
         let dgamma = alloc(mask.dgamma && affine, "bn.dgamma", c as u64 * 4)?;
         let dbeta = alloc(mask.dbeta && affine, "bn.dbeta", c as u64 * 4)?;
+        let dz = alloc(residual, "bn.dz", shape.bytes())?;
         let (xb, dyb) = (ctx.upload("bn.x", x)?, ctx.upload("bn.dy", dy)?);
-        let mut grads = GradBuffers::new();
-        if let Some(b) = &dx {
-            grads = grads.dx(b);
-        }
-        if let Some(b) = &dgamma {
-            grads = grads.dgamma(b);
-        }
-        if let Some(b) = &dbeta {
-            grads = grads.dbeta(b);
-        }
+        let yb = y.map(|y| ctx.upload("bn.y", y)).transpose()?;
+        let grads = GradBuffers {
+            dx: dx.as_ref().map(TensorBuffer::from),
+            dgamma: dgamma.as_ref().map(TensorBuffer::from),
+            dbeta: dbeta.as_ref().map(TensorBuffer::from),
+            accumulate: false,
+            output: yb.as_ref().map(TensorBuffer::from),
+            dz: dz.as_ref().map(TensorBuffer::from),
+        };
         run_async(&ctx, "backward", |enc| {
             self.backward(enc, shape, &xb, &dyb, saved.as_ref(), grads)
         })
         .await?;
         let mut out = Gradients::default();
-        if let Some(b) = dx {
-            out.dx = Some(ctx.read_buffer_async(&b, shape.numel()).await?);
-        }
-        if let Some(b) = dgamma {
-            out.dgamma = Some(ctx.read_buffer_async(&b, c).await?);
-        }
-        if let Some(b) = dbeta {
-            out.dbeta = Some(ctx.read_buffer_async(&b, c).await?);
+        for (b, len, slot) in [
+            (dx, shape.numel(), &mut out.dx),
+            (dgamma, c, &mut out.dgamma),
+            (dbeta, c, &mut out.dbeta),
+            (dz, shape.numel(), &mut out.dz),
+        ] {
+            if let Some(b) = b {
+                *slot = Some(ctx.read_buffer_async(&b, len).await?);
+            }
         }
         Ok(out)
     }
