@@ -82,11 +82,11 @@ mod page {
             self.grads.iter_mut().for_each(|g| *g = 0.0);
             let mut dx = vec![0.0; x.len()];
             for (n, (row, d)) in x.chunks(k).zip(dy.chunks(m)).enumerate() {
-                for j in 0..m {
-                    self.grads[k * m + j] += d[j];
+                for (j, &dj) in d.iter().enumerate() {
+                    self.grads[k * m + j] += dj;
                     for i in 0..k {
-                        self.grads[i * m + j] += row[i] * d[j];
-                        dx[n * k + i] += self.params[i * m + j] * d[j];
+                        self.grads[i * m + j] += row[i] * dj;
+                        dx[n * k + i] += self.params[i * m + j] * dj;
                     }
                 }
             }
@@ -300,9 +300,8 @@ mod page {
             t = pad + 4.0,
         );
         set_html("loss", &svg);
-        svg = format!(
-            r##"<svg xmlns="http://www.w3.org/2000/svg" width="300" height="300" viewBox="-1.6 -1.1 4.2 2.7"><rect x="-1.6" y="-1.1" width="4.2" height="2.7" fill="#fff"/>"##
-        );
+        svg = r##"<svg xmlns="http://www.w3.org/2000/svg" width="300" height="300" viewBox="-1.6 -1.1 4.2 2.7"><rect x="-1.6" y="-1.1" width="4.2" height="2.7" fill="#fff"/>"##
+            .to_string();
         for i in 0..labels.len() {
             let hue = if p[i] > 0.5 { "#2e86c1" } else { "#e67e22" };
             let ring = if labels[i] > 0.5 {
