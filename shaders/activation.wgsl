@@ -6,9 +6,9 @@
 // Reads a (and b); writes out.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> a: array<vec4<elem>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<elem>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<elem>>;
 
 @compute @workgroup_size(WG)
 fn act(@builtin(local_invocation_index) t: u32,
@@ -16,7 +16,7 @@ fn act(@builtin(local_invocation_index) t: u32,
        @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var w = walk_begin(p, t, workgroup_linear(wid, nwg)); w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        out[i] = act4(a[i]);
+        out[i] = st4(act4(ld4(a[i])));
     }
 }
 
@@ -26,7 +26,7 @@ fn add(@builtin(local_invocation_index) t: u32,
        @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var w = walk_begin(p, t, workgroup_linear(wid, nwg)); w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        out[i] = a[i] + b[i];
+        out[i] = st4(ld4(a[i]) + ld4(b[i]));
     }
 }
 
@@ -36,6 +36,6 @@ fn backward(@builtin(local_invocation_index) t: u32,
             @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var w = walk_begin(p, t, workgroup_linear(wid, nwg)); w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        out[i] = select(vec4<f32>(0.0), a[i], passes4(b[i]));
+        out[i] = st4(select(vec4<f32>(0.0), ld4(a[i]), passes4(ld4(b[i]))));
     }
 }

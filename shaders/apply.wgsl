@@ -24,10 +24,10 @@
 // Reads x, coef (or coef_window) and (from the running statistics) affine; writes y.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x: array<elem>;
+@group(0) @binding(1) var<storage, read> x4: array<vec4<elem>>;
+@group(0) @binding(2) var<storage, read_write> y: array<elem>;
+@group(0) @binding(2) var<storage, read_write> y4: array<vec4<elem>>;
 @group(0) @binding(3) var<storage, read> coef: array<f32>;
 @group(0) @binding(3) var<storage, read> coef4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> affine: array<f32>;
@@ -100,7 +100,7 @@ fn pick(a: Norm, b: Norm, past: vec4<bool>) -> Norm {
 fn loop_vec4(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y4[i] = epilogue4(normalize(k, x4[i]), i);
+        y4[i] = st4(epilogue4(normalize(k, ld4(x4[i])), i));
     }
 }
 
@@ -110,7 +110,7 @@ fn loop_vec4_rows(first: Walk, k: Norm) {
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        y4[i] = epilogue4(normalize(k, x4[i]), i);
+        y4[i] = st4(epilogue4(normalize(k, ld4(x4[i])), i));
         i += step;
     }
 }
@@ -122,10 +122,10 @@ fn loop_vec16(first: Walk, k0: Norm, k1: Norm, k2: Norm, k3: Norm) {
     let step = 4u * row_step(p);
     var i = 4u * walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        y4[i] = epilogue4(normalize(k0, x4[i]), i);
-        y4[i + 1u] = epilogue4(normalize(k1, x4[i + 1u]), i + 1u);
-        y4[i + 2u] = epilogue4(normalize(k2, x4[i + 2u]), i + 2u);
-        y4[i + 3u] = epilogue4(normalize(k3, x4[i + 3u]), i + 3u);
+        y4[i] = st4(epilogue4(normalize(k0, ld4(x4[i])), i));
+        y4[i + 1u] = st4(epilogue4(normalize(k1, ld4(x4[i + 1u])), i + 1u));
+        y4[i + 2u] = st4(epilogue4(normalize(k2, ld4(x4[i + 2u])), i + 2u));
+        y4[i + 3u] = st4(epilogue4(normalize(k3, ld4(x4[i + 3u])), i + 3u));
         i += step;
     }
 }
@@ -148,7 +148,7 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
         let k = coef_channel(c);
         loop {
             let i = walk_index(p, w);
-            y4[i] = epilogue4(normalize(k, x4[i]), i);
+            y4[i] = st4(epilogue4(normalize(k, ld4(x4[i])), i));
             w = flat_step(p, w);
             if !flat_in_run(p, w) {
                 break;
@@ -170,12 +170,12 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn loop_quad(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = epilogue_quad(normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w])), i);
+        let v = epilogue_quad(normalize(k, vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w]))), i);
         // Past the run, indices repeat the last element and write its same value.
-        y[i.x] = v.x;
-        y[i.y] = v.y;
-        y[i.z] = v.z;
-        y[i.w] = v.w;
+        y[i.x] = st1(v.x);
+        y[i.y] = st1(v.y);
+        y[i.z] = st1(v.z);
+        y[i.w] = st1(v.w);
     }
 }
 
@@ -234,7 +234,7 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        y[i] = epilogue1((x[i] - k.hi.x) * k.scale.x + k.shift.x, i);
+        y[i] = st1(epilogue1((ld1(x[i]) - k.hi.x) * k.scale.x + k.shift.x, i));
         i += step;
     }
 }

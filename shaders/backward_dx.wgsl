@@ -13,12 +13,12 @@
 // Reads x, dy, coef (or coef_window); writes dx.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
-@group(0) @binding(2) var<storage, read> dy4: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> dx: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x: array<elem>;
+@group(0) @binding(1) var<storage, read> x4: array<vec4<elem>>;
+@group(0) @binding(2) var<storage, read> dy: array<elem>;
+@group(0) @binding(2) var<storage, read> dy4: array<vec4<elem>>;
+@group(0) @binding(3) var<storage, read_write> dx: array<elem>;
+@group(0) @binding(3) var<storage, read_write> dx4: array<vec4<elem>>;
 @group(0) @binding(4) var<storage, read> coef: array<f32>;
 @group(0) @binding(4) var<storage, read> coef4: array<vec4<f32>>;
 @group(0) @binding(5) var<uniform> coef_window: array<vec4<f32>, COEF_WINDOW>;
@@ -80,10 +80,10 @@ fn pick(a: Coef, b: Coef, past: vec4<bool>) -> Coef {
                 select(a.k_c, b.k_c, past));
 }
 
-// x4[i] when the x term is used (else not read).
+// ld4(x4[i]) when the x term is used (else not read).
 fn x4_if_used(i: u32, k: Coef) -> vec4<f32> {
     if WITH_X {
-        return x4[i];
+        return ld4(x4[i]);
     }
     return k.hi;
 }
@@ -92,7 +92,7 @@ fn x4_if_used(i: u32, k: Coef) -> vec4<f32> {
 fn loop_vec4(first: Walk, k: Coef) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        dx4[i] = dx_of(k, grad4(i), x4_if_used(i, k));
+        dx4[i] = st4(dx_of(k, grad4(i), x4_if_used(i, k)));
     }
 }
 
@@ -102,7 +102,7 @@ fn loop_vec4_rows(first: Walk, k: Coef) {
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        dx4[i] = dx_of(k, grad4(i), x4_if_used(i, k));
+        dx4[i] = st4(dx_of(k, grad4(i), x4_if_used(i, k)));
         i += step;
     }
 }
@@ -114,10 +114,10 @@ fn loop_vec16(first: Walk, k0: Coef, k1: Coef, k2: Coef, k3: Coef) {
     let step = 4u * row_step(p);
     var i = 4u * walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        dx4[i] = dx_of(k0, grad4(i), x4_if_used(i, k0));
-        dx4[i + 1u] = dx_of(k1, grad4(i + 1u), x4_if_used(i + 1u, k1));
-        dx4[i + 2u] = dx_of(k2, grad4(i + 2u), x4_if_used(i + 2u, k2));
-        dx4[i + 3u] = dx_of(k3, grad4(i + 3u), x4_if_used(i + 3u, k3));
+        dx4[i] = st4(dx_of(k0, grad4(i), x4_if_used(i, k0)));
+        dx4[i + 1u] = st4(dx_of(k1, grad4(i + 1u), x4_if_used(i + 1u, k1)));
+        dx4[i + 2u] = st4(dx_of(k2, grad4(i + 2u), x4_if_used(i + 2u, k2)));
+        dx4[i + 3u] = st4(dx_of(k3, grad4(i + 3u), x4_if_used(i + 3u, k3)));
         i += step;
     }
 }
@@ -142,7 +142,7 @@ fn channels_first_flat(@builtin(local_invocation_index) t: u32,
         let k = coef_channel(c);
         loop {
             let i = walk_index(p, w);
-            dx4[i] = dx_of(k, grad4(i), x4_if_used(i, k));
+            dx4[i] = st4(dx_of(k, grad4(i), x4_if_used(i, k)));
             w = flat_step(p, w);
             if !flat_in_run(p, w) {
                 break;
@@ -166,14 +166,14 @@ fn loop_quad(first: Walk, k: Coef) {
         let i = quad_indices(p, w);
         var xv = k.hi;
         if WITH_X {
-            xv = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
+            xv = vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w]));
         }
         let r = dx_of(k, grad_quad(i), xv);
         // Past the run, indices repeat the last element and write its same value.
-        dx[i.x] = r.x;
-        dx[i.y] = r.y;
-        dx[i.z] = r.z;
-        dx[i.w] = r.w;
+        dx[i.x] = st1(r.x);
+        dx[i.y] = st1(r.y);
+        dx[i.z] = st1(r.z);
+        dx[i.w] = st1(r.w);
     }
 }
 
@@ -234,9 +234,9 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     for (var j = first.j; j < first.end; j += p.block) {
         var xv = k.hi.x;
         if WITH_X {
-            xv = x[i];
+            xv = ld1(x[i]);
         }
-        dx[i] = dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(xv)).x;
+        dx[i] = st1(dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(xv)).x);
         i += step;
     }
 }

@@ -16,10 +16,10 @@
 // Reads x, dy, saved = [mean | invstd | hi | lo]; writes partials[channel * splits + split].
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
-@group(0) @binding(2) var<storage, read> dy4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x: array<elem>;
+@group(0) @binding(1) var<storage, read> x4: array<vec4<elem>>;
+@group(0) @binding(2) var<storage, read> dy: array<elem>;
+@group(0) @binding(2) var<storage, read> dy4: array<vec4<elem>>;
 @group(0) @binding(3) var<storage, read> saved: array<f32>;
 @group(0) @binding(3) var<storage, read> saved4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
@@ -106,10 +106,10 @@ fn hi_group(v: u32) -> vec4<f32> {
     return saved4[2u * p.padded / 4u + v];
 }
 
-// x4[i] when the x sum is wanted (else not read).
+// ld4(x4[i]) when the x sum is wanted (else not read).
 fn x4_if_wanted(i: u32, hi: vec4<f32>) -> vec4<f32> {
     if WITH_X {
-        return x4[i];
+        return ld4(x4[i]);
     }
     return hi;
 }
@@ -184,7 +184,7 @@ fn loop_quad(first: Walk, hi: vec4<f32>) -> Sums {
         let valid = quad_valid(p, w);
         var xv = hi;
         if WITH_X {
-            xv = select(hi, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]), valid);
+            xv = select(hi, vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w])), valid);
         }
         let gq = grad_quad(i);
         store_dz_quad(i, gq);
@@ -285,7 +285,7 @@ fn loop_scalar(first: Walk, hi: vec4<f32>) -> Sums {
     for (var j = first.j; j < first.end; j += p.block) {
         var xv = hi;
         if WITH_X {
-            xv = vec4<f32>(x[i], hi.yzw);
+            xv = vec4<f32>(ld1(x[i]), hi.yzw);
         }
         let g = grad1(i);
         store_dz1(i, g);
@@ -307,8 +307,8 @@ fn loop_scalar(first: Walk, hi: vec4<f32>) -> Sums {
 // Binds dx at binding 4 (the others' partials), then dgamma, dbeta, affine and the
 // backward_finalize parameters.
 
-@group(0) @binding(4) var<storage, read_write> dx: array<f32>;
-@group(0) @binding(4) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dx: array<elem>;
+@group(0) @binding(4) var<storage, read_write> dx4: array<vec4<elem>>;
 @group(0) @binding(5) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(7) var<storage, read> affine: array<f32>;
@@ -383,7 +383,7 @@ fn fused_coef(t: u32, first: Walk, acc: Sums, lanes: u32) -> DxCoef {
 fn dx_vec4(first: Walk, k: DxCoef) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        dx4[i] = dx_of(k, grad4(i), x4[i]);
+        dx4[i] = st4(dx_of(k, grad4(i), ld4(x4[i])));
     }
 }
 
@@ -404,12 +404,12 @@ fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
     let k = fused_coef(t, first, loop_quad(first, hi_channel(walk_group(p, first))), 1u);
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = dx_of(k, grad_quad(i), vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]));
+        let v = dx_of(k, grad_quad(i), vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w])));
         // Past the run, indices repeat the last element and write its same value.
-        dx[i.x] = v.x;
-        dx[i.y] = v.y;
-        dx[i.z] = v.z;
-        dx[i.w] = v.w;
+        dx[i.x] = st1(v.x);
+        dx[i.y] = st1(v.y);
+        dx[i.z] = st1(v.z);
+        dx[i.w] = st1(v.w);
     }
 }
 
@@ -435,7 +435,7 @@ fn fused_scalar(@builtin(local_invocation_index) t: u32,
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        dx[i] = dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(x[i])).x;
+        dx[i] = st1(dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(ld1(x[i]))).x);
         i += step;
     }
 }

@@ -1,11 +1,11 @@
-// A plain vec4 copy, dst = src: the bandwidth yardstick the benchmarks compare every
+// A plain vec4 copy (of the tensors' element type), dst = src: the bandwidth yardstick the benchmarks compare every
 // kernel against. It walks the tensor as one channel (common.wgsl's walk, with the
 // adapter's tuning), so it reads and writes memory in the order the other kernels do.
 // Reads src; writes dst.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> dst: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> src: array<vec4<elem>>;
+@group(0) @binding(2) var<storage, read_write> dst: array<vec4<elem>>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) t: u32,

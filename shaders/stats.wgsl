@@ -45,14 +45,14 @@
 // walk (`finalized_channels_last_vec16`), which the fused forward does not take.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x: array<elem>;
+@group(0) @binding(1) var<storage, read> x4: array<vec4<elem>>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> running: array<u32>;
 // The fused forward's own bindings (binding 2 is y instead of partials; for the
 // finalized statistics, coef_out).
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<elem>;
+@group(0) @binding(2) var<storage, read_write> y4: array<vec4<elem>>;
 @group(0) @binding(2) var<storage, read_write> coef_out: array<f32>;
 @group(0) @binding(4) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(5) var<storage, read> affine: array<f32>;
@@ -121,7 +121,7 @@ fn loop_vec4(first: Walk, pivot: vec4<f32>) -> Welford {
     var n = 0.0;
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         n += 1.0;
-        s = moments_push(s, x4[walk_index(p, w)] - pivot, 1.0 / n);
+        s = moments_push(s, ld4(x4[walk_index(p, w)]) - pivot, 1.0 / n);
     }
     return Welford(vec4<f32>(n), s.mean, s.m2);
 }
@@ -135,7 +135,7 @@ fn loop_vec4_rows(first: Walk, pivot: vec4<f32>) -> Welford {
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
         n += 1.0;
-        s = moments_push(s, x4[i] - pivot, 1.0 / n);
+        s = moments_push(s, ld4(x4[i]) - pivot, 1.0 / n);
         i += step;
     }
     return Welford(vec4<f32>(n), s.mean, s.m2);
@@ -147,7 +147,7 @@ fn loop_quad(first: Walk, pivot: f32) -> Welford {
     var acc = welford_empty();
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
+        let v = vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w]));
         acc = welford_push_where(acc, v - pivot, quad_valid(p, w));
     }
     return acc;
@@ -161,7 +161,7 @@ fn loop_scalar(first: Walk, pivot: f32) -> Welford {
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
         n += 1.0;
-        s = moments_push(s, vec4<f32>(x[i] - pivot, 0.0, 0.0, 0.0), 1.0 / n);
+        s = moments_push(s, vec4<f32>(ld1(x[i]) - pivot, 0.0, 0.0, 0.0), 1.0 / n);
         i += step;
     }
     return Welford(vec4<f32>(n, 0.0, 0.0, 0.0), s.mean, s.m2);
@@ -178,25 +178,25 @@ struct Start {
 
 fn start_channels_first_vec4(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
     let first = begin(t, wid, nwg);
-    let pivot = x4[walk_group(p, first) * p.len].x;
+    let pivot = ld4(x4[walk_group(p, first) * p.len]).x;
     return Start(first, welford_collapse(loop_vec4(first, vec4<f32>(pivot))), vec4<f32>(pivot));
 }
 
 fn start_channels_first_quad(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
     let first = begin(t, wid, nwg);
-    let pivot = x[walk_group(p, first) * p.run];
+    let pivot = ld1(x[walk_group(p, first) * p.run]);
     return Start(first, welford_collapse(loop_quad(first, pivot)), vec4<f32>(pivot));
 }
 
 fn start_channels_last_vec4(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
     let first = begin(t, wid, nwg);
-    let pivot = x4[walk_group(p, first)];
+    let pivot = ld4(x4[walk_group(p, first)]);
     return Start(first, loop_vec4_rows(first, pivot), pivot);
 }
 
 fn start_scalar(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
     let first = begin(t, wid, nwg);
-    let pivot = x[walk_group(p, first) * p.len];
+    let pivot = ld1(x[walk_group(p, first) * p.len]);
     return Start(first, loop_scalar(first, pivot), vec4<f32>(pivot));
 }
 
@@ -241,7 +241,7 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn row_pivots(c: u32) -> vec2<f32> {
     let a = c * p.rep;
     let b = row_next(p, c) * p.rep;
-    return vec2<f32>(x4[a / 4u][a % 4u], x4[b / 4u][b % 4u]);
+    return vec2<f32>(ld4(x4[a / 4u])[a % 4u], ld4(x4[b / 4u])[b % 4u]);
 }
 
 // The rows view: each lane stays on four element positions of a batch item, each
@@ -291,10 +291,10 @@ fn loop_vec16(first: Walk, p0: vec4<f32>, p1: vec4<f32>, p2: vec4<f32>, p3: vec4
     for (var j = first.j; j < first.end; j += p.block) {
         n += 1.0;
         let inv = 1.0 / n;
-        s0 = moments_push(s0, x4[i] - p0, inv);
-        s1 = moments_push(s1, x4[i + 1u] - p1, inv);
-        s2 = moments_push(s2, x4[i + 2u] - p2, inv);
-        s3 = moments_push(s3, x4[i + 3u] - p3, inv);
+        s0 = moments_push(s0, ld4(x4[i]) - p0, inv);
+        s1 = moments_push(s1, ld4(x4[i + 1u]) - p1, inv);
+        s2 = moments_push(s2, ld4(x4[i + 2u]) - p2, inv);
+        s3 = moments_push(s3, ld4(x4[i + 3u]) - p3, inv);
         i += step;
     }
     return States16(n, s0, s1, s2, s3);
@@ -314,10 +314,10 @@ struct Start16 {
 fn start_channels_last_vec16(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start16 {
     let first = begin(t, wid, nwg);
     let u = 4u * walk_group(p, first);
-    let p0 = x4[u];
-    let p1 = x4[u + 1u];
-    let p2 = x4[u + 2u];
-    let p3 = x4[u + 3u];
+    let p0 = ld4(x4[u]);
+    let p1 = ld4(x4[u + 1u]);
+    let p2 = ld4(x4[u + 2u]);
+    let p3 = ld4(x4[u + 3u]);
     return Start16(first, loop_vec16(first, p0, p1, p2, p3), p0, p1, p2, p3);
 }
 
@@ -468,7 +468,7 @@ fn fused_norm(t: u32, first: Walk, w: Welford, pivot: vec4<f32>, lanes: u32) -> 
 fn normalize_vec4(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y4[i] = epilogue4(normalize(k, x4[i]), i);
+        y4[i] = st4(epilogue4(normalize(k, ld4(x4[i])), i));
     }
 }
 
@@ -488,12 +488,12 @@ fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
     let k = fused_norm(t, s.first, s.w, s.pivot, 1u);
     for (var w = s.first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = epilogue_quad(normalize(k, vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w])), i);
+        let v = epilogue_quad(normalize(k, vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w]))), i);
         // Past the run, indices repeat the last element and write its same value.
-        y[i.x] = v.x;
-        y[i.y] = v.y;
-        y[i.z] = v.z;
-        y[i.w] = v.w;
+        y[i.x] = st1(v.x);
+        y[i.y] = st1(v.y);
+        y[i.z] = st1(v.z);
+        y[i.w] = st1(v.w);
     }
 }
 
@@ -513,7 +513,7 @@ fn fused_scalar(@builtin(local_invocation_index) t: u32,
     let k = fused_norm(t, s.first, s.w, s.pivot, 1u);
     for (var w = s.first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y[i] = epilogue1(normalize(k, vec4<f32>(x[i])).x, i);
+        y[i] = st1(epilogue1(normalize(k, vec4<f32>(ld1(x[i]))).x, i));
     }
 }
 

@@ -47,15 +47,7 @@ impl Activation {
                     v
                 }
             }
-            Activation::Relu6 => {
-                if v < 0.0 {
-                    0.0
-                } else if v > 6.0 {
-                    6.0
-                } else {
-                    v
-                }
-            }
+            Activation::Relu6 => v.clamp(0.0, 6.0),
         }
     }
 
@@ -64,8 +56,8 @@ impl Activation {
     pub fn passes(self, y: f32) -> bool {
         match self {
             Activation::Identity => true,
-            Activation::Relu => !(y <= 0.0),
-            Activation::Relu6 => !(y <= 0.0 || y >= 6.0),
+            Activation::Relu => y > 0.0 || y.is_nan(),
+            Activation::Relu6 => (y > 0.0 && y < 6.0) || y.is_nan(),
         }
     }
 

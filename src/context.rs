@@ -247,31 +247,30 @@ impl GpuContext {
         )
     }
 
-    /// Records a plain vec4 copy of the first `bytes` bytes of `src` into `dst`, the
-    /// bandwidth yardstick of the benchmarks.
-    /// `bytes` must be a non-zero multiple of 16; the buffers need `STORAGE`.
+    /// Records a plain vec4 copy of the first `bytes` bytes of `src` into `dst`
+    /// (vec4s of `dtype`), the bandwidth yardstick of the benchmarks.
+    /// `bytes` must be a non-zero multiple of a vec4 (16 bytes of f32, 8 of f16);
+    /// the buffers need `STORAGE`.
     pub fn copy_in_pass(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
+        dtype: crate::DType,
         src: &wgpu::Buffer,
         dst: &wgpu::Buffer,
         bytes: u64,
     ) -> Result<()> {
-        let vec4s = u32::try_from(bytes / 16).unwrap_or(0);
-        if !bytes.is_multiple_of(16) || vec4s == 0 {
-            return Err(Error::LengthMismatch {
-                name: "copy bytes (a non-zero multiple of 16)",
-                expected: bytes.next_multiple_of(16).max(16) as usize,
-                got: bytes as usize,
-            });
-        }
+        let vec4s = vec4s("copy bytes (a non-zero multiple of a vec4)", dtype, bytes)?;
         self.check_storage("src", src, bytes)?;
         self.check_storage("dst", dst, bytes)?;
         if src == dst {
             return Err(Error::AliasedBuffers { a: "src", b: "dst" });
         }
         let plan = crate::kernels::common::plan_flat(vec4s, self.tuning.elementwise);
-        let kernels = self.kernels();
+        let flavor = crate::kernels::Flavor {
+            dtype,
+            ..crate::kernels::Flavor::NONE
+        };
+        let kernels = self.kernels().fused(self.device(), flavor)?;
         kernels.copy.build(self.device())?;
         let params = kernels.uniform(self.device(), &plan.params);
         kernels.copy.record(
@@ -291,26 +290,21 @@ impl GpuContext {
     /// ([`crate::Activation`], the `*_add` forwards) replaces, over the first
     /// `bytes` bytes of f32 tensors: `out = act(a)`, `out = a + b`, or the
     /// activation's backward `out = a` where it passes the gradient at its output
-    /// `b` (`a` = dy, `b` = y), else 0. The benchmarks time the fused calls
-    /// against these. `bytes` must be a non-zero multiple of 16; `out` must not be
-    /// `a` or `b`.
+    /// `b` (`a` = dy, `b` = y), else 0, on tensors of `dtype`. The benchmarks
+    /// time the fused calls against these. `bytes` must be a non-zero multiple of
+    /// a vec4; `out` must not be `a` or `b`.
+    #[allow(clippy::too_many_arguments)]
     pub fn elementwise_in_pass(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         op: Elementwise,
+        dtype: crate::DType,
         a: &wgpu::Buffer,
         b: Option<&wgpu::Buffer>,
         out: &wgpu::Buffer,
         bytes: u64,
     ) -> Result<()> {
-        let vec4s = u32::try_from(bytes / 16).unwrap_or(0);
-        if !bytes.is_multiple_of(16) || vec4s == 0 {
-            return Err(Error::LengthMismatch {
-                name: "elementwise bytes (a non-zero multiple of 16)",
-                expected: bytes.next_multiple_of(16).max(16) as usize,
-                got: bytes as usize,
-            });
-        }
+        let vec4s = vec4s("elementwise bytes (a non-zero multiple of a vec4)", dtype, bytes)?;
         let (act, needs_b) = match op {
             Elementwise::Activation(act) => (act, false),
             Elementwise::Add => (crate::Activation::Identity, true),
@@ -328,11 +322,12 @@ impl GpuContext {
         if out == a || out == b {
             return Err(Error::AliasedBuffers { a: "out", b: "a or b" });
         }
-        let fusion = crate::kernels::Fusion {
+        let flavor = crate::kernels::Flavor {
+            dtype,
             act,
             residual: false,
         };
-        let kernels = self.kernels().fused(self.device(), fusion)?;
+        let kernels = self.kernels().fused(self.device(), flavor)?;
         let kernel = match op {
             Elementwise::Activation(_) => &kernels.activation.act,
             Elementwise::Add => &kernels.activation.add,
@@ -476,32 +471,27 @@ impl GpuContext {
                 got: buffer.usage(),
             });
         }
-        if bytes > buffer.size() {
+        // Copies move whole 4-byte words (e.g. an odd number of f16).
+        let words = bytes.saturating_add(3) / 4 * 4;
+        if words > buffer.size() {
             return Err(Error::BufferTooSmall {
                 name: "read_buffer",
-                needed: bytes,
+                needed: words,
                 got: buffer.size(),
-            });
-        }
-        if !bytes.is_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) {
-            return Err(Error::LengthMismatch {
-                name: "read_buffer bytes (a multiple of 4)",
-                expected: bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) as usize,
-                got: bytes as usize,
             });
         }
         let device = &self.inner.device;
         let staging = self.guarded("reading a buffer back", || {
             let staging = device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("bn.readback"),
-                size: bytes,
+                size: words,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("bn.readback"),
             });
-            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, words);
             self.submit_and_wait(encoder)?;
             Ok(staging)
         })?;
@@ -517,7 +507,7 @@ impl GpuContext {
         let view = staging
             .get_mapped_range(..)
             .map_err(|e| Error::Readback(e.to_string()))?;
-        let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
+        let out = bytemuck::cast_slice::<u8, T>(&view[..bytes as usize]).to_vec();
         drop(view);
         staging.unmap();
         Ok(out)
@@ -528,8 +518,16 @@ impl GpuContext {
     /// next submission on).
     pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
         let contents: &[u8] = bytemuck::cast_slice(data);
-        let buffer = self.storage_buffer(label, contents.len() as u64)?;
-        self.write(&buffer, contents)?;
+        let buffer = self.storage_buffer(label, contents.len().next_multiple_of(4) as u64)?;
+        // Copies move whole 4-byte words (e.g. an odd number of f16): pad the last.
+        let padded;
+        let words = if contents.len() % 4 == 0 {
+            contents
+        } else {
+            padded = [contents, &[0; 3][..4 - contents.len() % 4]].concat();
+            &padded[..]
+        };
+        self.write(&buffer, words)?;
         Ok(buffer)
     }
 
@@ -620,4 +618,18 @@ async fn select_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
         .map_err(|e| Error::NoAdapter {
             detail: e.to_string(),
         })
+}
+
+/// The vec4 count of `bytes` of `dtype` tensors: an error named `name` unless
+/// they are a non-zero whole number of vec4s.
+fn vec4s(name: &'static str, dtype: crate::DType, bytes: u64) -> Result<u32> {
+    let unit = 4 * dtype.size();
+    match u32::try_from(bytes / unit) {
+        Ok(n) if n > 0 && bytes.is_multiple_of(unit) => Ok(n),
+        _ => Err(Error::LengthMismatch {
+            name,
+            expected: bytes.next_multiple_of(unit).max(unit) as usize,
+            got: bytes as usize,
+        }),
+    }
 }

@@ -3,13 +3,13 @@
 use crate::context::GpuContext;
 use crate::kernels::{
     apply, backward_dx, backward_finalize, binding, common, finalize, stats, whole, DispatchInfo,
-    Fusion, Kernel, Kernels, Recipe, WORKGROUP_SIZE,
+    Flavor, Kernel, Kernels, Recipe, WORKGROUP_SIZE,
 };
 // The host types serve the blocking host calls, which the web does not have.
 #[cfg_attr(target_arch = "wasm32", allow(unused_imports))]
 use crate::{
-    BatchNormConfig, BatchNormState, Convention, Error, ForwardOutput, GradMask, Gradients, Result,
-    SavedStatsHost, Shape, TensorBuffer, TrainOutput,
+    BatchNormConfig, BatchNormState, Convention, Element, Error, ForwardOutput, GradMask,
+    Gradients, Result, SavedStatsHost, Shape, TensorBuffer, TrainOutput,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -523,17 +523,29 @@ impl BatchNorm {
             ("y", Some(range(y, bytes)), true),
             ("saved", saved.map(SavedStats::range), true),
         ])?;
-        self.fused_kernels(z.is_some()).map(|_| ())
+        self.fused_kernels(shape, z.is_some()).map(|_| ())
     }
 
     /// The pipelines of this layer's activation, with or without a residual (plain
     /// batch norm's for neither).
-    fn fused_kernels(&self, residual: bool) -> Result<&Kernels> {
-        let fusion = Fusion {
+    fn fused_kernels(&self, shape: &Shape, residual: bool) -> Result<&Kernels> {
+        let flavor = Flavor {
+            dtype: shape.dtype(),
             act: self.config.activation,
             residual,
         };
-        self.ctx.kernels().fused(self.ctx.device(), fusion)
+        self.ctx.kernels().fused(self.ctx.device(), flavor)
+    }
+
+    /// Plain batch norm's pipelines for the shape's element type (the kernels that
+    /// read a tensor but write no output of the activation: the statistics, and
+    /// the dx pass after a residual's sums).
+    fn plain_kernels(&self, shape: &Shape) -> Result<&Kernels> {
+        let flavor = Flavor {
+            dtype: shape.dtype(),
+            ..Flavor::NONE
+        };
+        self.ctx.kernels().fused(self.ctx.device(), flavor)
     }
 
     // ----- forward ----------------------------------------------------------------
@@ -798,7 +810,7 @@ impl BatchNorm {
             && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
         let device = self.ctx.device();
         // The kernels that write y: those of the layer's activation and residual.
-        let out = self.fused_kernels(z.is_some())?;
+        let out = self.fused_kernels(shape, z.is_some())?;
         let residual = z;
         let z = z.map(|z| z.binding(shape.bytes()));
         let fused = fusable
@@ -819,7 +831,7 @@ impl BatchNorm {
                 z.as_slice(),
             );
         } else if let Some((plan, merged)) = self.merged_forward(out, shape, update_running) {
-            let partials = self.record_stats_partials(pass, shape, x, &plan);
+            let partials = self.record_stats_partials(pass, shape, x, &plan)?;
             let fp = self.finalize_params(
                 plan.partials_per_channel(),
                 shape.per_channel(),
@@ -843,7 +855,7 @@ impl BatchNorm {
             ];
             merged.dispatch(pass, &[&resources[..], z.as_slice()].concat(), ep.workgroups());
         } else {
-            self.record_batch_stats(pass, shape, x, saved, update_running);
+            self.record_batch_stats(pass, shape, x, saved, update_running)?;
             self.record_apply(pass, shape, x, residual, y, Coefficients::Finalized)?;
         }
         Ok(())
@@ -1045,10 +1057,10 @@ impl BatchNorm {
         x: TensorBuffer<'_>,
         saved: &wgpu::Buffer,
         update_running: bool,
-    ) {
+    ) -> Result<()> {
         let plan = self.stats_walk(shape, update_running, common::Pass::Statistics);
         if self.finalizes_in_place(update_running) {
-            if let Some(finalized) = self.ctx.kernels().stats.finalized(&plan) {
+            if let Some(finalized) = self.plain_kernels(shape)?.stats.finalized(&plan) {
                 let coef = self.coef_binding();
                 self.record_whole_channels(
                     pass,
@@ -1061,10 +1073,10 @@ impl BatchNorm {
                     update_running,
                     &[],
                 );
-                return;
+                return Ok(());
             }
         }
-        let partials = self.record_stats_partials(pass, shape, x, &plan);
+        let partials = self.record_stats_partials(pass, shape, x, &plan)?;
         let kernels = self.ctx.kernels();
         let device = self.ctx.device();
         let fp = finalize::FinalizeParams {
@@ -1096,6 +1108,7 @@ impl BatchNorm {
             ],
             groups,
         );
+        Ok(())
     }
 
     /// The statistics' walk of `plan` writing its partials; returns their binding.
@@ -1105,10 +1118,10 @@ impl BatchNorm {
         shape: &Shape,
         x: TensorBuffer<'_>,
         plan: &common::WalkPlan,
-    ) -> wgpu::BufferBinding<'s> {
+    ) -> Result<wgpu::BufferBinding<'s>> {
         let count = plan.partial_count(self.config.num_features);
         let partials = binding(&self.partials, count.max(1) * 16);
-        let kernels = self.ctx.kernels();
+        let kernels = self.plain_kernels(shape)?;
         let params = kernels.uniform(self.ctx.device(), &plan.params);
         kernels.stats.partial.get(plan.variant).dispatch(
             pass,
@@ -1120,7 +1133,7 @@ impl BatchNorm {
             ],
             plan.workgroups(),
         );
-        partials
+        Ok(partials)
     }
 
     /// Running statistics into the coefficients and the scratch saved statistics
@@ -1155,7 +1168,7 @@ impl BatchNorm {
         from: Coefficients,
     ) -> Result<()> {
         let mut plan = self.elementwise_walk(shape);
-        let kernels = self.fused_kernels(z.is_some())?;
+        let kernels = self.fused_kernels(shape, z.is_some())?;
         let (pipelines, coef) = match from {
             Coefficients::Finalized => {
                 let uniform = kernels.coefficients_fit(apply::SEGMENTS, self.stride() as u32);
@@ -1318,7 +1331,7 @@ impl BatchNorm {
             ("dbeta", grads.dbeta.map(|t| range(t, c_bytes)), true),
             ("dz", grads.dz.map(|t| range(t, bytes)), true),
         ])?;
-        self.fused_kernels(grads.dz.is_some()).map(|_| ())
+        self.fused_kernels(shape, grads.dz.is_some()).map(|_| ())
     }
 
     fn record_backward<'s>(
@@ -1346,7 +1359,7 @@ impl BatchNorm {
         let bytes = shape.bytes();
         // The pipelines of the layer's activation (and residual), with their extra
         // bindings: y for the mask, then dz.
-        let fused = self.fused_kernels(residual)?;
+        let fused = self.fused_kernels(shape, residual)?;
         let masks = self.config.activation != crate::Activation::Identity;
         let output = grads.output.filter(|_| masks).map(|t| t.binding(bytes));
         let dz = grads.dz.map(|t| t.binding(bytes));
@@ -1355,7 +1368,7 @@ impl BatchNorm {
         // The dx pass: after a residual's sums, plain dx over dz; else the
         // activation's dx (masking dy with y).
         let (dx_kernels, dx_dy, dx_extra) = match grads.dz {
-            Some(dz) => (self.ctx.kernels(), dz, Vec::new()),
+            Some(dz) => (self.plain_kernels(shape)?, dz, Vec::new()),
             None => (fused, dy, output.iter().cloned().collect::<Vec<_>>()),
         };
         let stride = self.stride() as u32;
@@ -1499,30 +1512,41 @@ impl BatchNorm {
 
     // ----- host convenience ---------------------------------------------------------
 
-    fn check_len(name: &'static str, shape: &Shape, v: &[f32]) -> Result<()> {
+    fn check_len<T>(name: &'static str, shape: &Shape, v: &[T]) -> Result<()> {
         crate::cpu::reference::check_len(name, shape.numel(), v.len())
     }
 
     /// Training forward on host data: uploads `x`, runs, reads back `y` and the
-    /// saved statistics. Running statistics are updated on the GPU.
+    /// saved statistics. Running statistics are updated on the GPU. The tensors'
+    /// element type is the slices' (`f32` or `half::f16`), whatever `shape` says.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_train_host(&mut self, shape: &Shape, x: &[f32]) -> Result<TrainOutput> {
+    pub fn forward_train_host<T: Element>(
+        &mut self,
+        shape: &Shape,
+        x: &[T],
+    ) -> Result<TrainOutput<T>> {
         self.train_host(shape, x, None)
     }
 
     /// [`Self::forward_train_add`] on host data: `y = act(bn(x) + z)`.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_train_add_host(
+    pub fn forward_train_add_host<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        z: &[f32],
-    ) -> Result<TrainOutput> {
+        x: &[T],
+        z: &[T],
+    ) -> Result<TrainOutput<T>> {
         self.train_host(shape, x, Some(z))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
-    fn train_host(&mut self, shape: &Shape, x: &[f32], z: Option<&[f32]>) -> Result<TrainOutput> {
+    fn train_host<T: Element>(
+        &mut self,
+        shape: &Shape,
+        x: &[T],
+        z: Option<&[T]>,
+    ) -> Result<TrainOutput<T>> {
+        let shape = &shape.clone().with_dtype(T::DTYPE);
         let ctx = self.ctx.clone();
         let (xb, zb) = self.upload_inputs(shape, x, z, true)?;
         let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
@@ -1542,11 +1566,11 @@ impl BatchNorm {
     /// Checks and uploads a host forward's x and residual z (`batch`: whether it
     /// uses batch statistics).
     #[cfg(not(target_arch = "wasm32"))]
-    fn upload_inputs(
+    fn upload_inputs<T: Element>(
         &self,
         shape: &Shape,
-        x: &[f32],
-        z: Option<&[f32]>,
+        x: &[T],
+        z: Option<&[T]>,
         batch: bool,
     ) -> Result<(wgpu::Buffer, Option<wgpu::Buffer>)> {
         Self::check_len("x", shape, x)?;
@@ -1563,23 +1587,33 @@ impl BatchNorm {
     /// Eval forward on host data. `saved` in the output holds the batch statistics
     /// when the layer has no running statistics, else `None`.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_eval_host(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
+    pub fn forward_eval_host<T: Element>(
+        &mut self,
+        shape: &Shape,
+        x: &[T],
+    ) -> Result<ForwardOutput<T>> {
         self.eval_host(shape, x, None)
     }
 
     /// [`Self::forward_eval_add`] on host data: `y = act(bn(x) + z)`.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_eval_add_host(
+    pub fn forward_eval_add_host<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        z: &[f32],
-    ) -> Result<ForwardOutput> {
+        x: &[T],
+        z: &[T],
+    ) -> Result<ForwardOutput<T>> {
         self.eval_host(shape, x, Some(z))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
-    fn eval_host(&mut self, shape: &Shape, x: &[f32], z: Option<&[f32]>) -> Result<ForwardOutput> {
+    fn eval_host<T: Element>(
+        &mut self,
+        shape: &Shape,
+        x: &[T],
+        z: Option<&[T]>,
+    ) -> Result<ForwardOutput<T>> {
+        let shape = &shape.clone().with_dtype(T::DTYPE);
         let batch = !self.config.track_running_stats;
         let ctx = self.ctx.clone();
         let (xb, zb) = self.upload_inputs(shape, x, z, batch)?;
@@ -1604,14 +1638,14 @@ impl BatchNorm {
     /// `mask` (and `dgamma`/`dbeta` without `affine`) come back as `None`. A layer
     /// with an activation needs the forward's output: [`Self::backward_fused_host`].
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn backward_host(
+    pub fn backward_host<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         saved: Option<&SavedStatsHost>,
         mask: GradMask,
-    ) -> Result<Gradients> {
+    ) -> Result<Gradients<T>> {
         self.backward_fused_host(shape, x, None, dy, saved, mask, false)
     }
 
@@ -1620,16 +1654,17 @@ impl BatchNorm {
     /// backward of an `*_add` forward) `dz` comes back too.
     #[cfg(not(target_arch = "wasm32"))]
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_fused_host(
+    pub fn backward_fused_host<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        y: Option<&[f32]>,
-        dy: &[f32],
+        x: &[T],
+        y: Option<&[T]>,
+        dy: &[T],
         saved: Option<&SavedStatsHost>,
         mask: GradMask,
         residual: bool,
-    ) -> Result<Gradients> {
+    ) -> Result<Gradients<T>> {
+        let shape = &shape.clone().with_dtype(T::DTYPE);
         Self::check_len("x", shape, x)?;
         Self::check_len("dy", shape, dy)?;
         if let Some(y) = y {
@@ -1659,12 +1694,13 @@ impl BatchNorm {
         run(&ctx, "backward", |enc| {
             self.backward(enc, shape, &xb, &dyb, saved.as_ref(), grads)
         })?;
-        let read = |b: Option<wgpu::Buffer>, len| b.map(|b| ctx.read_buffer(&b, len)).transpose();
+        let read = |b: Option<wgpu::Buffer>| b.map(|b| ctx.read_buffer(&b, shape.numel())).transpose();
+        let read_f32 = |b: Option<wgpu::Buffer>| b.map(|b| ctx.read_buffer(&b, c)).transpose();
         Ok(Gradients {
-            dx: read(dx, shape.numel())?,
-            dgamma: read(dgamma, c)?,
-            dbeta: read(dbeta, c)?,
-            dz: read(dz, shape.numel())?,
+            dx: read(dx)?,
+            dgamma: read_f32(dgamma)?,
+            dbeta: read_f32(dbeta)?,
+            dz: read(dz)?,
         })
     }
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use wgpu_batchnorm::{GpuContext, Layout, Tuning};
+use wgpu_batchnorm::{DType, GpuContext, Layout, Tuning};
 
 use report::data::{quick_table, table, ShapeSpec};
 use report::measure::{Case, Fuse, Op, Row, ShapeBench, TOLERANCE};
@@ -31,6 +31,23 @@ enum LayoutArg {
     /// Channels-last (NHWC / NDHWC).
     #[value(alias = "nhwc")]
     Cl,
+}
+
+/// Element type of the tensors, as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    F32,
+    /// Half precision (adapters with SHADER_F16).
+    F16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
 }
 
 impl From<LayoutArg> for Layout {
@@ -82,6 +99,14 @@ struct Args {
     /// `vs unfused` (unfused time / fused time).
     #[arg(long, value_delimiter = ',', default_values = ["none"])]
     fuse: Vec<Fuse>,
+
+    /// Element types of the tensors (x, y, dy, dx, z): `f32`, `f16` (statistics,
+    /// parameters and arithmetic stay f32; needs SHADER_F16). Floor bytes, the copy
+    /// kernel and the unfused sequence are in the same type; f16 rows are checked
+    /// against the CPU's f32 result rounded to f16 (tolerance 2e-3: one f16 ulp),
+    /// the CPU running in f32 on the same (rounded) values.
+    #[arg(long, value_delimiter = ',', default_values = ["f32"])]
+    dtype: Vec<DTypeArg>,
 
     /// Timed repetitions per measurement (after 2 warm-up runs). Default: by size,
     /// 11 for tensors of 4M elements or more, up to 101 for tiny ones.
@@ -256,12 +281,21 @@ fn main() -> BoxResult<()> {
         (None, false) => table(args.batch as usize),
     };
     let mut ops: Vec<Case> = Vec::new();
-    for &fuse in &args.fuse {
-        for &op in &args.ops {
-            let case = Case { op, fuse };
-            if !ops.contains(&case) {
-                ops.push(case);
+    for &dtype in &args.dtype {
+        for &fuse in &args.fuse {
+            for &op in &args.ops {
+                let dtype = DType::from(dtype);
+                let case = Case { op, fuse, dtype };
+                if !ops.contains(&case) {
+                    ops.push(case);
+                }
             }
+        }
+    }
+    let mut dtypes: Vec<DType> = Vec::new();
+    for case in &ops {
+        if !dtypes.contains(&case.dtype) {
+            dtypes.push(case.dtype);
         }
     }
     let fused = ops.iter().any(|c| c.fuse != Fuse::None);
@@ -303,36 +337,41 @@ fn main() -> BoxResult<()> {
     for spec in &shapes {
         let reps = args.reps.map_or(default_reps(spec.numel()), |r| r as usize);
         let layouts = layouts_for(spec, &args.layouts);
-        let mut bench = match ShapeBench::new(&ctx, spec, args.rotate_mib << 20, fused) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("{}: cannot set up: {e}", spec.label());
-                for l in &layouts {
-                    let name = report::data::layout_name(*l);
-                    rows.extend(error_rows(spec, name, &ops, &e.to_string()));
-                }
-                continue;
-            }
-        };
-        eprintln!(
-            "        {}: {} input copies, {reps} reps",
-            spec.label(),
-            bench.copies()
-        );
-        for layout in layouts {
-            let mut case = match bench.layout(layout, &timer) {
-                Ok(case) => case,
+        for &dtype in &dtypes {
+            let cases: Vec<Case> = ops.iter().copied().filter(|c| c.dtype == dtype).collect();
+            let setup = ShapeBench::new(&ctx, spec, args.rotate_mib << 20, fused, dtype);
+            let mut bench = match setup {
+                Ok(b) => b,
                 Err(e) => {
-                    let name = report::data::layout_name(layout);
-                    eprintln!("{} {name}: cannot set up: {e}", spec.label());
-                    rows.extend(error_rows(spec, name, &ops, &e.to_string()));
+                    eprintln!("{} {}: cannot set up: {e}", spec.label(), dtype.name());
+                    for l in &layouts {
+                        let name = report::data::layout_name(*l);
+                        rows.extend(error_rows(spec, name, &cases, &e.to_string()));
+                    }
                     continue;
                 }
             };
-            for &op in &ops {
-                let row = case.measure(op, &timer, reps, args.detail);
-                eprintln!("{}", progress(rows.len() + 1, total, &row));
-                rows.push(row);
+            eprintln!(
+                "        {} {}: {} input copies, {reps} reps",
+                spec.label(),
+                dtype.name(),
+                bench.copies()
+            );
+            for &layout in &layouts {
+                let mut case = match bench.layout(layout, &timer) {
+                    Ok(case) => case,
+                    Err(e) => {
+                        let name = report::data::layout_name(layout);
+                        eprintln!("{} {name}: cannot set up: {e}", spec.label());
+                        rows.extend(error_rows(spec, name, &cases, &e.to_string()));
+                        continue;
+                    }
+                };
+                for &op in &cases {
+                    let row = case.measure(op, &timer, reps, args.detail);
+                    eprintln!("{}", progress(rows.len() + 1, total, &row));
+                    rows.push(row);
+                }
             }
         }
     }

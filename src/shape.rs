@@ -13,6 +13,37 @@ pub enum Layout {
     ChannelsLast,
 }
 
+/// Element type of the tensors (x, y, dy, dx, z, dz). Statistics, parameters,
+/// running statistics, dgamma/dbeta and all arithmetic stay f32 (PyTorch AMP's
+/// convention): a tensor's values are widened to f32 when loaded and rounded (to
+/// nearest even) when stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum DType {
+    /// IEEE single precision.
+    #[default]
+    F32,
+    /// IEEE half precision (`half::f16`), on devices with `wgpu::Features::SHADER_F16`.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+
+    /// Lower-case name (`f32`, `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        }
+    }
+}
+
 /// Largest element count the kernels index (u32 indices on the GPU).
 pub const MAX_ELEMENTS: u64 = u32::MAX as u64;
 
@@ -22,6 +53,7 @@ pub const MAX_ELEMENTS: u64 = u32::MAX as u64;
 pub struct Shape {
     dims: Vec<usize>,
     layout: Layout,
+    dtype: DType,
 }
 
 impl Shape {
@@ -56,7 +88,27 @@ impl Shape {
         Ok(Self {
             dims: dims.to_vec(),
             layout,
+            dtype: DType::F32,
         })
+    }
+
+    /// The same shape with tensors of `dtype` (f32 by default).
+    ///
+    /// ```
+    /// use wgpu_batchnorm::{DType, Shape};
+    /// let s = Shape::channels_last(&[8, 3, 5, 5])?.with_dtype(DType::F16);
+    /// assert_eq!((s.dtype(), s.bytes()), (DType::F16, 1200));
+    /// assert_eq!(Shape::channels_first(&[1, 3])?.with_dtype(DType::F16).bytes(), 8);
+    /// # Ok::<(), wgpu_batchnorm::Error>(())
+    /// ```
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Element type of the tensors.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// A channels-first (NCHW-style) shape.
@@ -128,8 +180,9 @@ impl Shape {
         }
     }
 
-    /// Size in bytes of an f32 tensor of this shape.
+    /// Size in bytes of a tensor of this shape and element type, rounded up to a
+    /// multiple of 4 (what a storage binding of it takes).
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * 4
+        (self.numel() as u64 * self.dtype.size()).next_multiple_of(4)
     }
 }

@@ -8,7 +8,8 @@ fn validate(name: &str, source: &str) -> naga::Module {
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
     naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
+        // f16 for the modules of f16 tensors (`enable f16`, SHADER_F16 devices).
+        naga::valid::Capabilities::SHADER_FLOAT16,
     )
     .validate(&module)
     .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));

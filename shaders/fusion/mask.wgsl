@@ -2,21 +2,21 @@
 // dy where the activation passes it (`passes4`), else 0 (prepended to
 // backward_reduce.wgsl and backward_dx.wgsl, which declare dy). Reads y.
 
-@group(0) @binding(OUTPUT_BINDING) var<storage, read> out: array<f32>;
-@group(0) @binding(OUTPUT_BINDING) var<storage, read> out4: array<vec4<f32>>;
+@group(0) @binding(OUTPUT_BINDING) var<storage, read> out: array<elem>;
+@group(0) @binding(OUTPUT_BINDING) var<storage, read> out4: array<vec4<elem>>;
 
 // The gradient at vec4 i.
 fn grad4(i: u32) -> vec4<f32> {
-    return select(vec4<f32>(0.0), dy4[i], passes4(out4[i]));
+    return select(vec4<f32>(0.0), ld4(dy4[i]), passes4(ld4(out4[i])));
 }
 
 // The gradient at element i.
 fn grad1(i: u32) -> f32 {
-    return select(0.0, dy[i], passes4(vec4<f32>(out[i])).x);
+    return select(0.0, ld1(dy[i]), passes4(vec4<f32>(ld1(out[i]))).x);
 }
 
 // The gradients at elements i.x..i.w.
 fn grad_quad(i: vec4<u32>) -> vec4<f32> {
-    let g = vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]);
-    return select(vec4<f32>(0.0), g, passes4(vec4<f32>(out[i.x], out[i.y], out[i.z], out[i.w])));
+    let g = vec4<f32>(ld1(dy[i.x]), ld1(dy[i.y]), ld1(dy[i.z]), ld1(dy[i.w]));
+    return select(vec4<f32>(0.0), g, passes4(vec4<f32>(ld1(out[i.x]), ld1(out[i.y]), ld1(out[i.z]), ld1(out[i.w]))));
 }

@@ -2,20 +2,20 @@
 // shape and layout (prepended to stats.wgsl and apply.wgsl for the `*_add`
 // forwards). Reads z.
 
-@group(0) @binding(RESIDUAL_BINDING) var<storage, read> z: array<f32>;
-@group(0) @binding(RESIDUAL_BINDING) var<storage, read> z4: array<vec4<f32>>;
+@group(0) @binding(RESIDUAL_BINDING) var<storage, read> z: array<elem>;
+@group(0) @binding(RESIDUAL_BINDING) var<storage, read> z4: array<vec4<elem>>;
 
 // The output of vec4 i from its normalized value v.
 fn epilogue4(v: vec4<f32>, i: u32) -> vec4<f32> {
-    return act4(v + z4[i]);
+    return act4(v + ld4(z4[i]));
 }
 
 // The output of element i.
 fn epilogue1(v: f32, i: u32) -> f32 {
-    return act4(vec4<f32>(v + z[i])).x;
+    return act4(vec4<f32>(v + ld1(z[i]))).x;
 }
 
 // The outputs of elements i.x..i.w (a quad walk's).
 fn epilogue_quad(v: vec4<f32>, i: vec4<u32>) -> vec4<f32> {
-    return act4(v + vec4<f32>(z[i.x], z[i.y], z[i.z], z[i.w]));
+    return act4(v + vec4<f32>(ld1(z[i.x]), ld1(z[i.y]), ld1(z[i.z]), ld1(z[i.w])));
 }

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::{Activation, Error, Result};
+use crate::{Activation, DType, Error, Result};
 
 /// Invocations per workgroup of every kernel; reaches WGSL as the `WG` override.
 pub(crate) const WORKGROUP_SIZE: u32 = 256;
@@ -136,18 +136,18 @@ pub mod sources {
     ];
 
     /// Full source of a kernel file (plain batch norm): the flag and size
-    /// constants, the shared piece, the fusion pieces the file uses, the kernel.
+    /// constants, the shared piece, the flavor pieces the file uses, the kernel.
     pub fn full(file: &str) -> String {
-        module(file, super::Fusion::NONE, super::COEF_WINDOW)
+        module(file, super::Flavor::NONE, super::COEF_WINDOW)
     }
 
-    /// [`full`] for every fused activation and residual: `(description, source)`.
+    /// [`full`] for every element type, fused activation and residual:
+    /// `(description, source)`.
     pub fn fused_variants(file: &str) -> Vec<(String, String)> {
-        super::Fusion::ALL
-            .iter()
+        super::Flavor::all()
             .map(|f| {
-                let name = format!("{} residual={}", f.act.name(), f.residual);
-                (name, module(file, *f, super::COEF_WINDOW))
+                let name = format!("{} {} residual={}", f.dtype.name(), f.act.name(), f.residual);
+                (name, module(file, f, super::COEF_WINDOW))
             })
             .collect()
     }
@@ -168,10 +168,10 @@ pub mod sources {
             .unwrap_or_default()
     }
 
-    /// A kernel file's module for `fusion` on a device with a coefficient window of
+    /// A kernel file's module for `flavor` on a device with a coefficient window of
     /// `coef_window` vec4s.
-    pub(crate) fn module(file: &str, fusion: super::Fusion, coef_window: u32) -> String {
-        let pieces: String = fusion
+    pub(crate) fn module(file: &str, flavor: super::Flavor, coef_window: u32) -> String {
+        let pieces: String = flavor
             .pieces(file)
             .iter()
             .map(|(name, _)| piece(name))
@@ -184,10 +184,15 @@ pub mod sources {
                 "COEF_WINDOW" => (name, coef_window),
                 _ => (name, value),
             })
-            .chain([("ACT", fusion.act as u32)])
+            .chain([("ACT", flavor.act as u32)])
             .map(|(name, value)| format!("const {name}: u32 = {value}u;\n"))
             .collect();
-        format!("{consts}\n{COMMON}\n{pieces}\n{}", kernel(file))
+        // The tensors' element type (`enable` must open the module).
+        let elem = match flavor.dtype {
+            crate::DType::F32 => "alias elem = f32;\n",
+            crate::DType::F16 => "enable f16;\nalias elem = f16;\n",
+        };
+        format!("{elem}{consts}\n{COMMON}\n{pieces}\n{}", kernel(file))
     }
 }
 
@@ -199,37 +204,38 @@ const OUTPUT_BINDING: u32 = 11;
 /// Binding of dz in backward_reduce.wgsl's kernels of a module with a residual.
 const RESIDUAL_GRAD_BINDING: u32 = 12;
 
-/// What a layer fuses around batch norm: its activation and whether the forward
-/// adds a residual (and the backward writes its gradient).
+/// What a set of kernels is built for: the tensors' element type, the activation
+/// fused after batch norm and whether the forward adds a residual (and the
+/// backward writes its gradient).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Fusion {
+pub(crate) struct Flavor {
+    pub dtype: DType,
     pub act: Activation,
     pub residual: bool,
 }
 
-impl Fusion {
-    /// Plain batch norm.
-    pub const NONE: Fusion = Fusion {
+/// Number of flavors (element types x activations x residual or not).
+const FLAVORS: usize = 2 * 3 * 2;
+
+impl Flavor {
+    /// Plain batch norm on f32 tensors.
+    pub const NONE: Flavor = Flavor {
+        dtype: DType::F32,
         act: Activation::Identity,
         residual: false,
     };
 
-    /// Every fusion, plain first.
-    pub const ALL: [Fusion; 6] = {
-        let mut all = [Fusion::NONE; 6];
-        let mut i = 0;
-        while i < 6 {
-            all[i] = Fusion {
-                act: Activation::ALL[i / 2],
-                residual: i % 2 == 1,
-            };
-            i += 1;
-        }
-        all
-    };
+    /// Every flavor, plain f32 first.
+    pub fn all() -> impl Iterator<Item = Flavor> {
+        (0..FLAVORS).map(|i| Flavor {
+            dtype: [DType::F32, DType::F16][i / 6],
+            act: Activation::ALL[i / 2 % 3],
+            residual: i % 2 == 1,
+        })
+    }
 
     fn index(self) -> usize {
-        2 * self.act as usize + usize::from(self.residual)
+        6 * self.dtype as usize + 2 * self.act as usize + usize::from(self.residual)
     }
 
     /// Whether the backward masks the gradient with the forward's output.
@@ -688,9 +694,9 @@ pub(crate) struct Kernels {
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
     coef_window: u32,
     /// What this set fuses around batch norm.
-    fusion: Fusion,
-    /// The sets of the other fusions (of the plain set only), made on first use.
-    fused: [OnceLock<Box<Kernels>>; 6],
+    flavor: Flavor,
+    /// The sets of the other flavors (of the plain set only), made on first use.
+    fused: [OnceLock<Box<Kernels>>; FLAVORS],
 }
 
 /// Beyond this many cached uniform buffers the cache starts over.
@@ -698,23 +704,31 @@ const MAX_CACHED_UNIFORMS: usize = 4096;
 
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device) -> Result<Self> {
-        Self::with_fusion(device, Fusion::NONE)
+        Self::with_fusion(device, Flavor::NONE)
     }
 
-    /// The pipelines of `fusion` (made on first use; plain batch norm's are `self`).
-    pub(crate) fn fused(&self, device: &wgpu::Device, fusion: Fusion) -> Result<&Kernels> {
-        if fusion == self.fusion {
+    /// The pipelines of `flavor` (made on first use; plain batch norm's on f32 are
+    /// `self`). f16 needs a device with `SHADER_F16`.
+    pub(crate) fn fused(&self, device: &wgpu::Device, flavor: Flavor) -> Result<&Kernels> {
+        if flavor == self.flavor {
             return Ok(self);
         }
-        let slot = &self.fused[fusion.index()];
+        if flavor.dtype == DType::F16 && !device.features().contains(wgpu::Features::SHADER_F16)
+        {
+            return Err(Error::UnsupportedDType {
+                dtype: "f16",
+                needs: "wgpu::Features::SHADER_F16",
+            });
+        }
+        let slot = &self.fused[flavor.index()];
         if let Some(k) = slot.get() {
             return Ok(k);
         }
-        let made = Box::new(Self::with_fusion(device, fusion)?);
+        let made = Box::new(Self::with_fusion(device, flavor)?);
         Ok(slot.get_or_init(|| made))
     }
 
-    fn with_fusion(device: &wgpu::Device, fusion: Fusion) -> Result<Self> {
+    fn with_fusion(device: &wgpu::Device, flavor: Flavor) -> Result<Self> {
         let limits = device.limits();
         for (name, actual, required) in [
             (
@@ -751,14 +765,14 @@ impl Kernels {
             .unwrap_or(u32::MAX)
             .clamp(1, COEF_WINDOW);
         let module = |name: &'static str, file: &str| {
-            let label = if fusion == Fusion::NONE {
+            let label = if flavor == Flavor::NONE {
                 name.to_string()
             } else {
-                let residual = if fusion.residual { ".add" } else { "" };
-                format!("{name}.{}{residual}", fusion.act.name())
+                let residual = if flavor.residual { ".add" } else { "" };
+                format!("{name}.{}.{}{residual}", flavor.dtype.name(), flavor.act.name())
             };
-            let source = sources::module(file, fusion, coef_window);
-            Module::new(label, source, fusion.extra_bindings(file))
+            let source = sources::module(file, flavor, coef_window);
+            Module::new(label, source, flavor.extra_bindings(file))
         };
         let src = |file: &'static str| file;
         let apply_module = module("bn.apply", src("apply.wgsl"));
@@ -789,7 +803,7 @@ impl Kernels {
             )),
             uniforms: Mutex::new(HashMap::new()),
             coef_window,
-            fusion,
+            flavor,
             fused: Default::default(),
         };
         Ok(kernels)

@@ -3,9 +3,10 @@
 
 use serde::Serialize;
 use wgpu_batchnorm::cpu::fast::CpuBatchNorm;
+use wgpu_batchnorm::half::f16;
 use wgpu_batchnorm::{
-    Activation, BatchNorm, BatchNormConfig, Elementwise, GpuContext, GradBuffers, GradMask, Layout,
-    Plan, SavedStats, SavedStatsHost, Shape,
+    Activation, BatchNorm, BatchNormConfig, DType, Elementwise, GpuContext, GradBuffers, GradMask,
+    Layout, Plan, SavedStats, SavedStatsHost, Shape,
 };
 
 use super::data::{layout_name, random_state, ShapeSpec, XorShift};
@@ -15,8 +16,17 @@ use super::BoxResult;
 /// Largest error (`max |gpu - cpu| / (1 + |cpu|)`) of a result still reported.
 pub const TOLERANCE: f64 = 1e-4;
 
-/// Bytes per element (f32).
-const ELEMENT_BYTES: u64 = 4;
+/// The same for f16 tensor outputs, against the CPU's f32 result rounded to f16:
+/// one f16 ulp is at most 2^-10 of the value (and of 1 + |value| below 1).
+pub const TOLERANCE_F16: f64 = 2e-3;
+
+/// The tolerance of a dtype's tensor outputs.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => TOLERANCE,
+        DType::F16 => TOLERANCE_F16,
+    }
+}
 
 /// The operations measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -75,11 +85,12 @@ impl Fuse {
     }
 }
 
-/// An operation as measured: the op and what it fuses.
+/// An operation as measured: the op, what it fuses and the tensors' element type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Case {
     pub op: Op,
     pub fuse: Fuse,
+    pub dtype: DType,
 }
 
 impl From<Op> for Case {
@@ -87,6 +98,7 @@ impl From<Op> for Case {
         Case {
             op,
             fuse: Fuse::None,
+            dtype: DType::F32,
         }
     }
 }
@@ -110,9 +122,9 @@ impl Case {
         }
     }
 
-    /// Floor bytes on `numel` f32 elements.
+    /// Floor bytes on `numel` elements.
     pub fn floor_bytes(self, numel: usize) -> u64 {
-        self.floor_streams() * numel as u64 * ELEMENT_BYTES
+        self.floor_streams() * numel as u64 * self.dtype.size()
     }
 
     /// Bytes of the unfused sequence it replaces: batch norm (its floor), then an
@@ -125,7 +137,7 @@ impl Case {
             (Op::Train | Op::Eval, Fuse::AddRelu) => self.op.floor_streams() + 5,
             (Op::Backward, _) => self.op.floor_streams() + 3,
         };
-        Some(streams * numel as u64 * ELEMENT_BYTES)
+        Some(streams * numel as u64 * self.dtype.size())
     }
 }
 
@@ -137,6 +149,8 @@ pub struct Row {
     /// `cf`, `cl`, or `cf=cl` for shapes without spatial dims.
     pub layout: String,
     pub op: String,
+    /// The tensors' element type (`f32`, `f16`).
+    pub dtype: String,
     pub numel: usize,
     pub floor_bytes: u64,
     pub reps: usize,
@@ -212,6 +226,7 @@ impl Row {
             dims: spec.dims.clone(),
             layout: layout.into(),
             op: case.name(),
+            dtype: case.dtype.name().into(),
             numel,
             floor_bytes: case.floor_bytes(numel),
             reps,
@@ -298,6 +313,53 @@ fn grad_scales(
     (beta, gamma)
 }
 
+/// `values` rounded to the dtype (kept as f32).
+fn round_to(dtype: DType, mut values: Vec<f32>) -> Vec<f32> {
+    if dtype == DType::F16 {
+        values.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+    }
+    values
+}
+
+/// A GPU tensor of the dtype holding `values`.
+fn upload(
+    ctx: &GpuContext,
+    label: &str,
+    dtype: DType,
+    values: &[f32],
+) -> wgpu_batchnorm::Result<wgpu::Buffer> {
+    match dtype {
+        DType::F32 => ctx.upload(label, values),
+        DType::F16 => {
+            let half: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+            ctx.upload(label, &half)
+        }
+    }
+}
+
+/// A GPU tensor of the dtype read back as f32.
+fn read_tensor(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    numel: usize,
+    dtype: DType,
+) -> wgpu_batchnorm::Result<Vec<f32>> {
+    match dtype {
+        DType::F32 => ctx.read_buffer(buffer, numel),
+        DType::F16 => Ok(ctx
+            .read_buffer::<f16>(buffer, numel)?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect()),
+    }
+}
+
+/// Bytes of a tensor's whole vec4s (what the copy and elementwise kernels cover).
+fn whole_vec4s(shape: &Shape) -> u64 {
+    let unit = 4 * shape.dtype().size();
+    shape.numel() as u64 * shape.dtype().size() / unit * unit
+}
+
 /// Number of input copies to rotate through so that they span `rotate_bytes`.
 fn input_copies(bytes: u64, rotate_bytes: u64) -> usize {
     rotate_bytes.div_ceil(bytes.max(1)).clamp(1, 8) as usize
@@ -307,6 +369,8 @@ fn input_copies(bytes: u64, rotate_bytes: u64) -> usize {
 /// random in either memory order).
 pub struct ShapeBench {
     pub spec: ShapeSpec,
+    /// Element type of the GPU tensors (the host copies hold their values as f32).
+    dtype: DType,
     ctx: GpuContext,
     host_x: Vec<Vec<f32>>,
     host_dy: Vec<Vec<f32>>,
@@ -359,30 +423,37 @@ impl ShapeBench {
         spec: &ShapeSpec,
         rotate_bytes: u64,
         fused: bool,
+        dtype: DType,
     ) -> BoxResult<Self> {
         let numel = spec.numel();
         let c = spec.dims[1];
-        let bytes = numel as u64 * ELEMENT_BYTES;
+        let bytes = (numel as u64 * dtype.size()).next_multiple_of(4);
         ctx.check_size("the tensor", bytes)?;
         let copies = input_copies(bytes, rotate_bytes);
         let mut rng = XorShift::new(0x5eed ^ numel as u64);
-        let host_x: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -2.0, 2.0)).collect();
-        let host_dy: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -1.0, 1.0)).collect();
+        // Values of the dtype (f16: rounded), kept as f32 for the CPU.
+        let mut fill = |lo, hi| round_to(dtype, rng.fill(numel, lo, hi));
+        let host_x: Vec<Vec<f32>> = (0..copies).map(|_| fill(-2.0, 2.0)).collect();
+        let host_dy: Vec<Vec<f32>> = (0..copies).map(|_| fill(-1.0, 1.0)).collect();
+        let host_z: Vec<Vec<f32>> = if fused {
+            (0..copies).map(|_| fill(-1.0, 1.0)).collect()
+        } else {
+            Vec::new()
+        };
         let gpu_x = host_x
             .iter()
-            .map(|x| ctx.upload("bench.x", x))
+            .map(|x| upload(ctx, "bench.x", dtype, x))
             .collect::<Result<_, _>>()?;
         let gpu_dy = host_dy
             .iter()
-            .map(|d| ctx.upload("bench.dy", d))
+            .map(|d| upload(ctx, "bench.dy", dtype, d))
             .collect::<Result<_, _>>()?;
         let config = BatchNormConfig::new(c);
         let state = random_state(&config, &mut rng);
         let fused = if fused {
-            let host_z: Vec<Vec<f32>> = (0..copies).map(|_| rng.fill(numel, -1.0, 1.0)).collect();
             let gpu_z = host_z
                 .iter()
-                .map(|z| ctx.upload("bench.z", z))
+                .map(|z| upload(ctx, "bench.z", dtype, z))
                 .collect::<Result<_, _>>()?;
             let relu = config.clone().activation(Activation::Relu);
             Some(FusedBench {
@@ -402,6 +473,7 @@ impl ShapeBench {
         };
         Ok(Self {
             fused,
+            dtype,
             spec: spec.clone(),
             ctx: ctx.clone(),
             host_x,
@@ -433,7 +505,7 @@ impl ShapeBench {
     /// input copy, on both sides, for the backward. A shape that cannot train (one
     /// value per channel) can still be measured in eval mode.
     pub fn layout(&mut self, layout: Layout, timer: &GpuTimer) -> BoxResult<LayoutBench<'_>> {
-        let shape = Shape::new(&self.spec.dims, layout)?;
+        let shape = Shape::new(&self.spec.dims, layout)?.with_dtype(self.dtype);
         let c = shape.c();
         let gpu_saved = SavedStats::new(&self.ctx, c)?;
         let trained = match self
@@ -475,7 +547,8 @@ impl ShapeBench {
                 let y_add: Vec<f32> =
                     self.y.iter().zip(&f.host_z[0]).map(|(&v, &z)| relu(v + z)).collect();
                 let up = |y: Vec<f32>| -> BoxResult<(Vec<f32>, wgpu::Buffer)> {
-                    let b = self.ctx.upload("bench.fused_y", &y)?;
+                    let y = round_to(self.dtype, y);
+                    let b = upload(&self.ctx, "bench.fused_y", self.dtype, &y)?;
                     Ok((y, b))
                 };
                 vec![up(y_relu)?, up(y_add)?]
@@ -672,7 +745,7 @@ impl LayoutBench<'_> {
             return Err(wgpu_batchnorm::Error::MissingState("--fuse without fused layers"));
         };
         let (shape, x, z) = (&self.shape, &b.gpu_x[k], &f.gpu_z[k]);
-        let bytes = shape.bytes() / 16 * 16;
+        let bytes = whole_vec4s(shape);
         let ctx = b.ctx.clone();
         let relu = Activation::Relu;
         let residual = case.fuse.residual();
@@ -692,6 +765,7 @@ impl LayoutBench<'_> {
                     ctx.elementwise_in_pass(
                         pass,
                         Elementwise::Add,
+                        shape.dtype(),
                         &f.gpu_t1,
                         Some(z),
                         &f.gpu_t2,
@@ -702,6 +776,7 @@ impl LayoutBench<'_> {
                 ctx.elementwise_in_pass(
                     pass,
                     Elementwise::Activation(relu),
+                    shape.dtype(),
                     act_in,
                     None,
                     &b.gpu_y,
@@ -714,6 +789,7 @@ impl LayoutBench<'_> {
                 ctx.elementwise_in_pass(
                     pass,
                     Elementwise::ActivationBackward(relu),
+                    shape.dtype(),
                     &b.gpu_dy[k],
                     Some(&self.fused_y[usize::from(residual)].1),
                     g,
@@ -773,15 +849,20 @@ impl LayoutBench<'_> {
 
     /// Runs `op` once on both sides with input copy 0 and returns the largest
     /// error of the GPU's outputs against the fast CPU path's (see [`Row::max_err`]).
-    fn check(&mut self, op: Case, timer: &GpuTimer) -> BoxResult<f64> {
+    /// Returns the largest error and whether every output is within its tolerance
+    /// (tensor outputs: the dtype's; statistics and sums: [`TOLERANCE`]).
+    fn check(&mut self, op: Case, timer: &GpuTimer) -> BoxResult<(f64, bool)> {
         self.run_cpu(op, 0)?;
         timer.run_once(|pass| self.record_gpu(op, pass, 0))?;
         let b = &*self.bench;
         let (ctx, numel, c) = (&b.ctx, self.shape.numel(), self.shape.c());
+        // A tensor output, against the CPU's rounded to the dtype.
+        let tensor_err = |gpu: &wgpu::Buffer, cpu: &[f32]| -> BoxResult<f64> {
+            let gpu = read_tensor(ctx, gpu, numel, b.dtype)?;
+            Ok(max_rel_err(&gpu, &round_to(b.dtype, cpu.to_vec())))
+        };
         let dz_err = match (&b.fused, op.op, op.fuse.residual()) {
-            (Some(f), Op::Backward, true) => {
-                max_rel_err(&ctx.read_buffer(&f.gpu_dz, numel)?, &f.dz)
-            }
+            (Some(f), Op::Backward, true) => tensor_err(&f.gpu_dz, &f.dz)?,
             _ => 0.0,
         };
         let dy = match (op.op, op.fuse) {
@@ -794,24 +875,30 @@ impl LayoutBench<'_> {
             }
             _ => b.host_dy[0].clone(),
         };
-        Ok(dz_err.max(match op.op {
+        let (tensors, others) = match op.op {
             Op::Train => {
                 let saved = b.gpu_train_saved.to_host(ctx)?;
-                max_rel_err(&ctx.read_buffer(&b.gpu_y, numel)?, &b.y)
-                    .max(max_rel_err(&saved.mean, &self.cpu_saved.mean))
-                    .max(max_rel_err(&saved.invstd, &self.cpu_saved.invstd))
+                (
+                    tensor_err(&b.gpu_y, &b.y)?,
+                    max_rel_err(&saved.mean, &self.cpu_saved.mean)
+                        .max(max_rel_err(&saved.invstd, &self.cpu_saved.invstd)),
+                )
             }
-            Op::Eval => max_rel_err(&ctx.read_buffer(&b.gpu_y, numel)?, &b.y),
+            Op::Eval => (tensor_err(&b.gpu_y, &b.y)?, 0.0),
             Op::Backward => {
                 let x = &b.host_x[0];
                 let (beta_scale, gamma_scale) = grad_scales(&self.shape, x, &dy, &self.cpu_saved);
                 let dgamma = ctx.read_buffer(&b.gpu_dgamma, c)?;
                 let dbeta = ctx.read_buffer(&b.gpu_dbeta, c)?;
-                max_rel_err(&ctx.read_buffer(&b.gpu_dx, numel)?, &b.dx)
-                    .max(max_sum_err(&dgamma, &b.dgamma, &gamma_scale))
-                    .max(max_sum_err(&dbeta, &b.dbeta, &beta_scale))
+                (
+                    tensor_err(&b.gpu_dx, &b.dx)?.max(dz_err),
+                    max_sum_err(&dgamma, &b.dgamma, &gamma_scale)
+                        .max(max_sum_err(&dbeta, &b.dbeta, &beta_scale)),
+                )
             }
-        }))
+        };
+        let within = tensors <= tolerance(b.dtype) && others <= TOLERANCE;
+        Ok((tensors.max(others), within))
     }
 
     /// Checks and times `op` on both sides. A GPU result off by more than
@@ -847,24 +934,25 @@ impl LayoutBench<'_> {
         if let (Some(e), Op::Train | Op::Backward) = (&self.train_error, op.op) {
             return Err(e.clone().into());
         }
-        let err = self.check(op, timer)?;
+        let (err, within) = self.check(op, timer)?;
         row.max_err = Some(err);
         let cpu_ms = median(&time_cpu(reps, |i| self.run_cpu(op, i))?);
         row.cpu_ms = Some(cpu_ms);
         row.cpu_gbs = Some(gbs(row.floor_bytes, cpu_ms));
-        if err.is_nan() || err > TOLERANCE {
+        if err.is_nan() || !within {
             row.status = "FAILED".into();
             return Ok(());
         }
         // The copy kernel on the same inputs, taking turns with the operation.
-        let copy_bytes = self.shape.bytes() / 16 * 16;
+        let dtype = self.shape.dtype();
+        let copy_bytes = whole_vec4s(&self.shape);
         let (ctx, sources, dst) = (
             self.bench.ctx.clone(),
             self.bench.gpu_x.clone(),
             self.bench.gpu_copy.clone(),
         );
         let mut copy_kernel = |pass: &mut wgpu::ComputePass<'_>, i: usize| {
-            ctx.copy_in_pass(pass, &sources[i % sources.len()], &dst, copy_bytes)
+            ctx.copy_in_pass(pass, dtype, &sources[i % sources.len()], &dst, copy_bytes)
         };
         // A fused op's unfused sequence takes turns with them too.
         let fused = op.fuse != Fuse::None;

@@ -116,6 +116,7 @@ pub fn table(rows: &[Row]) -> String {
         "shape",
         "layout",
         "op",
+        "dtype",
         "reps",
         "cpu ms",
         "gpu ms",
@@ -140,6 +141,7 @@ pub fn table(rows: &[Row]) -> String {
                 r.shape.clone(),
                 r.layout.clone(),
                 r.op.clone(),
+                r.dtype.clone(),
                 r.reps.to_string(),
                 ms(r.cpu_ms),
                 ms(r.gpu_ms),
@@ -170,7 +172,7 @@ pub fn table(rows: &[Row]) -> String {
         }
     }
     // Text columns left-aligned, numbers right-aligned; the status runs free.
-    let left = [0, 1, 2, 6, 18];
+    let left = [0, 1, 2, 3, 7, 19];
     let fmt_line = |line: &[String]| {
         let mut s = String::new();
         for (i, (cell, w)) in line.iter().zip(&widths).enumerate() {
@@ -215,7 +217,7 @@ fn opt(v: Option<f64>) -> String {
 /// `results.csv`: one line per row, empty cells for missing values.
 pub fn csv(rows: &[Row]) -> String {
     let mut out = String::from(
-        "shape,layout,op,numel,floor_bytes,reps,input_copies,cpu_ms,cpu_gbs,gpu_ms,gpu_clock,\
+        "shape,layout,op,dtype,numel,floor_bytes,reps,input_copies,cpu_ms,cpu_gbs,gpu_ms,gpu_clock,\
          gpu_wall_ms,gpu_timestamp_ms,gpu_gbs,copy_ms,copy_gbs,gpu_over_copy,speedup,max_err,status,\
          dispatches,bytes_bound,bound_over_floor,record_us,unfused_ms,unfused_bytes,fused_speedup\n",
     );
@@ -224,6 +226,7 @@ pub fn csv(rows: &[Row]) -> String {
             r.shape.clone(),
             r.layout.clone(),
             r.op.clone(),
+            r.dtype.clone(),
             r.numel.to_string(),
             r.floor_bytes.to_string(),
             r.reps.to_string(),
@@ -282,7 +285,7 @@ mod tests {
         };
         let text = csv(&[row]);
         let line = text.lines().nth(1).unwrap();
-        assert!(line.starts_with("4x8,cf=cl,backward,32,640,3,2,1.5,,"));
+        assert!(line.starts_with("4x8,cf=cl,backward,f32,32,640,3,2,1.5,,"));
         assert!(line.ends_with(",\"ERROR: a, \"\"b\"\"\",,,,,,,"));
         assert_eq!(
             text.lines().next().unwrap().split(',').count(),
