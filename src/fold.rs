@@ -1,6 +1,7 @@
 //! Folding an eval-mode batch norm into the layer before it (a Linear or a
-//! convolution), as inference engines do: the layer's weight and bias absorb the
-//! per-channel affine map that batch norm with running statistics is.
+//! convolution), as inference engines do, or into the one after it: the layer's
+//! weight and bias absorb the per-channel affine map that batch norm with running
+//! statistics is.
 
 use crate::cpu::reference::{check_len, invstd};
 use crate::{BatchNormConfig, BatchNormState, Error, Result};
@@ -33,7 +34,8 @@ pub enum WeightLayout {
 /// shift_c = beta_c - running_mean_c * scale_c
 /// ```
 ///
-/// (`gamma = 1`, `beta = 0` without `affine`). This is the eval forward of
+/// (`gamma = 1`, `beta = 0` without `affine`; a fused [`crate::Activation`] is not
+/// part of the map: it stays, applied after the folded layer). This is the eval forward of
 /// `docs/semantics.md` rewritten, so `x * scale + shift` equals the layer's eval
 /// output up to the rounding of `scale` and `shift` to f32. Both are computed in f64
 /// from the f32 state and rounded once.
@@ -92,6 +94,75 @@ impl FoldedBatchNorm {
     /// The channel count (the output channels of the layer folded into).
     pub fn channels(&self) -> usize {
         self.scale.len()
+    }
+
+    /// Folds the batch norm into the weight and bias of the layer after it, when
+    /// nothing (no activation) stands between them, as in Keras' `Dense, ReLU,
+    /// BatchNormalization, Dense`: the next layer computes `W (x * scale + shift) +
+    /// b`, so every weight of input channel `i` is multiplied by `scale[i]` (in
+    /// place) and the returned new bias is `b[o] + sum over i and the kernel of
+    /// W[o, i, k] * shift[i]` (with the weights as they were; f64, rounded once).
+    ///
+    /// `weight` is the whole weight of a Linear or an ungrouped convolution with
+    /// `out_channels` outputs and `self.channels()` inputs, in `layout` (PyTorch's
+    /// `[out, in, *kernel]` or the channels-last `[*kernel, in, out]`). For a
+    /// convolution the fold is exact only without zero padding: a padded border
+    /// sees zeros where the unfolded layer saw `shift`.
+    ///
+    /// Fails, with nothing modified, with [`Error::ZeroFeatures`] when `scale` or
+    /// `out_channels` is zero, and with [`Error::LengthMismatch`] when `shift` is not
+    /// as long as `scale`, when `weight` is not a non-zero multiple of
+    /// `out_channels * self.channels()` long, or when `bias` is not `out_channels`
+    /// long.
+    ///
+    /// ```
+    /// use wgpu_batchnorm::{FoldedBatchNorm, WeightLayout};
+    /// let folded = FoldedBatchNorm { scale: vec![2.0, 0.5], shift: vec![1.0, -1.0] };
+    /// // Dense(2 -> 1) after the batch norm, Keras layout [in, out].
+    /// let mut weight = vec![3.0f32, 4.0];
+    /// let bias = folded.fold_into_next(&mut weight, Some(&[0.5]), 1, WeightLayout::KernelInOut)?;
+    /// assert_eq!(weight, vec![6.0, 2.0]);
+    /// assert_eq!(bias, vec![0.5 + 3.0 * 1.0 + 4.0 * -1.0]);
+    /// # Ok::<(), wgpu_batchnorm::Error>(())
+    /// ```
+    pub fn fold_into_next(
+        &self,
+        weight: &mut [f32],
+        bias: Option<&[f32]>,
+        out_channels: usize,
+        layout: WeightLayout,
+    ) -> Result<Vec<f32>> {
+        let inputs = self.scale.len();
+        if inputs == 0 || out_channels == 0 {
+            return Err(Error::ZeroFeatures);
+        }
+        check_len("shift", inputs, self.shift.len())?;
+        let pair = inputs * out_channels;
+        if weight.is_empty() || !weight.len().is_multiple_of(pair) {
+            return Err(Error::LengthMismatch {
+                name: "weight",
+                expected: weight.len().div_ceil(pair).max(1) * pair,
+                got: weight.len(),
+            });
+        }
+        if let Some(b) = bias {
+            check_len("bias", out_channels, b.len())?;
+        }
+        let kernel = weight.len() / pair;
+        // (output, input) of each weight, in memory order.
+        let index = |n: usize| match layout {
+            WeightLayout::OutInKernel => (n / (inputs * kernel), n / kernel % inputs),
+            WeightLayout::KernelInOut => (n % out_channels, n / out_channels % inputs),
+        };
+        let mut new_bias: Vec<f64> = (0..out_channels)
+            .map(|o| bias.map_or(0.0, |b| f64::from(b[o])))
+            .collect();
+        for (n, w) in weight.iter_mut().enumerate() {
+            let (o, i) = index(n);
+            new_bias[o] += f64::from(*w) * f64::from(self.shift[i]);
+            *w = (f64::from(*w) * f64::from(self.scale[i])) as f32;
+        }
+        Ok(new_bias.into_iter().map(|b| b as f32).collect())
     }
 
     /// Folds the batch norm into the weight and bias of the layer before it: for

@@ -649,3 +649,113 @@ fn length_errors_leave_the_weight_untouched() {
         assert_ne!(w, before);
     }
 }
+
+// ---- Folded into the layer after: batch norm then layer == folded layer ----
+
+/// The eval forward of `x` of `shape`, rounded to f32 as the layer after reads it.
+fn bn_eval_f32(config: &BatchNormConfig, state: &BatchNormState, shape: &Shape, x: &[f32]) -> Vec<f32> {
+    bn_eval(config, state, shape, x)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
+#[test]
+fn folded_into_the_next_linear_or_dense() {
+    let mut rng = rng("folded_into_the_next_linear_or_dense");
+    let n = 4;
+    for (layout, forward) in [
+        (WeightLayout::OutInKernel, linear_out_in as LinearFn),
+        (WeightLayout::KernelInOut, linear_in_out as LinearFn),
+    ] {
+        for fin in [1, 3, 17] {
+            for cout in [2, 5] {
+                for (cname, config) in configs(fin) {
+                    let state = random_state(&mut rng, &config);
+                    let x = normal_vec(&mut rng, n * fin, 1.5);
+                    let w = normal_vec(&mut rng, cout * fin, 1.0 / (fin as f64).sqrt());
+                    let b = normal_vec(&mut rng, cout, 0.5);
+                    let shape = Shape::channels_first(&[n, fin]).unwrap();
+                    let normalized = bn_eval_f32(&config, &state, &shape, &x);
+                    let want: Vec<f64> = forward(&normalized, n, fin, &w, Some(&b))
+                        .into_iter()
+                        .map(f64::from)
+                        .collect();
+                    let folded = FoldedBatchNorm::from_state(&config, &state).unwrap();
+                    let mut wf = w.clone();
+                    let bf = folded.fold_into_next(&mut wf, Some(&b), cout, layout).unwrap();
+                    let got = forward(&x, n, fin, &wf, Some(&bf));
+                    assert_close(&format!("{layout:?} {fin} -> {cout} {cname}"), &got, &want);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn folded_into_the_next_unpadded_conv() {
+    let mut rng = rng("folded_into_the_next_unpadded_conv");
+    for p in conv_cases() {
+        let config = BatchNormConfig::new(p.cin);
+        let state = random_state(&mut rng, &config);
+        let fan_in = p.cin * p.kh * p.kw;
+        let w = normal_vec(&mut rng, p.weight_len(), 1.0 / (fan_in as f64).sqrt());
+        let b = normal_vec(&mut rng, p.cout, 0.5);
+        let folded = FoldedBatchNorm::from_state(&config, &state).unwrap();
+        // NCHW with PyTorch's weight.
+        let x = normal_vec(&mut rng, p.input_len(), 1.5);
+        let shape = Shape::channels_first(&[p.n, p.cin, p.h, p.w]).unwrap();
+        let normalized = bn_eval_f32(&config, &state, &shape, &x);
+        let want: Vec<f64> = conv2d_nchw(&p, &normalized, &w, Some(&b))
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let mut wf = w.clone();
+        let bf = folded
+            .fold_into_next(&mut wf, Some(&b), p.cout, WeightLayout::OutInKernel)
+            .unwrap();
+        assert_close(&format!("Conv2d NCHW {p:?}"), &conv2d_nchw(&p, &x, &wf, Some(&bf)), &want);
+        // NHWC with Keras' weight [kh, kw, in, out] (the same values, permuted).
+        let shape = Shape::channels_last(&[p.n, p.cin, p.h, p.w]).unwrap();
+        let normalized = bn_eval_f32(&config, &state, &shape, &x);
+        let mut wk = vec![0.0f32; w.len()];
+        for o in 0..p.cout {
+            for c in 0..p.cin {
+                for u in 0..p.kh {
+                    for v in 0..p.kw {
+                        wk[((u * p.kw + v) * p.cin + c) * p.cout + o] =
+                            w[((o * p.cin + c) * p.kh + u) * p.kw + v];
+                    }
+                }
+            }
+        }
+        let want: Vec<f64> = conv2d_nhwc(&p, &normalized, &wk, Some(&b))
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let bf = folded
+            .fold_into_next(&mut wk, Some(&b), p.cout, WeightLayout::KernelInOut)
+            .unwrap();
+        assert_close(&format!("Conv2D NHWC {p:?}"), &conv2d_nhwc(&p, &x, &wk, Some(&bf)), &want);
+    }
+}
+
+#[test]
+fn folding_into_the_next_checks_lengths() {
+    let folded = FoldedBatchNorm {
+        scale: vec![2.0, 3.0],
+        shift: vec![1.0, 1.0],
+    };
+    let mut w = vec![1.0f32; 6];
+    let e = folded
+        .fold_into_next(&mut w, None, 4, WeightLayout::OutInKernel)
+        .unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { name: "weight", expected: 8, .. }), "{e}");
+    let e = folded
+        .fold_into_next(&mut w, Some(&[0.0; 2]), 3, WeightLayout::OutInKernel)
+        .unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { name: "bias", .. }), "{e}");
+    let e = folded.fold_into_next(&mut w, None, 0, WeightLayout::OutInKernel).unwrap_err();
+    assert!(matches!(e, Error::ZeroFeatures), "{e}");
+    assert_eq!(w, vec![1.0; 6], "failed folds leave the weight as it was");
+}
