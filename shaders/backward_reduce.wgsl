@@ -72,14 +72,23 @@ fn packed_push(acc: Sums, ch: u32, g: f32, xv: f32, hi: vec4<f32>) -> Sums {
     return r;
 }
 
-// Tree-sums each channel unit's rows in a fixed order (deterministic); row 0 ends
-// with the sums.
+// Sums each channel unit's rows in a fixed order (deterministic): within subgroups
+// first where they serve (subgroup_rows), then a tree through workgroup memory; row
+// 0 ends with the sums.
 fn reduce_rows(t: u32, row: u32, s: Sums) -> Sums {
-    sh_dy[t] = s.dy;
-    sh_dyx[t] = s.dyx;
+    let rows = WG / p.tile;
+    let unit = select(p.tile, 1u, p.runs != 0u);
+    let span = subgroup_rows(t, unit, rows);
+    var own = s;
+    for (var d = 1u; d < span; d *= 2u) {
+        let m = d * unit;
+        own = Sums(own.dy + shuffle_xor4(own.dy, m), own.dyx + shuffle_xor4(own.dyx, m));
+    }
+    sh_dy[t] = own.dy;
+    sh_dyx[t] = own.dyx;
     workgroupBarrier();
-    for (var half = WG / p.tile / 2u; half > 0u; half /= 2u) {
-        if row < half {
+    for (var half = rows / 2u; half >= span; half /= 2u) {
+        if row < half && row % span == 0u {
             let o = walk_partner(p, t, half);
             sh_dy[t] += sh_dy[o];
             sh_dyx[t] += sh_dyx[o];

@@ -277,30 +277,50 @@ fn normalize(k: Norm, v: vec4<f32>) -> vec4<f32> {
 }
 
 // The activation fused after the normalization: ACT, the module's (a host constant,
-// one of ACT_IDENTITY, ACT_RELU, ACT_RELU6). Selects rather than max/min, so that a
-// NaN stays NaN.
+// one of ACT_IDENTITY, ACT_RELU, ACT_RELU6). Its comparisons look at the bits, so
+// that a NaN stays NaN (and passes the gradient) whatever a driver's float rules
+// make of comparisons with NaN.
 fn act4(v: vec4<f32>) -> vec4<f32> {
-    let zero = vec4<f32>(0.0);
     if ACT == ACT_RELU {
-        return select(v, zero, v < zero);
+        return select(v, vec4<f32>(0.0), below_zero4(v));
     }
     if ACT == ACT_RELU6 {
-        return select(select(v, vec4<f32>(6.0), v > vec4<f32>(6.0)), zero, v < zero);
+        return select(select(v, vec4<f32>(6.0), at_least_six4(v, false)), vec4<f32>(0.0),
+                      below_zero4(v));
     }
     return v;
 }
 
 // Where the activation passes the gradient, from its output y (PyTorch's
-// threshold_backward and hardtanh_backward: a NaN output passes it).
+// threshold_backward and hardtanh_backward: y <= 0, and y >= 6 for ReLU6, stop it;
+// a NaN output passes it).
 fn passes4(y: vec4<f32>) -> vec4<bool> {
-    let zero = vec4<f32>(0.0);
+    let zero = (bitcast<vec4<u32>>(y) & vec4<u32>(0x7fffffffu)) == vec4<u32>(0u);
+    let stops = below_zero4(y) | zero;
     if ACT == ACT_RELU {
-        return !(y <= zero);
+        return !stops;
     }
     if ACT == ACT_RELU6 {
-        return !((y <= zero) | (y >= vec4<f32>(6.0)));
+        return !(stops | at_least_six4(y, true));
     }
     return vec4<bool>(true);
+}
+
+// v < 0 (-0 and NaN are not), from the bits.
+fn below_zero4(v: vec4<f32>) -> vec4<bool> {
+    let b = bitcast<vec4<u32>>(v);
+    let magnitude = b & vec4<u32>(0x7fffffffu);
+    return (b >= vec4<u32>(0x80000000u)) & (magnitude != vec4<u32>(0u))
+         & (magnitude <= vec4<u32>(0x7f800000u));
+}
+
+// v > 6, or v >= 6 with `or_equal` (NaN is neither), from the bits: non-negative
+// floats order as their bit patterns.
+fn at_least_six4(v: vec4<f32>, or_equal: bool) -> vec4<bool> {
+    let b = bitcast<vec4<u32>>(v);
+    let six = vec4<u32>(0x40c00000u);
+    let above = select(b > six, b >= six, or_equal);
+    return above & (b <= vec4<u32>(0x7f800000u));
 }
 
 // How a channel's merged batch statistics become its saved statistics, coefficients

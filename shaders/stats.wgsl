@@ -62,15 +62,25 @@ var<workgroup> sh_n: array<vec4<f32>, WG>;
 var<workgroup> sh_mean: array<vec4<f32>, WG>;
 var<workgroup> sh_m2: array<vec4<f32>, WG>;
 
-// Tree-merges the states of each channel unit's rows in a fixed order
-// (deterministic); row 0 ends with the merged state.
+// Merges the states of each channel unit's rows in a fixed order (deterministic):
+// within subgroups first where they serve (subgroup_rows), then a tree through
+// workgroup memory; row 0 ends with the merged state.
 fn reduce_rows(t: u32, row: u32, w: Welford) -> Welford {
-    sh_n[t] = w.n;
-    sh_mean[t] = w.mean;
-    sh_m2[t] = w.m2;
+    let rows = WG / p.tile;
+    let unit = select(p.tile, 1u, p.runs != 0u);
+    let span = subgroup_rows(t, unit, rows);
+    var own = w;
+    for (var d = 1u; d < span; d *= 2u) {
+        let m = d * unit;
+        own = welford_merge(own, Welford(shuffle_xor4(own.n, m), shuffle_xor4(own.mean, m),
+                                         shuffle_xor4(own.m2, m)));
+    }
+    sh_n[t] = own.n;
+    sh_mean[t] = own.mean;
+    sh_m2[t] = own.m2;
     workgroupBarrier();
-    for (var half = WG / p.tile / 2u; half > 0u; half /= 2u) {
-        if row < half {
+    for (var half = rows / 2u; half >= span; half /= 2u) {
+        if row < half && row % span == 0u {
             let o = walk_partner(p, t, half);
             let a = Welford(sh_n[t], sh_mean[t], sh_m2[t]);
             let b = Welford(sh_n[o], sh_mean[o], sh_m2[o]);

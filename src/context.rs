@@ -325,7 +325,7 @@ impl GpuContext {
         let flavor = crate::kernels::Flavor {
             dtype,
             act,
-            residual: false,
+            ..crate::kernels::Flavor::NONE
         };
         let kernels = self.kernels().fused(self.device(), flavor)?;
         let kernel = match op {

@@ -533,8 +533,20 @@ impl BatchNorm {
             dtype: shape.dtype(),
             act: self.config.activation,
             residual,
+            subgroups: self.subgroups(),
         };
         self.ctx.kernels().fused(self.ctx.device(), flavor)
+    }
+
+    /// Whether the reductions merge within subgroups (the tuning asks for it and
+    /// the device has them).
+    fn subgroups(&self) -> bool {
+        self.ctx.tuning().subgroups
+            && self
+                .ctx
+                .device()
+                .features()
+                .contains(wgpu::Features::SUBGROUP)
     }
 
     /// Plain batch norm's pipelines for the shape's element type (the kernels that
@@ -543,6 +555,7 @@ impl BatchNorm {
     fn plain_kernels(&self, shape: &Shape) -> Result<&Kernels> {
         let flavor = Flavor {
             dtype: shape.dtype(),
+            subgroups: self.subgroups(),
             ..Flavor::NONE
         };
         self.ctx.kernels().fused(self.ctx.device(), flavor)

@@ -85,6 +85,14 @@ pub struct Tuning {
     /// channel in a dispatch of their own first (`finalize`'s `eval`), since many
     /// short invocations would repeat that work.
     pub fused_eval_max_elements: u64,
+    /// The reductions (statistics, backward sums) first merge the rows a subgroup
+    /// holds by shuffles, without barriers, then one state per subgroup through
+    /// workgroup memory, where the device has `wgpu::Features::SUBGROUP` (and its
+    /// subgroups are runs of consecutive invocations, which the kernels check);
+    /// `false`: through workgroup memory only, as on devices without subgroups.
+    /// Both orders are fixed (the same bits on every run), not the same as each
+    /// other.
+    pub subgroups: bool,
 }
 
 impl Tuning {
@@ -122,6 +130,7 @@ impl Tuning {
             // channels' running statistics (a square root per walk, not per element)
             // instead of waiting for a dispatch that does.
             fused_eval_max_elements: u64::MAX,
+            subgroups: true,
         }
     }
 
@@ -184,6 +193,7 @@ impl Tuning {
             },
             fused_forward_max_elements: 1 << 16,
             fused_eval_max_elements: 1 << 19,
+            subgroups: true,
         }
     }
 

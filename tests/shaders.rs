@@ -8,9 +8,12 @@ fn validate(name: &str, source: &str) -> naga::Module {
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
     naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        // f16 for the modules of f16 tensors (`enable f16`, SHADER_F16 devices).
-        naga::valid::Capabilities::SHADER_FLOAT16,
+        // f16 for the modules of f16 tensors (`enable f16`, SHADER_F16 devices),
+        // subgroups for those merging within subgroups (SUBGROUP devices).
+        naga::valid::Capabilities::SHADER_FLOAT16 | naga::valid::Capabilities::SUBGROUP,
     )
+    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
     .validate(&module)
     .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
     module
@@ -34,14 +37,14 @@ fn every_kernel_validates_with_naga() {
             "shaders/{file} is not built by the crate (missing from shader_sources::KERNELS)"
         );
     }
-    let pieces: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/fusion"))
-        .expect("shaders/fusion/ exists")
+    let pieces: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/flavor"))
+        .expect("shaders/flavor/ exists")
         .map(|e| e.expect("readable").file_name().into_string().expect("utf-8"))
         .collect();
     for piece in &pieces {
         assert!(
-            PIECES.iter().any(|(p, _)| *p == format!("fusion/{piece}")),
-            "shaders/fusion/{piece} is not built by the crate (missing from shader_sources::PIECES)"
+            PIECES.iter().any(|(p, _)| *p == format!("flavor/{piece}")),
+            "shaders/flavor/{piece} is not built by the crate (missing from shader_sources::PIECES)"
         );
     }
     for (file, _) in KERNELS {

@@ -28,9 +28,11 @@ use std::sync::{Mutex, PoisonError};
 
 use super::reference::{check_input, check_len, invstd, update_running_stats, NO_RUNNING_STATS};
 use crate::{
-    Activation, BatchNormConfig, BatchNormState, Error, ForwardOutput, GradMask, Gradients, Layout,
-    Result, SavedStatsHost, Shape, TrainOutput,
+    Activation, BatchNormConfig, BatchNormState, Element, Error, ForwardOutput, GradMask,
+    Gradients, Layout, Result, SavedStatsHost, Shape, TrainOutput,
 };
+use std::any::{Any, TypeId};
+use std::borrow::Cow;
 
 /// Values per f32 block before the block's sums are folded into f64 (channels-first
 /// runs); in the row traversal, a block is at most this many rows.
@@ -89,45 +91,64 @@ impl CpuBatchNorm {
 
     /// Training forward: batch statistics, output `y = act(bn(x))` with the
     /// configured activation, running statistics updated (with
-    /// `track_running_stats`).
-    pub fn forward_train(&mut self, shape: &Shape, x: &[f32]) -> Result<TrainOutput> {
+    /// `track_running_stats`). `x` is f32 or `half::f16`: f16 values are widened to
+    /// f32 (exactly), computed on as f32 and `y` is rounded to f16 (to nearest even);
+    /// the statistics are f32 either way.
+    pub fn forward_train<T: Element>(&mut self, shape: &Shape, x: &[T]) -> Result<TrainOutput<T>> {
+        let x = widen(x);
         let mut y = vec![0.0; x.len()];
-        let saved = self.forward_train_into(shape, x, &mut y)?;
-        Ok(TrainOutput { y, saved })
+        let saved = self.forward_train_into(shape, &x, &mut y)?;
+        Ok(TrainOutput {
+            y: narrow(y),
+            saved,
+        })
     }
 
     /// [`Self::forward_train`] with a residual `z` of `x`'s shape and layout:
     /// `y = act(bn(x) + z)` (the statistics are those of `x` alone).
-    pub fn forward_train_add(
+    pub fn forward_train_add<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        z: &[f32],
-    ) -> Result<TrainOutput> {
+        x: &[T],
+        z: &[T],
+    ) -> Result<TrainOutput<T>> {
+        let (x, z) = (widen(x), widen(z));
         let mut y = vec![0.0; x.len()];
-        let saved = self.forward_train_add_into(shape, x, z, &mut y)?;
-        Ok(TrainOutput { y, saved })
+        let saved = self.forward_train_add_into(shape, &x, &z, &mut y)?;
+        Ok(TrainOutput {
+            y: narrow(y),
+            saved,
+        })
     }
 
     /// Eval forward: running statistics when tracked (`saved = None`), otherwise
     /// batch statistics (`saved = Some`); output `y = act(bn(x))`. Updates nothing.
-    pub fn forward_eval(&mut self, shape: &Shape, x: &[f32]) -> Result<ForwardOutput> {
+    /// Element types as in [`Self::forward_train`].
+    pub fn forward_eval<T: Element>(&mut self, shape: &Shape, x: &[T]) -> Result<ForwardOutput<T>> {
+        let x = widen(x);
         let mut y = vec![0.0; x.len()];
-        let saved = self.forward_eval_into(shape, x, &mut y)?;
-        Ok(ForwardOutput { y, saved })
+        let saved = self.forward_eval_into(shape, &x, &mut y)?;
+        Ok(ForwardOutput {
+            y: narrow(y),
+            saved,
+        })
     }
 
     /// [`Self::forward_eval`] with a residual `z` of `x`'s shape and layout:
     /// `y = act(bn(x) + z)`.
-    pub fn forward_eval_add(
+    pub fn forward_eval_add<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        z: &[f32],
-    ) -> Result<ForwardOutput> {
+        x: &[T],
+        z: &[T],
+    ) -> Result<ForwardOutput<T>> {
+        let (x, z) = (widen(x), widen(z));
         let mut y = vec![0.0; x.len()];
-        let saved = self.forward_eval_add_into(shape, x, z, &mut y)?;
-        Ok(ForwardOutput { y, saved })
+        let saved = self.forward_eval_add_into(shape, &x, &z, &mut y)?;
+        Ok(ForwardOutput {
+            y: narrow(y),
+            saved,
+        })
     }
 
     /// Backward of plain batch norm (no activation, no residual): `dy` is the
@@ -135,7 +156,27 @@ impl CpuBatchNorm {
     /// residual, call [`Self::backward_fused`]. `saved`: the batch statistics of the forward (training form), or
     /// `None` for the running statistics (eval form; needs `track_running_stats`).
     /// `dgamma`/`dbeta` are `None` when not asked for or when the layer is not affine.
-    pub fn backward(
+    /// `x` and `dy` are f32 or `half::f16` (widened to f32 exactly); `dx` is
+    /// computed in f32 and rounded to their type, `dgamma`/`dbeta` are f32.
+    pub fn backward<T: Element>(
+        &self,
+        shape: &Shape,
+        x: &[T],
+        dy: &[T],
+        saved: Option<&SavedStatsHost>,
+        mask: GradMask,
+    ) -> Result<Gradients<T>> {
+        let grads = self.backward_f32(shape, &widen(x), &widen(dy), saved, mask)?;
+        Ok(Gradients {
+            dx: grads.dx.map(narrow),
+            dgamma: grads.dgamma,
+            dbeta: grads.dbeta,
+            dz: None,
+        })
+    }
+
+    /// [`Self::backward`] on f32 data.
+    fn backward_f32(
         &self,
         shape: &Shape,
         x: &[f32],
@@ -168,19 +209,19 @@ impl CpuBatchNorm {
     /// Backward through the configured activation and, with `residual`, the
     /// residual add (`y = act(bn(x) [+ z])`). `y` is the forward's output: `g = dy`
     /// where [`Activation::passes`] at `y`, 0 elsewhere, takes the place of `dy` in
-    /// [`Self::backward`] (`saved` and `mask` as there); with `residual`, `dz = g`
-    /// (whatever `mask` says).
+    /// [`Self::backward`] (`saved`, `mask` and element types as there); with
+    /// `residual`, `dz = g` (whatever `mask` says).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_fused(
+    pub fn backward_fused<T: Element>(
         &self,
         shape: &Shape,
-        x: &[f32],
-        y: &[f32],
-        dy: &[f32],
+        x: &[T],
+        y: &[T],
+        dy: &[T],
         saved: Option<&SavedStatsHost>,
         mask: GradMask,
         residual: bool,
-    ) -> Result<Gradients> {
+    ) -> Result<Gradients<T>> {
         check_input(
             &self.config,
             &self.state,
@@ -191,17 +232,23 @@ impl CpuBatchNorm {
         )?;
         check_len("y", shape.numel(), y.len())?;
         check_len("dy", shape.numel(), dy.len())?;
+        let (x, y, dy) = (widen(x), widen(y), widen(dy));
         let act = self.config.activation;
         // The masked gradient, computed once: it is dz itself with a residual; with
         // neither activation nor residual it is dy.
         let g: Option<Vec<f32>> = (residual || act != Activation::Identity).then(|| {
             let mut g = vec![0.0; dy.len()];
-            mask_gradient(act, y, dy, &mut g);
+            mask_gradient(act, &y, &dy, &mut g);
             g
         });
-        let mut grads = self.backward(shape, x, g.as_deref().unwrap_or(dy), saved, mask)?;
-        grads.dz = if residual { g } else { None };
-        Ok(grads)
+        let grads = self.backward_f32(shape, &x, g.as_deref().unwrap_or(&dy), saved, mask)?;
+        Ok(Gradients {
+            dx: grads.dx.map(narrow),
+            dgamma: grads.dgamma,
+            dbeta: grads.dbeta,
+            // Exact for any T: g holds values of dy and zeros.
+            dz: if residual { g.map(narrow) } else { None },
+        })
     }
 
     /// [`Self::forward_train`] writing `y` into the caller's slice.
@@ -461,6 +508,28 @@ impl CpuBatchNorm {
         normalize(act, shape, y, x, z, [&saved.mean, &scale, &shift]);
         saved
     }
+}
+
+/// A host tensor as f32: the slice itself when `T` is f32, otherwise its values
+/// widened (exactly) into a new vector.
+fn widen<T: Element>(x: &[T]) -> Cow<'_, [f32]> {
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        // T is f32: the cast is the identity.
+        Cow::Borrowed(bytemuck::cast_slice(x))
+    } else {
+        Cow::Owned(x.iter().map(|&v| v.to_f32()).collect())
+    }
+}
+
+/// f32 results as a tensor of `T`: the vector itself when `T` is f32, otherwise
+/// its values rounded to `T` (to nearest even).
+fn narrow<T: Element>(v: Vec<f32>) -> Vec<T> {
+    let mut slot = Some(v);
+    if let Some(same) = (&mut slot as &mut dyn Any).downcast_mut::<Option<Vec<T>>>() {
+        return same.take().expect("the slot holds the vector");
+    }
+    let v = slot.expect("the slot holds the vector");
+    v.into_iter().map(T::from_f32).collect()
 }
 
 /// Codes of the activations as const parameters ([`act`], [`passes`]).

@@ -8,7 +8,8 @@
 //! [`ReferenceBatchNorm::backward_fused`] is their backward.
 
 use crate::{
-    Activation, BatchNormConfig, BatchNormState, Error, GradMask, Result, Shape, StatsSource,
+    Activation, BatchNormConfig, BatchNormState, Element, Error, GradMask, Result, Shape,
+    StatsSource,
 };
 
 /// A batch-norm layer evaluated in f64 on the CPU.
@@ -68,6 +69,19 @@ pub fn channel_values<'a>(
 ) -> impl Iterator<Item = f32> + 'a {
     let s = shape.spatial_size();
     (0..shape.n()).flat_map(move |n| (0..s).map(move |i| x[shape.index(n, c, i)]))
+}
+
+/// The values of a host tensor of element type `T` as f32 (exactly: every f16 is
+/// an f32). The reference takes tensors of any element type this way: its f64
+/// results are then those of the exact inputs, and a comparison rounds them to
+/// `T` itself (straight from f64, not through f32).
+///
+/// ```
+/// use wgpu_batchnorm::{cpu::reference::widen, half::f16};
+/// assert_eq!(widen(&[f16::from_f32(0.1), f16::MAX]), vec![0.0999755859375, 65504.0]);
+/// ```
+pub fn widen<T: Element>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|&v| v.to_f32()).collect()
 }
 
 /// Per-channel batch mean and biased variance, two-pass in f64. A channel with a

@@ -94,7 +94,7 @@ pub mod sources {
 
     /// Sizes and codes the host and the kernels share, as `(WGSL name, value)`,
     /// prepended as the flags are: the activations' codes (`ACT_*`, the values of
-    /// [`crate::Activation`]) and the bindings of the fused tensors (shaders/fusion/).
+    /// [`crate::Activation`]) and the bindings of the fused tensors (shaders/flavor/).
     pub const SIZES: &[(&str, u32)] = &[
         ("ROW_UNIT", super::common::ROW_UNIT),
         ("COEF_WINDOW", super::COEF_WINDOW),
@@ -113,25 +113,33 @@ pub mod sources {
     /// (backward_reduce.wgsl; backward_dx.wgsl has the mask only).
     pub const PIECES: &[(&str, &str)] = &[
         (
-            "fusion/residual.wgsl",
-            include_str!("../../shaders/fusion/residual.wgsl"),
+            "flavor/residual.wgsl",
+            include_str!("../../shaders/flavor/residual.wgsl"),
         ),
         (
-            "fusion/residual_none.wgsl",
-            include_str!("../../shaders/fusion/residual_none.wgsl"),
+            "flavor/residual_none.wgsl",
+            include_str!("../../shaders/flavor/residual_none.wgsl"),
         ),
         (
-            "fusion/mask.wgsl",
-            include_str!("../../shaders/fusion/mask.wgsl"),
+            "flavor/mask.wgsl",
+            include_str!("../../shaders/flavor/mask.wgsl"),
         ),
         (
-            "fusion/mask_none.wgsl",
-            include_str!("../../shaders/fusion/mask_none.wgsl"),
+            "flavor/mask_none.wgsl",
+            include_str!("../../shaders/flavor/mask_none.wgsl"),
         ),
-        ("fusion/dz.wgsl", include_str!("../../shaders/fusion/dz.wgsl")),
+        ("flavor/dz.wgsl", include_str!("../../shaders/flavor/dz.wgsl")),
         (
-            "fusion/dz_none.wgsl",
-            include_str!("../../shaders/fusion/dz_none.wgsl"),
+            "flavor/subgroups.wgsl",
+            include_str!("../../shaders/flavor/subgroups.wgsl"),
+        ),
+        (
+            "flavor/subgroups_none.wgsl",
+            include_str!("../../shaders/flavor/subgroups_none.wgsl"),
+        ),
+        (
+            "flavor/dz_none.wgsl",
+            include_str!("../../shaders/flavor/dz_none.wgsl"),
         ),
     ];
 
@@ -146,7 +154,13 @@ pub mod sources {
     pub fn fused_variants(file: &str) -> Vec<(String, String)> {
         super::Flavor::all()
             .map(|f| {
-                let name = format!("{} {} residual={}", f.dtype.name(), f.act.name(), f.residual);
+                let name = format!(
+                    "{} {} residual={} subgroups={}",
+                    f.dtype.name(),
+                    f.act.name(),
+                    f.residual,
+                    f.subgroups
+                );
                 (name, module(file, f, super::COEF_WINDOW))
             })
             .collect()
@@ -187,7 +201,9 @@ pub mod sources {
             .chain([("ACT", flavor.act as u32)])
             .map(|(name, value)| format!("const {name}: u32 = {value}u;\n"))
             .collect();
-        // The tensors' element type (`enable` must open the module).
+        // The tensors' element type (`enable` opens the module). The subgroup
+        // functions need no `enable` in naga (which does not take `enable
+        // subgroups` yet): the device's SUBGROUP feature admits them.
         let elem = match flavor.dtype {
             crate::DType::F32 => "alias elem = f32;\n",
             crate::DType::F16 => "enable f16;\nalias elem = f16;\n",
@@ -205,37 +221,44 @@ const OUTPUT_BINDING: u32 = 11;
 const RESIDUAL_GRAD_BINDING: u32 = 12;
 
 /// What a set of kernels is built for: the tensors' element type, the activation
-/// fused after batch norm and whether the forward adds a residual (and the
-/// backward writes its gradient).
+/// fused after batch norm, whether the forward adds a residual (and the backward
+/// writes its gradient), and whether the reductions merge within subgroups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Flavor {
     pub dtype: DType,
     pub act: Activation,
     pub residual: bool,
+    pub subgroups: bool,
 }
 
-/// Number of flavors (element types x activations x residual or not).
-const FLAVORS: usize = 2 * 3 * 2;
+/// Number of flavors (element types x activations x residual or not x subgroups
+/// or not).
+const FLAVORS: usize = 2 * 3 * 2 * 2;
 
 impl Flavor {
-    /// Plain batch norm on f32 tensors.
+    /// Plain batch norm on f32 tensors, without subgroups.
     pub const NONE: Flavor = Flavor {
         dtype: DType::F32,
         act: Activation::Identity,
         residual: false,
+        subgroups: false,
     };
 
     /// Every flavor, plain f32 first.
     pub fn all() -> impl Iterator<Item = Flavor> {
         (0..FLAVORS).map(|i| Flavor {
-            dtype: [DType::F32, DType::F16][i / 6],
-            act: Activation::ALL[i / 2 % 3],
-            residual: i % 2 == 1,
+            dtype: [DType::F32, DType::F16][i / 12],
+            act: Activation::ALL[i / 4 % 3],
+            residual: i / 2 % 2 == 1,
+            subgroups: i % 2 == 1,
         })
     }
 
     fn index(self) -> usize {
-        6 * self.dtype as usize + 2 * self.act as usize + usize::from(self.residual)
+        12 * self.dtype as usize
+            + 4 * self.act as usize
+            + 2 * usize::from(self.residual)
+            + usize::from(self.subgroups)
     }
 
     /// Whether the backward masks the gradient with the forward's output.
@@ -246,29 +269,35 @@ impl Flavor {
     /// The pieces a kernel file takes, each with the binding it adds (if any).
     fn pieces(self, file: &str) -> Vec<(&'static str, Option<(u32, Access)>)> {
         let residual = if self.residual {
-            ("fusion/residual.wgsl", Some((RESIDUAL_BINDING, Access::Read)))
+            ("flavor/residual.wgsl", Some((RESIDUAL_BINDING, Access::Read)))
         } else {
-            ("fusion/residual_none.wgsl", None)
+            ("flavor/residual_none.wgsl", None)
         };
         let mask = if self.masks() {
-            ("fusion/mask.wgsl", Some((OUTPUT_BINDING, Access::Read)))
+            ("flavor/mask.wgsl", Some((OUTPUT_BINDING, Access::Read)))
         } else {
-            ("fusion/mask_none.wgsl", None)
+            ("flavor/mask_none.wgsl", None)
         };
         let dz = if self.residual {
             (
-                "fusion/dz.wgsl",
+                "flavor/dz.wgsl",
                 Some((RESIDUAL_GRAD_BINDING, Access::ReadWrite)),
             )
         } else {
-            ("fusion/dz_none.wgsl", None)
+            ("flavor/dz_none.wgsl", None)
+        };
+        let subgroups = if self.subgroups {
+            ("flavor/subgroups.wgsl", None)
+        } else {
+            ("flavor/subgroups_none.wgsl", None)
         };
         match file {
-            "stats.wgsl" | "apply.wgsl" => vec![residual],
-            "backward_reduce.wgsl" => vec![mask, dz],
+            "stats.wgsl" => vec![residual, subgroups],
+            "apply.wgsl" => vec![residual],
+            "backward_reduce.wgsl" => vec![mask, dz, subgroups],
             // The dx pass after a residual's sums reads dz, already masked.
             "backward_dx.wgsl" if !self.residual => vec![mask],
-            "backward_dx.wgsl" => vec![("fusion/mask_none.wgsl", None)],
+            "backward_dx.wgsl" => vec![("flavor/mask_none.wgsl", None)],
             _ => vec![],
         }
     }
@@ -720,6 +749,13 @@ impl Kernels {
                 needs: "wgpu::Features::SHADER_F16",
             });
         }
+        if flavor.subgroups && !device.features().contains(wgpu::Features::SUBGROUP) {
+            return Err(Error::DeviceLimit {
+                name: "wgpu::Features::SUBGROUP",
+                actual: 0,
+                required: 1,
+            });
+        }
         let slot = &self.fused[flavor.index()];
         if let Some(k) = slot.get() {
             return Ok(k);
@@ -769,7 +805,12 @@ impl Kernels {
                 name.to_string()
             } else {
                 let residual = if flavor.residual { ".add" } else { "" };
-                format!("{name}.{}.{}{residual}", flavor.dtype.name(), flavor.act.name())
+                let subgroups = if flavor.subgroups { ".subgroups" } else { "" };
+                format!(
+                    "{name}.{}.{}{residual}{subgroups}",
+                    flavor.dtype.name(),
+                    flavor.act.name()
+                )
             };
             let source = sources::module(file, flavor, coef_window);
             Module::new(label, source, flavor.extra_bindings(file))

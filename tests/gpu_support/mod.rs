@@ -68,7 +68,8 @@ pub fn random_state(rng: &mut impl Rng, config: &BatchNormConfig) -> BatchNormSt
 /// tiles, lane blocks of 4), one of values the walk has to round, and reductions
 /// that read channels-last rows 16 channels per invocation in several splits
 /// whatever the machine (the CPU tuning's floor of a workgroup per thread depends
-/// on it).
+/// on it). Every one merges within subgroups where the adapter has them, and one
+/// (the adapter's own otherwise) through workgroup memory only.
 pub fn tunings() -> Vec<(&'static str, GpuContext)> {
     let finest = Cut {
         target_workgroups: 4096,
@@ -122,6 +123,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 elementwise: finest,
                 fused_forward_max_elements: u64::MAX,
                 fused_eval_max_elements: u64::MAX,
+                subgroups: true,
             }),
         ),
         (
@@ -139,6 +141,14 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 elementwise: odd,
                 fused_forward_max_elements: 0,
                 fused_eval_max_elements: 0,
+                subgroups: true,
+            }),
+        ),
+        (
+            "without subgroups",
+            ctx().with_tuning(Tuning {
+                subgroups: false,
+                ..ctx().tuning()
             }),
         ),
     ]
