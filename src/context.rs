@@ -451,66 +451,15 @@ impl GpuContext {
     }
 
     /// Copies the first `len` values of type `T` in `buffer` to the host. The buffer
-    /// needs `COPY_SRC`, and `len * size_of::<T>()` must be a multiple of 4 bytes.
-    /// Blocks; not on the web (see [`Self::read_buffer_async`]).
+    /// needs `COPY_SRC` and the 4-byte words that hold them (an odd number of f16
+    /// reads one word more). Blocks; not on the web (see [`Self::read_buffer_async`]).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_buffer<T: bytemuck::Pod>(
         &self,
         buffer: &wgpu::Buffer,
         len: usize,
     ) -> Result<Vec<T>> {
-        let size = std::mem::size_of::<T>();
-        let bytes = len.checked_mul(size).map_or(u64::MAX, |b| b as u64);
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
-            return Err(Error::BufferUsage {
-                name: "read_buffer",
-                needed: wgpu::BufferUsages::COPY_SRC,
-                got: buffer.usage(),
-            });
-        }
-        // Copies move whole 4-byte words (e.g. an odd number of f16).
-        let words = bytes.saturating_add(3) / 4 * 4;
-        if words > buffer.size() {
-            return Err(Error::BufferTooSmall {
-                name: "read_buffer",
-                needed: words,
-                got: buffer.size(),
-            });
-        }
-        let device = &self.inner.device;
-        let staging = self.guarded("reading a buffer back", || {
-            let staging = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("bn.readback"),
-                size: words,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("bn.readback"),
-            });
-            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, words);
-            self.submit_and_wait(encoder)?;
-            Ok(staging)
-        })?;
-        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = sender.send(r);
-        });
-        self.wait(None)?;
-        let mapped = pollster::block_on(receiver.receive())
-            .ok_or_else(|| Error::Readback("map callback dropped".into()))?;
-        self.check_device()?;
-        mapped.map_err(|e| Error::Readback(e.to_string()))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Readback(e.to_string()))?;
-        let out = bytemuck::cast_slice::<u8, T>(&view[..bytes as usize]).to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        pollster::block_on(self.read_buffer_async(buffer, len))
     }
 
     /// Creates a storage buffer holding `data` (usable as input, output and copy

@@ -71,18 +71,13 @@ impl GpuContext {
                 got: buffer.usage(),
             });
         }
-        if bytes > buffer.size() {
+        // Copies move whole 4-byte words (e.g. an odd number of f16).
+        let words = bytes.saturating_add(3) / 4 * 4;
+        if words > buffer.size() {
             return Err(Error::BufferTooSmall {
                 name: "read_buffer",
-                needed: bytes,
+                needed: words,
                 got: buffer.size(),
-            });
-        }
-        if !bytes.is_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) {
-            return Err(Error::LengthMismatch {
-                name: "read_buffer bytes (a multiple of 4)",
-                expected: bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) as usize,
-                got: bytes as usize,
             });
         }
         let device = self.device();
@@ -91,14 +86,14 @@ impl GpuContext {
             .guarded_async("reading a buffer back", || {
                 let staging = device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("bn.readback"),
-                    size: bytes,
+                    size: words,
                     usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 });
                 let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("bn.readback"),
                 });
-                encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+                encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, words);
                 self.queue().submit([encoder.finish()]);
                 // Mapping waits for the copy: one round trip, no separate wait.
                 staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -118,7 +113,7 @@ impl GpuContext {
         let view = staging
             .get_mapped_range(..)
             .map_err(|e| Error::Readback(e.to_string()))?;
-        let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
+        let out = bytemuck::cast_slice::<u8, T>(&view[..bytes as usize]).to_vec();
         drop(view);
         staging.unmap();
         Ok(out)

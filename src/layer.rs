@@ -133,18 +133,7 @@ impl SavedStats {
     /// [`Self::to_host_async`]).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn to_host(&self, ctx: &GpuContext) -> Result<SavedStatsHost> {
-        let p = self.stride();
-        let c = self.channels;
-        let all: Vec<f32> = ctx.read_buffer(&self.buffer, 4 * p)?;
-        let mean = all[..c].to_vec();
-        let mean_lo = (0..c)
-            .map(|i| ((all[2 * p + i] as f64 + all[3 * p + i] as f64) - mean[i] as f64) as f32)
-            .collect();
-        Ok(SavedStatsHost {
-            mean,
-            invstd: all[p..p + c].to_vec(),
-            mean_lo,
-        })
+        pollster::block_on(self.to_host_async(ctx))
     }
 }
 
@@ -335,27 +324,7 @@ impl BatchNorm {
     /// [`Self::state_async`]).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn state(&self) -> Result<BatchNormState> {
-        let (c, p) = (self.config.num_features, self.stride());
-        let affine: Vec<f32> = self.ctx.read_buffer(&self.affine, 2 * p)?;
-        let running: Vec<u32> = self.ctx.read_buffer(&self.running, 2 * p + 1)?;
-        let f = |v: &[u32]| v.iter().map(|&b| f32::from_bits(b)).collect::<Vec<f32>>();
-        let mut state = BatchNormState {
-            gamma: affine[..c].to_vec(),
-            beta: affine[p..p + c].to_vec(),
-            running_mean: f(&running[..c]),
-            running_var: f(&running[p..p + c]),
-            num_batches_tracked: running[2 * p] as u64,
-        };
-        if !self.config.affine {
-            state.gamma.clear();
-            state.beta.clear();
-        }
-        if !self.config.track_running_stats {
-            state.running_mean.clear();
-            state.running_var.clear();
-            state.num_batches_tracked = 0;
-        }
-        Ok(state)
+        pollster::block_on(self.state_async())
     }
 
     /// Overwrites parameters and running statistics (through the queue: it takes
@@ -1559,26 +1528,11 @@ impl BatchNorm {
         x: &[T],
         z: Option<&[T]>,
     ) -> Result<TrainOutput<T>> {
-        let shape = &shape.clone().with_dtype(T::DTYPE);
-        let ctx = self.ctx.clone();
-        let (xb, zb) = self.upload_inputs(shape, x, z, true)?;
-        let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
-        let saved = SavedStats::new(&ctx, self.config.num_features)?;
-        run(&ctx, "forward_train", |enc| {
-            let z = zb.as_ref().map(TensorBuffer::from);
-            self.plan_train(shape, (&xb).into(), z, (&yb).into(), &saved)?
-                .record_into(enc);
-            Ok(())
-        })?;
-        Ok(TrainOutput {
-            y: ctx.read_buffer(&yb, shape.numel())?,
-            saved: saved.to_host(&ctx)?,
-        })
+        pollster::block_on(self.train_host_async(shape, x, z))
     }
 
     /// Checks and uploads a host forward's x and residual z (`batch`: whether it
     /// uses batch statistics).
-    #[cfg(not(target_arch = "wasm32"))]
     fn upload_inputs<T: Element>(
         &self,
         shape: &Shape,
@@ -1626,24 +1580,7 @@ impl BatchNorm {
         x: &[T],
         z: Option<&[T]>,
     ) -> Result<ForwardOutput<T>> {
-        let shape = &shape.clone().with_dtype(T::DTYPE);
-        let batch = !self.config.track_running_stats;
-        let ctx = self.ctx.clone();
-        let (xb, zb) = self.upload_inputs(shape, x, z, batch)?;
-        let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
-        let saved = batch
-            .then(|| SavedStats::new(&ctx, self.config.num_features))
-            .transpose()?;
-        run(&ctx, "forward_eval", |enc| {
-            let z = zb.as_ref().map(TensorBuffer::from);
-            self.plan_eval(shape, (&xb).into(), z, (&yb).into(), saved.as_ref())?
-                .record_into(enc);
-            Ok(())
-        })?;
-        Ok(ForwardOutput {
-            y: ctx.read_buffer(&yb, shape.numel())?,
-            saved: saved.map(|s| s.to_host(&ctx)).transpose()?,
-        })
+        pollster::block_on(self.eval_host_async(shape, x, z))
     }
 
     /// Backward on host data. `saved`: the statistics from the forward's output
@@ -1677,64 +1614,8 @@ impl BatchNorm {
         mask: GradMask,
         residual: bool,
     ) -> Result<Gradients<T>> {
-        let shape = &shape.clone().with_dtype(T::DTYPE);
-        Self::check_len("x", shape, x)?;
-        Self::check_len("dy", shape, dy)?;
-        if let Some(y) = y {
-            Self::check_len("y", shape, y)?;
-        }
-        self.ctx.check_size("x", shape.bytes())?;
-        let ctx = self.ctx.clone();
-        let saved = saved.map(|s| SavedStats::from_host(&ctx, s)).transpose()?;
-        let affine = self.config.affine;
-        let c = self.config.num_features;
-        let alloc =
-            |on: bool, label, bytes| on.then(|| ctx.storage_buffer(label, bytes)).transpose();
-        let dx = alloc(mask.dx, "bn.dx", shape.bytes())?;
-        let dgamma = alloc(mask.dgamma && affine, "bn.dgamma", c as u64 * 4)?;
-        let dbeta = alloc(mask.dbeta && affine, "bn.dbeta", c as u64 * 4)?;
-        let dz = alloc(residual, "bn.dz", shape.bytes())?;
-        let (xb, dyb) = (ctx.upload("bn.x", x)?, ctx.upload("bn.dy", dy)?);
-        let yb = y.map(|y| ctx.upload("bn.y", y)).transpose()?;
-        let grads = GradBuffers {
-            dx: dx.as_ref().map(TensorBuffer::from),
-            dgamma: dgamma.as_ref().map(TensorBuffer::from),
-            dbeta: dbeta.as_ref().map(TensorBuffer::from),
-            accumulate: false,
-            output: yb.as_ref().map(TensorBuffer::from),
-            dz: dz.as_ref().map(TensorBuffer::from),
-        };
-        run(&ctx, "backward", |enc| {
-            self.backward(enc, shape, &xb, &dyb, saved.as_ref(), grads)
-        })?;
-        let read = |b: Option<wgpu::Buffer>| b.map(|b| ctx.read_buffer(&b, shape.numel())).transpose();
-        let read_f32 = |b: Option<wgpu::Buffer>| b.map(|b| ctx.read_buffer(&b, c)).transpose();
-        Ok(Gradients {
-            dx: read(dx)?,
-            dgamma: read_f32(dgamma)?,
-            dbeta: read_f32(dbeta)?,
-            dz: read(dz)?,
-        })
+        pollster::block_on(self.backward_fused_host_async(shape, x, y, dy, saved, mask, residual))
     }
-}
-
-/// Records with `record`, submits and waits, with wgpu's errors and a lost device
-/// reported as this crate's errors ([`GpuContext::guarded`]) rather than reaching
-/// the device's error handler.
-#[cfg(not(target_arch = "wasm32"))]
-fn run(
-    ctx: &GpuContext,
-    context: &'static str,
-    record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
-) -> Result<()> {
-    ctx.guarded(context, || {
-        let device = ctx.device();
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some(context),
-        });
-        record(&mut encoder)?;
-        ctx.submit_and_wait(encoder)
-    })
 }
 
 /// The dispatches of one operation of a [`BatchNorm`], checked, with their pipelines

@@ -11,10 +11,7 @@ impl BatchNorm {
     /// Fails with [`Error::MissingState`] when the layer has `affine = false`.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn affine(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        require_affine(self)?;
-        let (c, p) = (self.config().num_features, self.stride());
-        let all: Vec<f32> = self.context().read_buffer(self.affine_buffer(), 2 * p)?;
-        Ok((all[..c].to_vec(), all[p..p + c].to_vec()))
+        pollster::block_on(self.affine_async())
     }
 
     /// Overwrites gamma and beta (through the queue, as [`Self::set_state`] does: it

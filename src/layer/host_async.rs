@@ -1,12 +1,11 @@
 //! The host convenience calls as futures: the only form on the web, where nothing
 //! may block, and available everywhere (an executor such as `pollster` drives them
-//! off the web). Each does what its blocking namesake does, with the same checks,
-//! outputs and errors.
+//! off the web, and the blocking namesakes are these under `pollster`).
 
 use super::{BatchNorm, GradBuffers, SavedStats};
 use crate::{
-    BatchNormState, ForwardOutput, GpuContext, GradMask, Gradients, Result, SavedStatsHost, Shape,
-    TensorBuffer, TrainOutput,
+    BatchNormState, Element, ForwardOutput, GpuContext, GradMask, Gradients, Result,
+    SavedStatsHost, Shape, TensorBuffer, TrainOutput,
 };
 
 impl SavedStats {
@@ -62,32 +61,33 @@ impl BatchNorm {
     }
 
     /// [`Self::forward_train_host`] without blocking.
-    pub async fn forward_train_host_async(
+    pub async fn forward_train_host_async<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-    ) -> Result<TrainOutput> {
+        x: &[T],
+    ) -> Result<TrainOutput<T>> {
         self.train_host_async(shape, x, None).await
     }
 
     /// [`Self::forward_train_add_host`] without blocking.
-    pub async fn forward_train_add_host_async(
+    pub async fn forward_train_add_host_async<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        z: &[f32],
-    ) -> Result<TrainOutput> {
+        x: &[T],
+        z: &[T],
+    ) -> Result<TrainOutput<T>> {
         self.train_host_async(shape, x, Some(z)).await
     }
 
-    async fn train_host_async(
+    pub(super) async fn train_host_async<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        z: Option<&[f32]>,
-    ) -> Result<TrainOutput> {
+        x: &[T],
+        z: Option<&[T]>,
+    ) -> Result<TrainOutput<T>> {
+        let shape = &shape.clone().with_dtype(T::DTYPE);
         let ctx = self.ctx.clone();
-        let (xb, zb) = self.upload_inputs_async(shape, x, z, true)?;
+        let (xb, zb) = self.upload_inputs(shape, x, z, true)?;
         let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
         let saved = SavedStats::new(&ctx, self.config.num_features)?;
         run_async(&ctx, "forward_train", |enc| {
@@ -103,54 +103,35 @@ impl BatchNorm {
         })
     }
 
-    /// Checks and uploads a host forward's x and residual z (`batch`: whether it
-    /// uses batch statistics), as the blocking calls do.
-    fn upload_inputs_async(
-        &self,
-        shape: &Shape,
-        x: &[f32],
-        z: Option<&[f32]>,
-        batch: bool,
-    ) -> Result<(wgpu::Buffer, Option<wgpu::Buffer>)> {
-        Self::check_len("x", shape, x)?;
-        if let Some(z) = z {
-            Self::check_len("z", shape, z)?;
-        }
-        self.check_shape(shape, batch)?;
-        self.ctx.check_size("x", shape.bytes())?;
-        let xb = self.ctx.upload("bn.x", x)?;
-        let zb = z.map(|z| self.ctx.upload("bn.z", z)).transpose()?;
-        Ok((xb, zb))
-    }
-
     /// [`Self::forward_eval_host`] without blocking.
-    pub async fn forward_eval_host_async(
+    pub async fn forward_eval_host_async<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-    ) -> Result<ForwardOutput> {
+        x: &[T],
+    ) -> Result<ForwardOutput<T>> {
         self.eval_host_async(shape, x, None).await
     }
 
     /// [`Self::forward_eval_add_host`] without blocking.
-    pub async fn forward_eval_add_host_async(
+    pub async fn forward_eval_add_host_async<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        z: &[f32],
-    ) -> Result<ForwardOutput> {
+        x: &[T],
+        z: &[T],
+    ) -> Result<ForwardOutput<T>> {
         self.eval_host_async(shape, x, Some(z)).await
     }
 
-    async fn eval_host_async(
+    pub(super) async fn eval_host_async<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        z: Option<&[f32]>,
-    ) -> Result<ForwardOutput> {
+        x: &[T],
+        z: Option<&[T]>,
+    ) -> Result<ForwardOutput<T>> {
+        let shape = &shape.clone().with_dtype(T::DTYPE);
         let batch = !self.config.track_running_stats;
         let ctx = self.ctx.clone();
-        let (xb, zb) = self.upload_inputs_async(shape, x, z, batch)?;
+        let (xb, zb) = self.upload_inputs(shape, x, z, batch)?;
         let yb = ctx.storage_buffer("bn.y", shape.bytes())?;
         let saved = batch
             .then(|| SavedStats::new(&ctx, self.config.num_features))
@@ -171,30 +152,31 @@ impl BatchNorm {
     }
 
     /// [`Self::backward_host`] without blocking.
-    pub async fn backward_host_async(
+    pub async fn backward_host_async<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         saved: Option<&SavedStatsHost>,
         mask: GradMask,
-    ) -> Result<Gradients> {
+    ) -> Result<Gradients<T>> {
         self.backward_fused_host_async(shape, x, None, dy, saved, mask, false)
             .await
     }
 
     /// [`Self::backward_fused_host`] without blocking.
     #[allow(clippy::too_many_arguments)]
-    pub async fn backward_fused_host_async(
+    pub async fn backward_fused_host_async<T: Element>(
         &mut self,
         shape: &Shape,
-        x: &[f32],
-        y: Option<&[f32]>,
-        dy: &[f32],
+        x: &[T],
+        y: Option<&[T]>,
+        dy: &[T],
         saved: Option<&SavedStatsHost>,
         mask: GradMask,
         residual: bool,
-    ) -> Result<Gradients> {
+    ) -> Result<Gradients<T>> {
+        let shape = &shape.clone().with_dtype(T::DTYPE);
         Self::check_len("x", shape, x)?;
         Self::check_len("dy", shape, dy)?;
         if let Some(y) = y {
@@ -225,15 +207,20 @@ impl BatchNorm {
             self.backward(enc, shape, &xb, &dyb, saved.as_ref(), grads)
         })
         .await?;
-        let mut out = Gradients::default();
-        for (b, len, slot) in [
-            (dx, shape.numel(), &mut out.dx),
-            (dgamma, c, &mut out.dgamma),
-            (dbeta, c, &mut out.dbeta),
-            (dz, shape.numel(), &mut out.dz),
-        ] {
+        let mut out = Gradients {
+            dx: None,
+            dgamma: None,
+            dbeta: None,
+            dz: None,
+        };
+        for (b, slot) in [(dx, &mut out.dx), (dz, &mut out.dz)] {
             if let Some(b) = b {
-                *slot = Some(ctx.read_buffer_async(&b, len).await?);
+                *slot = Some(ctx.read_buffer_async(&b, shape.numel()).await?);
+            }
+        }
+        for (b, slot) in [(dgamma, &mut out.dgamma), (dbeta, &mut out.dbeta)] {
+            if let Some(b) = b {
+                *slot = Some(ctx.read_buffer_async(&b, c).await?);
             }
         }
         Ok(out)
