@@ -61,7 +61,6 @@ impl Activation {
         }
     }
 
-
     /// Lower-case name (`identity`, `relu`, `relu6`).
     pub fn name(self) -> &'static str {
         match self {

@@ -304,7 +304,11 @@ impl GpuContext {
         out: &wgpu::Buffer,
         bytes: u64,
     ) -> Result<()> {
-        let vec4s = vec4s("elementwise bytes (a non-zero multiple of a vec4)", dtype, bytes)?;
+        let vec4s = vec4s(
+            "elementwise bytes (a non-zero multiple of a vec4)",
+            dtype,
+            bytes,
+        )?;
         let (act, needs_b) = match op {
             Elementwise::Activation(act) => (act, false),
             Elementwise::Add => (crate::Activation::Identity, true),
@@ -320,7 +324,10 @@ impl GpuContext {
         self.check_storage("b", b, bytes)?;
         self.check_storage("out", out, bytes)?;
         if out == a || out == b {
-            return Err(Error::AliasedBuffers { a: "out", b: "a or b" });
+            return Err(Error::AliasedBuffers {
+                a: "out",
+                b: "a or b",
+            });
         }
         let flavor = crate::kernels::Flavor {
             dtype,
@@ -470,7 +477,7 @@ impl GpuContext {
         let buffer = self.storage_buffer(label, contents.len().next_multiple_of(4) as u64)?;
         // Copies move whole 4-byte words (e.g. an odd number of f16): pad the last.
         let padded;
-        let words = if contents.len() % 4 == 0 {
+        let words = if contents.len().is_multiple_of(4) {
             contents
         } else {
             padded = [contents, &[0; 3][..4 - contents.len() % 4]].concat();

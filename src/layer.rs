@@ -835,7 +835,11 @@ impl BatchNorm {
                 whole(saved),
                 whole(&self.running),
             ];
-            merged.dispatch(pass, &[&resources[..], z.as_slice()].concat(), ep.workgroups());
+            merged.dispatch(
+                pass,
+                &[&resources[..], z.as_slice()].concat(),
+                ep.workgroups(),
+            );
         } else {
             self.record_batch_stats(pass, shape, x, saved, update_running)?;
             self.record_apply(pass, shape, x, residual, y, Coefficients::Finalized)?;
@@ -1175,9 +1179,11 @@ impl BatchNorm {
             binding(&self.coef, kernels.coef_window_bytes()),
         ];
         let z = z.map(|z| z.binding(shape.bytes()));
-        pipelines
-            .get(plan.variant)
-            .dispatch(pass, &[&resources[..], z.as_slice()].concat(), plan.workgroups());
+        pipelines.get(plan.variant).dispatch(
+            pass,
+            &[&resources[..], z.as_slice()].concat(),
+            plan.workgroups(),
+        );
         Ok(())
     }
 
@@ -1410,16 +1416,16 @@ impl BatchNorm {
                 whole(&self.affine),
                 whole(&fparams),
             ];
-            kernel.dispatch(pass, &[&resources[..], &sums_extra].concat(), plan.workgroups());
+            kernel.dispatch(
+                pass,
+                &[&resources[..], &sums_extra].concat(),
+                plan.workgroups(),
+            );
             return Ok(());
         }
         if need_sums {
             let params = kernels.uniform(device, &plan.params);
-            let sums = fused
-                .backward_reduce
-                .sums
-                .get(&[with_x])
-                .get(plan.variant);
+            let sums = fused.backward_reduce.sums.get(&[with_x]).get(plan.variant);
             let resources = [
                 whole(&params),
                 x.binding(bytes),
@@ -1427,7 +1433,11 @@ impl BatchNorm {
                 whole(&stats_buffer),
                 binding(&partials, partial_bytes),
             ];
-            sums.dispatch(pass, &[&resources[..], &sums_extra].concat(), plan.workgroups());
+            sums.dispatch(
+                pass,
+                &[&resources[..], &sums_extra].concat(),
+                plan.workgroups(),
+            );
         }
         let fparams = kernels.uniform(device, &fp);
         // On GPUs, channels-first: dx merges the sums' partials itself (two dispatches).
@@ -1507,7 +1517,7 @@ impl BatchNorm {
         shape: &Shape,
         x: &[T],
     ) -> Result<TrainOutput<T>> {
-        self.train_host(shape, x, None)
+        pollster::block_on(self.train_host_async(shape, x, None))
     }
 
     /// [`Self::forward_train_add`] on host data: `y = act(bn(x) + z)`.
@@ -1518,17 +1528,7 @@ impl BatchNorm {
         x: &[T],
         z: &[T],
     ) -> Result<TrainOutput<T>> {
-        self.train_host(shape, x, Some(z))
-    }
-
-    #[cfg(not(target_arch = "wasm32"))]
-    fn train_host<T: Element>(
-        &mut self,
-        shape: &Shape,
-        x: &[T],
-        z: Option<&[T]>,
-    ) -> Result<TrainOutput<T>> {
-        pollster::block_on(self.train_host_async(shape, x, z))
+        pollster::block_on(self.train_host_async(shape, x, Some(z)))
     }
 
     /// Checks and uploads a host forward's x and residual z (`batch`: whether it
@@ -1559,7 +1559,7 @@ impl BatchNorm {
         shape: &Shape,
         x: &[T],
     ) -> Result<ForwardOutput<T>> {
-        self.eval_host(shape, x, None)
+        pollster::block_on(self.eval_host_async(shape, x, None))
     }
 
     /// [`Self::forward_eval_add`] on host data: `y = act(bn(x) + z)`.
@@ -1570,17 +1570,7 @@ impl BatchNorm {
         x: &[T],
         z: &[T],
     ) -> Result<ForwardOutput<T>> {
-        self.eval_host(shape, x, Some(z))
-    }
-
-    #[cfg(not(target_arch = "wasm32"))]
-    fn eval_host<T: Element>(
-        &mut self,
-        shape: &Shape,
-        x: &[T],
-        z: Option<&[T]>,
-    ) -> Result<ForwardOutput<T>> {
-        pollster::block_on(self.eval_host_async(shape, x, z))
+        pollster::block_on(self.eval_host_async(shape, x, Some(z)))
     }
 
     /// Backward on host data. `saved`: the statistics from the forward's output

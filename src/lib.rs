@@ -102,9 +102,9 @@ pub mod cpu;
 pub use config::{Activation, BatchNormConfig, BatchNormState, Convention, GradMask, StatsSource};
 pub use error::{Error, Result};
 pub use fold::{FoldedBatchNorm, WeightLayout};
-pub use outputs::{Element, ForwardOutput, Gradients, SavedStatsHost, TrainOutput};
 /// Half precision (`half::f16`), the crate's f16 host element type.
 pub use half;
+pub use outputs::{Element, ForwardOutput, Gradients, SavedStatsHost, TrainOutput};
 pub use shape::{DType, Layout, Shape, MAX_ELEMENTS};
 pub use tensor::TensorBuffer;
 pub use tuning::{Cut, Tuning};

@@ -653,7 +653,12 @@ fn length_errors_leave_the_weight_untouched() {
 // ---- Folded into the layer after: batch norm then layer == folded layer ----
 
 /// The eval forward of `x` of `shape`, rounded to f32 as the layer after reads it.
-fn bn_eval_f32(config: &BatchNormConfig, state: &BatchNormState, shape: &Shape, x: &[f32]) -> Vec<f32> {
+fn bn_eval_f32(
+    config: &BatchNormConfig,
+    state: &BatchNormState,
+    shape: &Shape,
+    x: &[f32],
+) -> Vec<f32> {
     bn_eval(config, state, shape, x)
         .into_iter()
         .map(|v| v as f32)
@@ -683,7 +688,9 @@ fn folded_into_the_next_linear_or_dense() {
                         .collect();
                     let folded = FoldedBatchNorm::from_state(&config, &state).unwrap();
                     let mut wf = w.clone();
-                    let bf = folded.fold_into_next(&mut wf, Some(&b), cout, layout).unwrap();
+                    let bf = folded
+                        .fold_into_next(&mut wf, Some(&b), cout, layout)
+                        .unwrap();
                     let got = forward(&x, n, fin, &wf, Some(&bf));
                     assert_close(&format!("{layout:?} {fin} -> {cout} {cname}"), &got, &want);
                 }
@@ -714,7 +721,11 @@ fn folded_into_the_next_unpadded_conv() {
         let bf = folded
             .fold_into_next(&mut wf, Some(&b), p.cout, WeightLayout::OutInKernel)
             .unwrap();
-        assert_close(&format!("Conv2d NCHW {p:?}"), &conv2d_nchw(&p, &x, &wf, Some(&bf)), &want);
+        assert_close(
+            &format!("Conv2d NCHW {p:?}"),
+            &conv2d_nchw(&p, &x, &wf, Some(&bf)),
+            &want,
+        );
         // NHWC with Keras' weight [kh, kw, in, out] (the same values, permuted).
         let shape = Shape::channels_last(&[p.n, p.cin, p.h, p.w]).unwrap();
         let normalized = bn_eval_f32(&config, &state, &shape, &x);
@@ -736,7 +747,11 @@ fn folded_into_the_next_unpadded_conv() {
         let bf = folded
             .fold_into_next(&mut wk, Some(&b), p.cout, WeightLayout::KernelInOut)
             .unwrap();
-        assert_close(&format!("Conv2D NHWC {p:?}"), &conv2d_nhwc(&p, &x, &wk, Some(&bf)), &want);
+        assert_close(
+            &format!("Conv2D NHWC {p:?}"),
+            &conv2d_nhwc(&p, &x, &wk, Some(&bf)),
+            &want,
+        );
     }
 }
 
@@ -750,12 +765,27 @@ fn folding_into_the_next_checks_lengths() {
     let e = folded
         .fold_into_next(&mut w, None, 4, WeightLayout::OutInKernel)
         .unwrap_err();
-    assert!(matches!(e, Error::LengthMismatch { name: "weight", expected: 8, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::LengthMismatch {
+                name: "weight",
+                expected: 8,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = folded
         .fold_into_next(&mut w, Some(&[0.0; 2]), 3, WeightLayout::OutInKernel)
         .unwrap_err();
-    assert!(matches!(e, Error::LengthMismatch { name: "bias", .. }), "{e}");
-    let e = folded.fold_into_next(&mut w, None, 0, WeightLayout::OutInKernel).unwrap_err();
+    assert!(
+        matches!(e, Error::LengthMismatch { name: "bias", .. }),
+        "{e}"
+    );
+    let e = folded
+        .fold_into_next(&mut w, None, 0, WeightLayout::OutInKernel)
+        .unwrap_err();
     assert!(matches!(e, Error::ZeroFeatures), "{e}");
     assert_eq!(w, vec![1.0; 6], "failed folds leave the weight as it was");
 }

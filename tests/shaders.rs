@@ -39,7 +39,12 @@ fn every_kernel_validates_with_naga() {
     }
     let pieces: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/flavor"))
         .expect("shaders/flavor/ exists")
-        .map(|e| e.expect("readable").file_name().into_string().expect("utf-8"))
+        .map(|e| {
+            e.expect("readable")
+                .file_name()
+                .into_string()
+                .expect("utf-8")
+        })
         .collect();
     for piece in &pieces {
         assert!(
@@ -57,7 +62,11 @@ fn every_kernel_validates_with_naga() {
         // Every fused activation and residual: the same entry points.
         for (fusion, source) in fused_variants(file) {
             let fused = validate(&format!("{file} ({fusion})"), &source);
-            assert_eq!(fused.entry_points.len(), module.entry_points.len(), "{file} ({fusion})");
+            assert_eq!(
+                fused.entry_points.len(),
+                module.entry_points.len(),
+                "{file} ({fusion})"
+            );
         }
     }
 }
@@ -85,7 +94,11 @@ fn flag_bits_are_defined_by_the_host_only() {
     for (name, value) in FLAGS {
         assert!(value.is_power_of_two(), "{name} = {value} is not one bit");
     }
-    for (file, source) in [("common.wgsl", COMMON)].iter().chain(KERNELS).chain(PIECES) {
+    for (file, source) in [("common.wgsl", COMMON)]
+        .iter()
+        .chain(KERNELS)
+        .chain(PIECES)
+    {
         for line in source.lines().map(str::trim) {
             assert!(!line.starts_with("const "), "{file}: {line}");
             if let Some((_, tested)) = line.split_once("flags & ") {

@@ -23,9 +23,8 @@ pub(crate) struct ActivationKernels {
 
 impl ActivationKernels {
     pub(crate) fn new(module: &Arc<Module>) -> Self {
-        let kernel = |entry: &str| {
-            Kernel::new(module, format!("bn.activation.{entry}"), entry, BINDINGS)
-        };
+        let kernel =
+            |entry: &str| Kernel::new(module, format!("bn.activation.{entry}"), entry, BINDINGS);
         Self {
             act: kernel("act"),
             add: kernel("add"),

@@ -128,7 +128,10 @@ pub mod sources {
             "flavor/mask_none.wgsl",
             include_str!("../../shaders/flavor/mask_none.wgsl"),
         ),
-        ("flavor/dz.wgsl", include_str!("../../shaders/flavor/dz.wgsl")),
+        (
+            "flavor/dz.wgsl",
+            include_str!("../../shaders/flavor/dz.wgsl"),
+        ),
         (
             "flavor/subgroups.wgsl",
             include_str!("../../shaders/flavor/subgroups.wgsl"),
@@ -269,7 +272,10 @@ impl Flavor {
     /// The pieces a kernel file takes, each with the binding it adds (if any).
     fn pieces(self, file: &str) -> Vec<(&'static str, Option<(u32, Access)>)> {
         let residual = if self.residual {
-            ("flavor/residual.wgsl", Some((RESIDUAL_BINDING, Access::Read)))
+            (
+                "flavor/residual.wgsl",
+                Some((RESIDUAL_BINDING, Access::Read)),
+            )
         } else {
             ("flavor/residual_none.wgsl", None)
         };
@@ -305,7 +311,10 @@ impl Flavor {
     /// The bindings a kernel file's fused module adds, in the order its dispatches
     /// pass them after the kernel's own.
     fn extra_bindings(self, file: &str) -> Vec<(u32, Access)> {
-        self.pieces(file).into_iter().filter_map(|(_, b)| b).collect()
+        self.pieces(file)
+            .into_iter()
+            .filter_map(|(_, b)| b)
+            .collect()
     }
 }
 
@@ -742,8 +751,7 @@ impl Kernels {
         if flavor == self.flavor {
             return Ok(self);
         }
-        if flavor.dtype == DType::F16 && !device.features().contains(wgpu::Features::SHADER_F16)
-        {
+        if flavor.dtype == DType::F16 && !device.features().contains(wgpu::Features::SHADER_F16) {
             return Err(Error::UnsupportedDType {
                 dtype: "f16",
                 needs: "wgpu::Features::SHADER_F16",

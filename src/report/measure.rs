@@ -316,7 +316,9 @@ fn grad_scales(
 /// `values` rounded to the dtype (kept as f32).
 fn round_to(dtype: DType, mut values: Vec<f32>) -> Vec<f32> {
     if dtype == DType::F16 {
-        values.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+        values
+            .iter_mut()
+            .for_each(|v| *v = f16::from_f32(*v).to_f32());
     }
     values
 }
@@ -544,8 +546,12 @@ impl ShapeBench {
             Some(f) if train_error.is_none() => {
                 let relu = |v: f32| Activation::Relu.apply(v);
                 let y_relu: Vec<f32> = self.y.iter().map(|&v| relu(v)).collect();
-                let y_add: Vec<f32> =
-                    self.y.iter().zip(&f.host_z[0]).map(|(&v, &z)| relu(v + z)).collect();
+                let y_add: Vec<f32> = self
+                    .y
+                    .iter()
+                    .zip(&f.host_z[0])
+                    .map(|(&v, &z)| relu(v + z))
+                    .collect();
                 let up = |y: Vec<f32>| -> BoxResult<(Vec<f32>, wgpu::Buffer)> {
                     let y = round_to(self.dtype, y);
                     let b = upload(&self.ctx, "bench.fused_y", self.dtype, &y)?;
@@ -693,19 +699,25 @@ impl LayoutBench<'_> {
         let b = &mut *self.bench;
         let k = i % b.gpu_x.len();
         let Some(f) = b.fused.as_mut() else {
-            return Err(wgpu_batchnorm::Error::MissingState("--fuse without fused layers"));
+            return Err(wgpu_batchnorm::Error::MissingState(
+                "--fuse without fused layers",
+            ));
         };
         let (shape, x, z) = (&self.shape, &b.gpu_x[k], &f.gpu_z[k]);
         let residual = case.fuse.residual();
         match (case.op, residual) {
-            (Op::Train, false) => f
-                .gpu_train
-                .plan_forward_train(shape, x, &b.gpu_y, &b.gpu_train_saved),
-            (Op::Train, true) => f
-                .gpu_train
-                .plan_forward_train_add(shape, x, z, &b.gpu_y, &b.gpu_train_saved),
+            (Op::Train, false) => {
+                f.gpu_train
+                    .plan_forward_train(shape, x, &b.gpu_y, &b.gpu_train_saved)
+            }
+            (Op::Train, true) => {
+                f.gpu_train
+                    .plan_forward_train_add(shape, x, z, &b.gpu_y, &b.gpu_train_saved)
+            }
             (Op::Eval, false) => f.gpu_eval.plan_forward_eval(shape, x, &b.gpu_y, None),
-            (Op::Eval, true) => f.gpu_eval.plan_forward_eval_add(shape, x, z, &b.gpu_y, None),
+            (Op::Eval, true) => f
+                .gpu_eval
+                .plan_forward_eval_add(shape, x, z, &b.gpu_y, None),
             (Op::Backward, _) => {
                 let grads = GradBuffers::new()
                     .dx(&b.gpu_dx)
@@ -742,7 +754,9 @@ impl LayoutBench<'_> {
         let b = &mut *self.bench;
         let k = i % b.gpu_x.len();
         let Some(f) = b.fused.as_ref() else {
-            return Err(wgpu_batchnorm::Error::MissingState("--fuse without fused layers"));
+            return Err(wgpu_batchnorm::Error::MissingState(
+                "--fuse without fused layers",
+            ));
         };
         let (shape, x, z) = (&self.shape, &b.gpu_x[k], &f.gpu_z[k]);
         let bytes = whole_vec4s(shape);
@@ -871,7 +885,8 @@ impl LayoutBench<'_> {
                 let y = &self.fused_y[usize::from(op.fuse.residual())].0;
                 let relu = Activation::Relu;
                 let g = y.iter().zip(&b.host_dy[0]);
-                g.map(|(&y, &d)| if relu.passes(y) { d } else { 0.0 }).collect()
+                g.map(|(&y, &d)| if relu.passes(y) { d } else { 0.0 })
+                    .collect()
             }
             _ => b.host_dy[0].clone(),
         };
@@ -892,8 +907,11 @@ impl LayoutBench<'_> {
                 let dbeta = ctx.read_buffer(&b.gpu_dbeta, c)?;
                 (
                     tensor_err(&b.gpu_dx, &b.dx)?.max(dz_err),
-                    max_sum_err(&dgamma, &b.dgamma, &gamma_scale)
-                        .max(max_sum_err(&dbeta, &b.dbeta, &beta_scale)),
+                    max_sum_err(&dgamma, &b.dgamma, &gamma_scale).max(max_sum_err(
+                        &dbeta,
+                        &b.dbeta,
+                        &beta_scale,
+                    )),
                 )
             }
         };

@@ -152,11 +152,7 @@ pub fn table(rows: &[Row]) -> String {
                 fixed(r.copy_gbs, 2),
                 fixed(r.gpu_over_copy, 2),
                 fixed(r.fused_speedup, 2),
-                fixed(
-                    r.unfused_bytes
-                        .map(|u| r.floor_bytes as f64 / u as f64),
-                    2,
-                ),
+                fixed(r.unfused_bytes.map(|u| r.floor_bytes as f64 / u as f64), 2),
                 sci(r.max_err),
                 r.dispatches.map_or("-".into(), |d| d.to_string()),
                 fixed(r.bound_over_floor, 2),
