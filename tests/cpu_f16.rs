@@ -8,7 +8,8 @@
 mod common;
 
 use common::{
-    assert_close, assert_sums_close, dbeta_scale, dgamma_scale, dx_scale, normal, rng, LAYOUTS,
+    assert_close, assert_f16_close, assert_sums_close, bits, dbeta_scale, dgamma_scale, dx_scale,
+    masked, normal, random_signed_state, reference_stats, rng, to_f16, ACROSS_KINKS, LAYOUTS,
 };
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -16,14 +17,11 @@ use wgpu_batchnorm::cpu::fast::CpuBatchNorm;
 use wgpu_batchnorm::cpu::reference::{widen, ReferenceBatchNorm, ReferenceGradients};
 use wgpu_batchnorm::half::f16;
 use wgpu_batchnorm::{
-    Activation, BatchNormConfig, BatchNormState, GradMask, Gradients, SavedStatsHost, Shape,
-    StatsSource,
+    Activation, BatchNormConfig, GradMask, Gradients, SavedStatsHost, Shape, StatsSource,
 };
 
 /// Statistics, dgamma and dbeta (as for f32).
 const TOL: f64 = 1e-5;
-/// The floor of the f16 outputs' bound, per unit of `1 + s` (tests/gpu_f16.rs).
-const FLOOR: f64 = 4e-5;
 
 /// Every rank and both traversals of the fast path (planes of 64 or more, rows),
 /// odd element counts (f16 tensors of odd length), C = 1, 3, 17.
@@ -39,99 +37,10 @@ const SHAPES: &[&[usize]] = &[
     &[3, 3, 3, 3, 3],
 ];
 
-/// f32 values rounded to f16.
-fn to_f16(v: &[f32]) -> Vec<f16> {
-    v.iter().map(|&a| f16::from_f32(a)).collect()
-}
-
-/// The f16 spacing at `v`: 2^-24 for subnormals, 32 for ±inf (taken as ±65536).
-fn ulp16(v: f16) -> f64 {
-    match (v.to_bits() >> 10) & 0x1f {
-        0 => 2f64.powi(-24),
-        31 => 32.0,
-        e => 2f64.powi(i32::from(e) - 25),
-    }
-}
-
-/// `v` as f64, ±inf as ±65536 (the step after ±65504).
-fn extended(v: f16) -> f64 {
-    if v.is_infinite() {
-        65536f64.copysign(v.to_f64())
-    } else {
-        v.to_f64()
-    }
-}
-
-/// Asserts `|out - round16(ref)| <= max(ulp16(round16(ref)), FLOOR * (1 + s))`,
-/// `s = scale(i)`, NaN for NaN; returns the largest error as a fraction of its
-/// allowance.
-fn assert_f16_close(
-    name: &str,
-    out: &[f16],
-    reference: &[f64],
-    scale: impl Fn(usize) -> f64,
-) -> f64 {
-    assert_eq!(out.len(), reference.len(), "{name}: lengths differ");
-    let mut worst = 0f64;
-    for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
-        if r.is_nan() || o.is_nan() {
-            assert!(
-                r.is_nan() && o.is_nan(),
-                "{name}[{i}]: got {o}, expected {r}"
-            );
-            continue;
-        }
-        if r.is_infinite() {
-            assert_eq!(o.to_f64(), r, "{name}[{i}]");
-            continue;
-        }
-        let r16 = f16::from_f64(r);
-        let allowed = ulp16(r16).max(FLOOR * (1.0 + scale(i)));
-        let err = (extended(o) - extended(r16)).abs();
-        assert!(
-            err <= allowed,
-            "{name}[{i}]: got {o}, expected {r} (rounded {r16}); error {err:.3e} > {allowed:.3e}"
-        );
-        worst = worst.max(err / allowed);
-    }
-    worst
-}
-
 /// Asserts equality of the Debug text (NaN matches NaN there).
 fn assert_same<T: std::fmt::Debug>(a: &T, b: &T, what: &str) {
     let (a, b) = (format!("{a:?}"), format!("{b:?}"));
     assert!(a == b, "{what}:\n  {a}\n  {b}");
-}
-
-/// Bit patterns of f16 values.
-fn bits16(v: &[f16]) -> Vec<u16> {
-    v.iter().map(|f| f.to_bits()).collect()
-}
-
-/// Bit patterns of f32 values.
-fn bits32(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
-}
-
-/// A random state: gamma of both signs up to 4, beta in [-1, 2).
-fn random_state(rng: &mut StdRng, config: &BatchNormConfig) -> BatchNormState {
-    let mut s = BatchNormState::new(config);
-    for g in &mut s.gamma {
-        *g = rng.random_range(0.5f32..4.0) * if rng.random::<bool>() { 1.0 } else { -1.0 };
-    }
-    for b in &mut s.beta {
-        *b = rng.random_range(-1.0f32..2.0);
-    }
-    for m in &mut s.running_mean {
-        *m = rng.random_range(-1.0f32..1.0);
-    }
-    for v in &mut s.running_var {
-        *v = rng.random_range(0.5f32..2.0);
-    }
-    if config.track_running_stats {
-        s.num_batches_tracked = rng.random_range(0..5);
-    }
-    s
 }
 
 /// Inputs of one case, as f16.
@@ -175,10 +84,7 @@ fn compare_gradients(
     what: &str,
 ) -> f64 {
     let mut worst = 0f64;
-    let stats = match source {
-        StatsSource::Batch => cpu.clone().forward_train(shape, x).expect("reference"),
-        StatsSource::Running => cpu.forward_eval(shape, x).expect("reference"),
-    };
+    let stats = reference_stats(cpu, shape, x, source);
     assert_eq!(g.dz.is_some(), r.dz.is_some(), "{what}: dz presence");
     if let (Some(dz), Some(rdz)) = (&g.dz, &r.dz) {
         assert_eq!(widen(dz), gm, "{what}: dz is dy masked by the activation");
@@ -215,6 +121,39 @@ fn compare_gradients(
     worst
 }
 
+/// The f16 fused backward of `y` (of the batch statistics `saved`, else of the
+/// running ones, with the residual when the case has one): the f32 backward of
+/// the widened inputs rounded, and against the reference. Returns the gradients
+/// and the largest error.
+fn check_backward(
+    (fast, fast32, cpu): (&CpuBatchNorm, &CpuBatchNorm, &ReferenceBatchNorm),
+    shape: &Shape,
+    d: &Data,
+    y16: &[f16],
+    saved: Option<&SavedStatsHost>,
+    what: &str,
+) -> (Gradients<f16>, f64) {
+    let source = match saved {
+        Some(_) => StatsSource::Batch,
+        None => StatsSource::Running,
+    };
+    let (residual, all) = (d.z.is_some(), GradMask::default());
+    let (x, y, dy) = (widen(&d.x), widen(y16), widen(&d.dy));
+    let gm = masked(cpu.config.activation, &y, &dy);
+    let g = fast
+        .backward_fused(shape, &d.x, y16, &d.dy, saved, all, residual)
+        .unwrap();
+    let g32 = fast32
+        .backward_fused(shape, &x, &y, &dy, saved, all, residual)
+        .unwrap();
+    assert_rounded(&g, &g32, what);
+    let rg = cpu
+        .backward_fused(shape, &x, &y, &dy, source, all, residual)
+        .unwrap();
+    let e = compare_gradients(&g, &rg, cpu, shape, (&x, &gm), source, what);
+    (g, e)
+}
+
 /// Every f16 entry point on one case, against the reference of the widened
 /// inputs and, bit for bit, against the f32 entry points on those inputs
 /// rounded to f16 once. Returns the largest error.
@@ -225,11 +164,11 @@ fn check_case(
     d: &Data,
     what: &str,
 ) -> f64 {
-    let state = random_state(rng, config);
+    let state = random_signed_state(rng, config, &ACROSS_KINKS);
     let mut fast = CpuBatchNorm::with_state(config.clone(), state.clone()).unwrap();
     let mut fast32 = fast.clone();
     let mut cpu = ReferenceBatchNorm::with_state(config.clone(), state).unwrap();
-    let (x, z, dy) = (widen(&d.x), d.z.as_deref().map(widen), widen(&d.dy));
+    let (x, z) = (widen(&d.x), d.z.as_deref().map(widen));
     let act = config.activation;
     let residual = z.is_some();
     let all = GradMask::default();
@@ -248,8 +187,8 @@ fn check_case(
         ),
     };
     assert_eq!(
-        bits16(&out.y),
-        bits16(&to_f16(&out32.y)),
+        bits(&out.y),
+        bits(&to_f16(&out32.y)),
         "{what}: y is the f32 y rounded"
     );
     assert_same(
@@ -278,8 +217,8 @@ fn check_case(
         TOL,
     ));
     let (rm, rv) = (
-        widen_f64(&cpu.state.running_mean),
-        widen_f64(&cpu.state.running_var),
+        common::widen(&cpu.state.running_mean),
+        common::widen(&cpu.state.running_var),
     );
     worst = worst.max(assert_close(
         &format!("{what} running_mean"),
@@ -295,31 +234,9 @@ fn check_case(
     ));
     cpu.state = fast.state.clone();
 
-    let y = widen(&out.y);
-    let gm: Vec<f32> = y
-        .iter()
-        .zip(&dy)
-        .map(|(&v, &g)| if act.passes(v) { g } else { 0.0 })
-        .collect();
-    let g = fast
-        .backward_fused(shape, &d.x, &out.y, &d.dy, Some(&out.saved), all, residual)
-        .unwrap();
-    let g32 = fast32
-        .backward_fused(shape, &x, &y, &dy, Some(&out.saved), all, residual)
-        .unwrap();
-    assert_rounded(&g, &g32, what);
-    let rg = cpu
-        .backward_fused(shape, &x, &y, &dy, StatsSource::Batch, all, residual)
-        .unwrap();
-    worst = worst.max(compare_gradients(
-        &g,
-        &rg,
-        &cpu,
-        shape,
-        (&x, &gm),
-        StatsSource::Batch,
-        what,
-    ));
+    let layers = (&fast, &fast32, &cpu);
+    let (g, e) = check_backward(layers, shape, d, &out.y, Some(&out.saved), what);
+    worst = worst.max(e);
     if act == Activation::Identity && !residual {
         let plain = fast
             .backward(shape, &d.x, &d.dy, Some(&out.saved), all)
@@ -341,8 +258,8 @@ fn check_case(
         ),
     };
     assert_eq!(
-        bits16(&ev.y),
-        bits16(&to_f16(&ev32.y)),
+        bits(&ev.y),
+        bits(&to_f16(&ev32.y)),
         "{what}: eval y is the f32 y rounded"
     );
     assert_same(
@@ -357,50 +274,23 @@ fn check_case(
         |i| r.y[i].abs(),
     ));
     if config.track_running_stats {
-        let y = widen(&ev.y);
-        let gm: Vec<f32> = y
-            .iter()
-            .zip(&dy)
-            .map(|(&v, &g)| if act.passes(v) { g } else { 0.0 })
-            .collect();
-        let g = fast
-            .backward_fused(shape, &d.x, &ev.y, &d.dy, None, all, residual)
-            .unwrap();
-        let g32 = fast32
-            .backward_fused(shape, &x, &y, &dy, None, all, residual)
-            .unwrap();
-        assert_rounded(&g, &g32, &format!("{what} running"));
-        let rg = cpu
-            .backward_fused(shape, &x, &y, &dy, StatsSource::Running, all, residual)
-            .unwrap();
+        let layers = (&fast, &fast32, &cpu);
         let name = format!("{what} running");
-        worst = worst.max(compare_gradients(
-            &g,
-            &rg,
-            &cpu,
-            shape,
-            (&x, &gm),
-            StatsSource::Running,
-            &name,
-        ));
+        worst = worst.max(check_backward(layers, shape, d, &ev.y, None, &name).1);
     }
     worst
 }
 
-fn widen_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&a| f64::from(a)).collect()
-}
-
 /// f16 gradients are the f32 ones rounded (dx, dz), the same (dgamma, dbeta).
 fn assert_rounded(g: &Gradients<f16>, g32: &Gradients, what: &str) {
-    let round = |v: &Option<Vec<f32>>| v.as_deref().map(|v| bits16(&to_f16(v)));
+    let round = |v: &Option<Vec<f32>>| v.as_deref().map(|v| bits(&to_f16(v)));
     assert_eq!(
-        g.dx.as_deref().map(bits16),
+        g.dx.as_deref().map(bits),
         round(&g32.dx),
         "{what}: dx is the f32 dx rounded"
     );
     assert_eq!(
-        g.dz.as_deref().map(bits16),
+        g.dz.as_deref().map(bits),
         round(&g32.dz),
         "{what}: dz is the f32 dz rounded"
     );
@@ -449,7 +339,7 @@ fn outputs_past_the_f16_range_are_inf() {
     for layout in LAYOUTS {
         let shape = Shape::new(&[64, 3, 5, 5], layout).unwrap();
         let config = BatchNormConfig::new(3);
-        let mut state = random_state(&mut rng, &config);
+        let mut state = random_signed_state(&mut rng, &config, &ACROSS_KINKS);
         state.gamma[..2].copy_from_slice(&[100.0, 100.0]);
         state.beta[..2].copy_from_slice(&[65300.0, -65300.0]);
         let mut fast = CpuBatchNorm::with_state(config.clone(), state.clone()).unwrap();
@@ -514,7 +404,7 @@ fn f32_through_the_generic_entry_points_is_the_f32_computation() {
                 let config = BatchNormConfig::new(c)
                     .activation(act)
                     .track_running_stats(track);
-                let state = random_state(&mut rng, &config);
+                let state = random_signed_state(&mut rng, &config, &ACROSS_KINKS);
                 let mut a = CpuBatchNorm::with_state(config.clone(), state.clone()).unwrap();
                 let mut b = a.clone();
                 let x = normal(&mut rng, &shape, 1.0, 2.0);
@@ -526,28 +416,24 @@ fn f32_through_the_generic_entry_points_is_the_f32_computation() {
                 let out = a.forward_train(&shape, &x).unwrap();
                 let saved = b.forward_train_into(&shape, &x, &mut y).unwrap();
                 assert_eq!(
-                    (bits32(&out.y), &out.saved),
-                    (bits32(&y), &saved),
+                    (bits(&out.y), &out.saved),
+                    (bits(&y), &saved),
                     "{what} train"
                 );
                 let out = a.forward_train_add(&shape, &x, &z).unwrap();
                 let saved = b.forward_train_add_into(&shape, &x, &z, &mut y).unwrap();
                 assert_eq!(
-                    (bits32(&out.y), &out.saved),
-                    (bits32(&y), &saved),
+                    (bits(&out.y), &out.saved),
+                    (bits(&y), &saved),
                     "{what} train add"
                 );
                 assert_eq!(a.state, b.state, "{what}: state");
                 let ev = a.forward_eval(&shape, &x).unwrap();
                 let s = b.forward_eval_into(&shape, &x, &mut y).unwrap();
-                assert_eq!((bits32(&ev.y), &ev.saved), (bits32(&y), &s), "{what} eval");
+                assert_eq!((bits(&ev.y), &ev.saved), (bits(&y), &s), "{what} eval");
                 let ev = a.forward_eval_add(&shape, &x, &z).unwrap();
                 let s = b.forward_eval_add_into(&shape, &x, &z, &mut y).unwrap();
-                assert_eq!(
-                    (bits32(&ev.y), &ev.saved),
-                    (bits32(&y), &s),
-                    "{what} eval add"
-                );
+                assert_eq!((bits(&ev.y), &ev.saved), (bits(&y), &s), "{what} eval add");
 
                 let sources: Vec<Option<&SavedStatsHost>> = if track {
                     vec![Some(&out.saved), None]
@@ -573,24 +459,11 @@ fn f32_through_the_generic_entry_points_is_the_f32_computation() {
                         Some(&mut db),
                     )
                     .unwrap();
-                    assert_eq!(bits32(g.dx.as_ref().unwrap()), bits32(&dx), "{what} dx");
-                    assert_eq!(
-                        bits32(g.dgamma.as_ref().unwrap()),
-                        bits32(&dg),
-                        "{what} dgamma"
-                    );
-                    assert_eq!(
-                        bits32(g.dbeta.as_ref().unwrap()),
-                        bits32(&db),
-                        "{what} dbeta"
-                    );
+                    assert_eq!(bits(g.dx.as_ref().unwrap()), bits(&dx), "{what} dx");
+                    assert_eq!(bits(g.dgamma.as_ref().unwrap()), bits(&dg), "{what} dgamma");
+                    assert_eq!(bits(g.dbeta.as_ref().unwrap()), bits(&db), "{what} dbeta");
                     // The fused backward: dy masked at y, then the plain backward.
-                    let gm: Vec<f32> = out
-                        .y
-                        .iter()
-                        .zip(&dy)
-                        .map(|(&v, &g)| if act.passes(v) { g } else { 0.0 })
-                        .collect();
+                    let gm = masked(act, &out.y, &dy);
                     let f = a
                         .backward_fused(&shape, &x, &out.y, &dy, saved, GradMask::default(), true)
                         .unwrap();
@@ -604,26 +477,18 @@ fn f32_through_the_generic_entry_points_is_the_f32_computation() {
                         Some(&mut db),
                     )
                     .unwrap();
+                    assert_eq!(bits(f.dx.as_ref().unwrap()), bits(&dx), "{what} fused dx");
                     assert_eq!(
-                        bits32(f.dx.as_ref().unwrap()),
-                        bits32(&dx),
-                        "{what} fused dx"
-                    );
-                    assert_eq!(
-                        bits32(f.dgamma.as_ref().unwrap()),
-                        bits32(&dg),
+                        bits(f.dgamma.as_ref().unwrap()),
+                        bits(&dg),
                         "{what} fused dgamma"
                     );
                     assert_eq!(
-                        bits32(f.dbeta.as_ref().unwrap()),
-                        bits32(&db),
+                        bits(f.dbeta.as_ref().unwrap()),
+                        bits(&db),
                         "{what} fused dbeta"
                     );
-                    assert_eq!(
-                        bits32(f.dz.as_ref().unwrap()),
-                        bits32(&gm),
-                        "{what} fused dz"
-                    );
+                    assert_eq!(bits(f.dz.as_ref().unwrap()), bits(&gm), "{what} fused dz");
                 }
             }
         }

@@ -4,7 +4,10 @@
 mod common;
 mod gpu_support;
 
-use common::{assert_close, assert_sums_close, dbeta_scale, dgamma_scale, dx_scale, normal, rng};
+use common::{
+    assert_close, assert_presence, assert_sums_close, dbeta_scale, dgamma_scale, dx_scale, normal,
+    rng,
+};
 use gpu_support::{ctx, describe, layer_pair, layer_pair_on, tunings, SPLIT_SHAPES};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -65,17 +68,7 @@ fn check_backward(
     );
     let affine = gpu.config().affine;
     let mut worst = 0f64;
-    assert_eq!(g.dx.is_some(), mask.dx, "{what}: dx presence");
-    assert_eq!(
-        g.dgamma.is_some(),
-        mask.dgamma && affine,
-        "{what}: dgamma presence"
-    );
-    assert_eq!(
-        g.dbeta.is_some(),
-        mask.dbeta && affine,
-        "{what}: dbeta presence"
-    );
+    assert_presence(what, &g, mask, affine);
     if let (Some(dx), Some(rdx)) = (&g.dx, &r.dx) {
         // With a large gamma * invstd (large mean with a tiny spread), dx is a small
         // difference of terms of size |gamma * invstd * dy|: rounding one input

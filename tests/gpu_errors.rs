@@ -1,6 +1,7 @@
 //! Bad input is a typed error before anything is dispatched, and a failed call
 //! leaves parameters, running statistics and outputs as they were.
 
+mod common;
 mod gpu_support;
 
 use gpu_support::ctx;

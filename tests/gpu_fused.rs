@@ -8,16 +8,17 @@ mod common;
 mod gpu_support;
 
 use common::{
-    all_masks, assert_close, assert_sums_close, dbeta_scale, dgamma_scale, dx_scale, normal, rng,
-    LAYOUTS,
+    all_masks, assert_close, assert_nan_stays_in_channel, assert_presence, assert_sums_close, bits,
+    combination, dbeta_scale, dgamma_scale, dx_scale, masked, normal, reference_stats, residual,
+    rng, LAYOUTS,
 };
-use gpu_support::{ctx, describe, f64s, tunings, SPLIT_SHAPES};
+use gpu_support::{ctx, describe, f64s, signed_pair as pair, tunings, SPLIT_SHAPES};
 use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::{ReferenceBatchNorm, ReferenceGradients};
 use wgpu_batchnorm::{
-    Activation, BatchNorm, BatchNormConfig, BatchNormState, Error, GpuContext, GradBuffers,
-    GradMask, Gradients, Layout, SavedStats, Shape, StatsSource,
+    Activation, BatchNorm, BatchNormConfig, Error, GpuContext, GradBuffers, GradMask, Gradients,
+    Layout, SavedStats, SavedStatsHost, Shape, StatsSource,
 };
 
 /// Elementwise outputs, statistics and sums (docs/semantics.md).
@@ -36,64 +37,6 @@ const SHAPES: &[&[usize]] = &[
     &[2, 3, 3, 4, 5],
 ];
 
-/// Activation and residual of the `k`-th case of a loop that gives each of the
-/// six combinations in turn.
-fn combination(k: usize) -> (Activation, bool) {
-    (Activation::ALL[k % 3], (k / 3) % 2 == 1)
-}
-
-/// A random state whose outputs cross both kinks of every activation: gamma of
-/// both signs and up to 4 in size, beta in [-1, 2).
-fn random_state(rng: &mut StdRng, config: &BatchNormConfig) -> BatchNormState {
-    let mut s = BatchNormState::new(config);
-    for g in &mut s.gamma {
-        *g = rng.random_range(0.5f32..4.0) * if rng.random::<bool>() { 1.0 } else { -1.0 };
-    }
-    for b in &mut s.beta {
-        *b = rng.random_range(-1.0f32..2.0);
-    }
-    for m in &mut s.running_mean {
-        *m = rng.random_range(-1.0f32..1.0);
-    }
-    for v in &mut s.running_var {
-        *v = rng.random_range(0.5f32..2.0);
-    }
-    if config.track_running_stats {
-        s.num_batches_tracked = rng.random_range(0..5);
-    }
-    s
-}
-
-/// The same layer on the GPU (on `ctx`) and in the reference, from one random state.
-fn pair(
-    ctx: &GpuContext,
-    rng: &mut StdRng,
-    config: &BatchNormConfig,
-) -> (BatchNorm, ReferenceBatchNorm) {
-    let state = random_state(rng, config);
-    let gpu = BatchNorm::with_state(ctx, config.clone(), &state).expect("valid layer");
-    let cpu = ReferenceBatchNorm::with_state(config.clone(), state).expect("valid layer");
-    (gpu, cpu)
-}
-
-/// A residual whose spread moves outputs across the kinks.
-fn residual(rng: &mut StdRng, shape: &Shape) -> Vec<f32> {
-    normal(rng, shape, 0.5, 3.0)
-}
-
-/// `dy` where the activation passes the gradient at `y`, else 0.
-fn masked(act: Activation, y: &[f32], dy: &[f32]) -> Vec<f32> {
-    y.iter()
-        .zip(dy)
-        .map(|(&v, &g)| if act.passes(v) { g } else { 0.0 })
-        .collect()
-}
-
-/// Bit patterns (`-0.0` differs from `0.0`; NaNs of one pattern compare equal).
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
-}
-
 /// Compares a GPU fused backward with the reference's, both from the output `y`;
 /// `dz` must be the masked `dy` exactly.
 #[allow(clippy::too_many_arguments)]
@@ -108,18 +51,7 @@ fn compare_gradients(
     residual: bool,
     what: &str,
 ) -> f64 {
-    let affine = cpu.config.affine;
-    assert_eq!(g.dx.is_some(), mask.dx, "{what}: dx presence");
-    assert_eq!(
-        g.dgamma.is_some(),
-        mask.dgamma && affine,
-        "{what}: dgamma presence"
-    );
-    assert_eq!(
-        g.dbeta.is_some(),
-        mask.dbeta && affine,
-        "{what}: dbeta presence"
-    );
+    assert_presence(what, g, mask, cpu.config.affine);
     assert_eq!(g.dz.is_some(), residual, "{what}: dz presence");
     let gm = masked(cpu.config.activation, y, dy);
     if let Some(dz) = &g.dz {
@@ -129,10 +61,7 @@ fn compare_gradients(
             "{what}: dz is dy masked by the activation"
         );
     }
-    let stats = match source {
-        StatsSource::Batch => cpu.clone().forward_train(shape, x).expect("reference"),
-        StatsSource::Running => cpu.forward_eval(shape, x).expect("reference"),
-    };
+    let stats = reference_stats(cpu, shape, x, source);
     let mut worst = 0f64;
     if let (Some(dx), Some(rdx)) = (&g.dx, &r.dx) {
         // With a large gamma * invstd, dx is a small difference of large terms: there
@@ -166,6 +95,40 @@ fn compare_gradients(
             &scale,
             TOL,
         ));
+    }
+    worst
+}
+
+/// The GPU fused backward of `y` (of the batch statistics `saved`, else of the
+/// running ones), with or without the residual, for each of `masks`, against the
+/// reference's. Returns the largest error.
+#[allow(clippy::too_many_arguments)]
+fn check_backwards(
+    gpu: &mut BatchNorm,
+    cpu: &ReferenceBatchNorm,
+    shape: &Shape,
+    data: (&[f32], &[f32], &[f32]),
+    saved: Option<&SavedStatsHost>,
+    masks: &[GradMask],
+    residual: bool,
+    what: &str,
+) -> f64 {
+    let (source, label) = match saved {
+        Some(_) => (StatsSource::Batch, "batch"),
+        None => (StatsSource::Running, "running"),
+    };
+    let (x, y, dy) = data;
+    let mut worst = 0f64;
+    for &mask in masks {
+        let name = format!("{what} {mask:?} {label}");
+        let g = gpu
+            .backward_fused_host(shape, x, Some(y), dy, saved, mask, residual)
+            .expect("backward_fused");
+        let rg = cpu
+            .backward_fused(shape, x, y, dy, source, mask, residual)
+            .expect("reference backward");
+        let e = compare_gradients(&g, &rg, cpu, shape, data, source, mask, residual, &name);
+        worst = worst.max(e);
     }
     worst
 }
@@ -232,20 +195,18 @@ fn check_step(
     // From here on both use the GPU's f32 running statistics.
     cpu.state = state;
 
-    let batch = StatsSource::Batch;
-    for &mask in masks {
-        let name = format!("{what} {mask:?} batch");
-        let g = gpu
-            .backward_fused_host(shape, x, Some(&out.y), dy, Some(&out.saved), mask, residual)
-            .expect("backward_fused");
-        let rg = cpu
-            .backward_fused(shape, x, &out.y, dy, batch, mask, residual)
-            .expect("reference backward");
-        let data = (x, &out.y[..], dy);
-        worst = worst.max(compare_gradients(
-            &g, &rg, cpu, shape, data, batch, mask, residual, &name,
-        ));
-    }
+    let data = (x, &out.y[..], dy);
+    let e = check_backwards(
+        gpu,
+        cpu,
+        shape,
+        data,
+        Some(&out.saved),
+        masks,
+        residual,
+        what,
+    );
+    worst = worst.max(e);
 
     let (ev, r) = match z {
         Some(z) => (
@@ -266,19 +227,9 @@ fn check_step(
         "{what}: eval saves batch stats only without running stats"
     );
     if track {
-        let running = StatsSource::Running;
-        for &mask in masks {
-            let name = format!("{what} {mask:?} running");
-            let g = gpu
-                .backward_fused_host(shape, x, Some(&ev.y), dy, None, mask, residual)
-                .expect("backward_fused");
-            let rg = cpu
-                .backward_fused(shape, x, &ev.y, dy, running, mask, residual)
-                .expect("reference backward");
-            let data = (x, &ev.y[..], dy);
-            let e = compare_gradients(&g, &rg, cpu, shape, data, running, mask, residual, &name);
-            worst = worst.max(e);
-        }
+        let data = (x, &ev.y[..], dy);
+        let e = check_backwards(gpu, cpu, shape, data, None, masks, residual, what);
+        worst = worst.max(e);
     }
     worst
 }
@@ -649,34 +600,15 @@ fn nan_stays_in_its_channel() {
             let what = format!("{layout:?} {act:?} NaN in z {nan_in_z}");
             let out = gpu.forward_train_add_host(&shape, &x, &z).unwrap();
             let r = cpu.forward_train_add(&shape, &x, &z).unwrap();
-            for (i, &v) in out.y.iter().enumerate() {
-                // A NaN in x spoils its channel's statistics; one in z only its output.
-                let spoiled = if nan_in_z {
-                    i == at
-                } else {
-                    shape.channel_of(i) == 1
-                };
-                assert_eq!(v.is_nan(), spoiled, "{what}: y[{i}] = {v}");
-            }
             assert_close(&format!("{what} y"), &out.y, &r.y, TOL);
             let dy = normal(&mut rng, &shape, 0.0, 1.0);
             let all = GradMask::default();
             let g = gpu
                 .backward_fused_host(&shape, &x, Some(&out.y), &dy, Some(&out.saved), all, true)
                 .unwrap();
-            let dx = g.dx.unwrap();
-            for (i, &v) in dx.iter().enumerate() {
-                let spoiled = !nan_in_z && shape.channel_of(i) == 1;
-                assert_eq!(v.is_nan(), spoiled, "{what}: dx[{i}] = {v}");
-            }
+            assert_nan_stays_in_channel(&what, &shape, (at, nan_in_z), &out.y, &g);
             let dz = g.dz.unwrap();
             assert_eq!(bits(&dz), bits(&masked(act, &out.y, &dy)), "{what}: dz");
-            let (dg, db) = (g.dgamma.unwrap(), g.dbeta.unwrap());
-            assert!(
-                dg[0].is_finite() && dg[2].is_finite(),
-                "{what}: dgamma {dg:?}"
-            );
-            assert!(db.iter().all(|v| v.is_finite()), "{what}: dbeta {db:?}");
         }
     }
 }

@@ -4,9 +4,15 @@
 //! return the measured error so tests can print it.
 #![allow(dead_code)]
 
+use std::ops::Range;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use wgpu_batchnorm::Shape;
+use wgpu_batchnorm::cpu::reference::{ReferenceBatchNorm, ReferenceForward};
+use wgpu_batchnorm::half::f16;
+use wgpu_batchnorm::{
+    Activation, BatchNormConfig, BatchNormState, Element, GradMask, Gradients, Shape, StatsSource,
+};
 
 /// A generator seeded from `BN_TEST_SEED` when set, otherwise from the clock. The
 /// seed is printed so a failure can be replayed with `BN_TEST_SEED=<seed>`.
@@ -264,3 +270,233 @@ pub const LAYOUTS: [wgpu_batchnorm::Layout; 2] = [
     wgpu_batchnorm::Layout::ChannelsFirst,
     wgpu_batchnorm::Layout::ChannelsLast,
 ];
+
+/// Activation and residual of the `k`-th case of a loop that gives each of the
+/// six combinations in turn.
+pub fn combination(k: usize) -> (Activation, bool) {
+    (Activation::ALL[k % 3], (k / 3) % 2 == 1)
+}
+
+/// The ranges a random state is drawn from: gamma of both signs with its size in
+/// `gamma`, running var in `[0.5, 2)`, and, when `batches_tracked`, a count of
+/// batches tracked in `0..5` for a config that tracks running statistics.
+pub struct StateRanges {
+    pub gamma: Range<f32>,
+    pub beta: Range<f32>,
+    pub running_mean: Range<f32>,
+    pub batches_tracked: bool,
+}
+
+/// Gamma of both signs and up to 4 in size, beta in [-1, 2): outputs that cross
+/// both kinks of every activation (0 and 6).
+pub const ACROSS_KINKS: StateRanges = StateRanges {
+    gamma: 0.5..4.0,
+    beta: -1.0..2.0,
+    running_mean: -1.0..1.0,
+    batches_tracked: true,
+};
+
+/// A random but valid state for `config` drawn from `ranges`.
+pub fn random_signed_state(
+    rng: &mut StdRng,
+    config: &BatchNormConfig,
+    ranges: &StateRanges,
+) -> BatchNormState {
+    let mut s = BatchNormState::new(config);
+    for g in &mut s.gamma {
+        *g = rng.random_range(ranges.gamma.clone()) * if rng.random::<bool>() { 1.0 } else { -1.0 };
+    }
+    for b in &mut s.beta {
+        *b = rng.random_range(ranges.beta.clone());
+    }
+    for m in &mut s.running_mean {
+        *m = rng.random_range(ranges.running_mean.clone());
+    }
+    for v in &mut s.running_var {
+        *v = rng.random_range(0.5f32..2.0);
+    }
+    if ranges.batches_tracked && config.track_running_stats {
+        s.num_batches_tracked = rng.random_range(0..5);
+    }
+    s
+}
+
+/// A residual whose spread moves outputs across the kinks.
+pub fn residual(rng: &mut StdRng, shape: &Shape) -> Vec<f32> {
+    normal(rng, shape, 0.5, 3.0)
+}
+
+/// The gradient with respect to the activation's input: `dy` where the activation
+/// passes it at `y`, else 0.
+pub fn masked<T: Element + Default>(act: Activation, y: &[T], dy: &[T]) -> Vec<T> {
+    y.iter()
+        .zip(dy)
+        .map(|(&v, &g)| {
+            if act.passes(v.to_f32()) {
+                g
+            } else {
+                T::default()
+            }
+        })
+        .collect()
+}
+
+/// Values whose bit patterns tests compare.
+pub trait Bits: Copy {
+    type Pattern: PartialEq + std::fmt::Debug;
+    fn pattern(self) -> Self::Pattern;
+}
+
+impl Bits for f32 {
+    type Pattern = u32;
+    fn pattern(self) -> u32 {
+        self.to_bits()
+    }
+}
+
+impl Bits for f16 {
+    type Pattern = u16;
+    fn pattern(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+/// Bit patterns, so that `-0.0` and `0.0` differ and NaNs of one pattern compare
+/// equal.
+pub fn bits<T: Bits>(v: &[T]) -> Vec<T::Pattern> {
+    v.iter().map(|&f| f.pattern()).collect()
+}
+
+/// The reference's statistics for a backward of `source` (batch statistics from a
+/// copy, so that `reference` keeps its running statistics).
+pub fn reference_stats(
+    reference: &ReferenceBatchNorm,
+    shape: &Shape,
+    x: &[f32],
+    source: StatsSource,
+) -> ReferenceForward {
+    match source {
+        StatsSource::Batch => reference
+            .clone()
+            .forward_train(shape, x)
+            .expect("reference"),
+        StatsSource::Running => reference.forward_eval(shape, x).expect("reference"),
+    }
+}
+
+/// Asserts that `g` holds exactly the gradients `mask` asks for (dgamma and dbeta
+/// only for an `affine` layer).
+pub fn assert_presence<T>(what: &str, g: &Gradients<T>, mask: GradMask, affine: bool) {
+    assert_eq!(g.dx.is_some(), mask.dx, "{what}: dx presence");
+    assert_eq!(
+        g.dgamma.is_some(),
+        mask.dgamma && affine,
+        "{what}: dgamma presence"
+    );
+    assert_eq!(
+        g.dbeta.is_some(),
+        mask.dbeta && affine,
+        "{what}: dbeta presence"
+    );
+}
+
+/// The checks of a NaN at `at` (in channel 1 of 3) of `x`, or of `z` when
+/// `nan_in_z`: a NaN in x spoils its channel's statistics, so its channel's y and
+/// dx; one in z only its own output. dgamma of channels 0 and 2 and every dbeta
+/// stay finite.
+pub fn assert_nan_stays_in_channel<T: Element + std::fmt::Display>(
+    what: &str,
+    shape: &Shape,
+    (at, nan_in_z): (usize, bool),
+    y: &[T],
+    g: &Gradients<T>,
+) {
+    for (i, &v) in y.iter().enumerate() {
+        let spoiled = if nan_in_z {
+            i == at
+        } else {
+            shape.channel_of(i) == 1
+        };
+        assert_eq!(v.to_f32().is_nan(), spoiled, "{what}: y[{i}] = {v}");
+    }
+    for (i, &v) in g.dx.as_ref().expect("dx").iter().enumerate() {
+        let spoiled = !nan_in_z && shape.channel_of(i) == 1;
+        assert_eq!(v.to_f32().is_nan(), spoiled, "{what}: dx[{i}] = {v}");
+    }
+    let (dg, db) = (
+        g.dgamma.as_ref().expect("dgamma"),
+        g.dbeta.as_ref().expect("dbeta"),
+    );
+    assert!(
+        dg[0].is_finite() && dg[2].is_finite(),
+        "{what}: dgamma {dg:?}"
+    );
+    assert!(db.iter().all(|v| v.is_finite()), "{what}: dbeta {db:?}");
+}
+
+/// f32 values rounded to f16.
+pub fn to_f16(v: &[f32]) -> Vec<f16> {
+    v.iter().map(|&a| f16::from_f32(a)).collect()
+}
+
+/// The floor of the f16 outputs' bound, per unit of `1 + s` (tests/gpu_f16.rs).
+pub const F16_FLOOR: f64 = 4e-5;
+
+/// The f16 spacing at `v`: 2^-24 for subnormals, 32 for ±inf (taken as ±65536).
+pub fn ulp16(v: f16) -> f64 {
+    match (v.to_bits() >> 10) & 0x1f {
+        0 => 2f64.powi(-24),
+        31 => 32.0,
+        e => 2f64.powi(i32::from(e) - 25),
+    }
+}
+
+/// `v` as f64, ±inf as ±65536 (the step after ±65504).
+pub fn extended(v: f16) -> f64 {
+    if v.is_infinite() {
+        65536f64.copysign(v.to_f64())
+    } else {
+        v.to_f64()
+    }
+}
+
+/// Asserts `|out - round16(ref)| <= max(ulp16(round16(ref)), F16_FLOOR * (1 + s))`,
+/// `s = scale(i)`, NaN for NaN (the f16 bound of tests/gpu_f16.rs); panics naming
+/// the element. Returns the largest error as a fraction of its allowance.
+pub fn assert_f16_close(
+    name: &str,
+    out: &[f16],
+    reference: &[f64],
+    scale: impl Fn(usize) -> f64,
+) -> f64 {
+    assert_eq!(out.len(), reference.len(), "{name}: lengths differ");
+    let mut worst = 0f64;
+    for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
+        if r.is_nan() || o.is_nan() {
+            assert!(
+                r.is_nan() && o.is_nan(),
+                "{name}[{i}]: got {o}, expected {r}"
+            );
+            continue;
+        }
+        if r.is_infinite() {
+            assert_eq!(o.to_f64(), r, "{name}[{i}]");
+            continue;
+        }
+        let r16 = f16::from_f64(r);
+        let allowed = ulp16(r16).max(F16_FLOOR * (1.0 + scale(i)));
+        let err = (extended(o) - extended(r16)).abs();
+        assert!(
+            err <= allowed,
+            "{name}[{i}] of {}: got {o}, expected {r} (rounded {r16}); error {err:.3e} > {allowed:.3e}",
+            out.len()
+        );
+        worst = worst.max(err / allowed);
+    }
+    worst
+}
+
+/// [`assert_f16_close`] with `s = |ref|` (y, dz).
+pub fn assert_y_close(name: &str, out: &[f16], reference: &[f64]) -> f64 {
+    assert_f16_close(name, out, reference, |i| reference[i].abs())
+}

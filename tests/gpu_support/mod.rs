@@ -1,9 +1,11 @@
 //! GPU-test support: one context per test binary (printing the adapter), and
 //! layers with random state so that every parameter matters in a comparison.
+//! Test files that use it include `mod common;` too.
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
 
+use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
 use wgpu_batchnorm::{
@@ -165,10 +167,29 @@ pub fn layer_pair_on(
     rng: &mut impl Rng,
     config: &BatchNormConfig,
 ) -> (BatchNorm, ReferenceBatchNorm) {
-    let state = random_state(rng, config);
+    pair_from_state(ctx, config, random_state(rng, config))
+}
+
+/// The same layer on the GPU (on `ctx`) and in the reference, from `state`.
+pub fn pair_from_state(
+    ctx: &GpuContext,
+    config: &BatchNormConfig,
+    state: BatchNormState,
+) -> (BatchNorm, ReferenceBatchNorm) {
     let gpu = BatchNorm::with_state(ctx, config.clone(), &state).expect("valid layer");
     let cpu = ReferenceBatchNorm::with_state(config.clone(), state).expect("valid layer");
     (gpu, cpu)
+}
+
+/// [`pair_from_state`] from a random state whose outputs cross both kinks of
+/// every activation ([`crate::common::ACROSS_KINKS`]).
+pub fn signed_pair(
+    ctx: &GpuContext,
+    rng: &mut StdRng,
+    config: &BatchNormConfig,
+) -> (BatchNorm, ReferenceBatchNorm) {
+    let state = crate::common::random_signed_state(rng, config, &crate::common::ACROSS_KINKS);
+    pair_from_state(ctx, config, state)
 }
 
 /// A short description of a configuration for messages.
