@@ -536,6 +536,23 @@ if not torch.cuda.is_available():
         fi
     fi
 
+    # 16-bit tensors and the fused activation and residual, against f32 and the
+    # unfused sequence in one run (5 repetitions: a second table, not the headline).
+    say "report: 16-bit tensors and fusions (--dtype f32,f16,bf16 --fuse none,relu,add-relu)"
+    t=$(now)
+    mkdir -p "$out/rust-dtype-fuse"
+    set +e
+    with_budget "$bin" --tuning gpu --dtype f32,f16,bf16 --fuse none,relu,add-relu --reps 5 \
+        --out "$out/rust-dtype-fuse" 2>&1 | tee "$out/rust-dtype-fuse/report.log" >/dev/null
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" -eq 0 ]; then
+        steps+="dtype/fuse report"$'\t'"$(since "$t")"$'\t'"done"$'\n'
+    else
+        warn "the dtype/fuse report failed (exit $rc): $out/rust-dtype-fuse/report.log"
+        steps+="dtype/fuse report"$'\t'"$(since "$t")"$'\t'"failed ($rc)"$'\n'
+    fi
+
     steps+="all"$'\t'"$(since "$run_t0")"$'\t'""$'\n'
     write_summary "$out" "$report_status" "$torch_note" "$steps" \
         "$(printf '%s\n' "${setup_notes[@]}" "WGPU_BACKEND=$WGPU_BACKEND")" "$detail_note" "${extra[*]}"

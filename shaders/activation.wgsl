@@ -6,9 +6,9 @@
 // Reads a (and b); writes out.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> a: array<vec4<elem>>;
-@group(0) @binding(2) var<storage, read> b: array<vec4<elem>>;
-@group(0) @binding(3) var<storage, read_write> out: array<vec4<elem>>;
+@group(0) @binding(1) var<storage, read> a: array<elem4>;
+@group(0) @binding(2) var<storage, read> b: array<elem4>;
+@group(0) @binding(3) var<storage, read_write> out: array<elem4>;
 
 @compute @workgroup_size(WG)
 fn act(@builtin(local_invocation_index) t: u32,

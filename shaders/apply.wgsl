@@ -24,10 +24,9 @@
 // Reads x, coef (or coef_window) and (from the running statistics) affine; writes y.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> x: array<elem>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<elem>>;
-@group(0) @binding(2) var<storage, read_write> y: array<elem>;
-@group(0) @binding(2) var<storage, read_write> y4: array<vec4<elem>>;
+@group(0) @binding(1) var<storage, read> x: array<elem1>;
+@group(0) @binding(1) var<storage, read> x4: array<elem4>;
+@group(0) @binding(2) var<storage, read_write> y4: array<elem4>;
 @group(0) @binding(3) var<storage, read> coef: array<f32>;
 @group(0) @binding(3) var<storage, read> coef4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> affine: array<f32>;
@@ -170,12 +169,12 @@ fn channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn loop_quad(first: Walk, k: Norm) {
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = epilogue_quad(normalize(k, vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w]))), i);
+        let v = epilogue_quad(normalize(k, vec4<f32>(ld1(x[word(i.x)], i.x), ld1(x[word(i.y)], i.y), ld1(x[word(i.z)], i.z), ld1(x[word(i.w)], i.w))), i);
         // Past the run, indices repeat the last element and write its same value.
-        y[i.x] = st1(v.x);
-        y[i.y] = st1(v.y);
-        y[i.z] = st1(v.z);
-        y[i.w] = st1(v.w);
+        put1(i.x, v.x);
+        put1(i.y, v.y);
+        put1(i.z, v.z);
+        put1(i.w, v.w);
     }
 }
 
@@ -234,7 +233,7 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        y[i] = st1(epilogue1((ld1(x[i]) - k.hi.x) * k.scale.x + k.shift.x, i));
+        put1(i, epilogue1((ld1(x[word(i)], i) - k.hi.x) * k.scale.x + k.shift.x, i));
         i += step;
     }
 }

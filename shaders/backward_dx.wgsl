@@ -13,12 +13,11 @@
 // Reads x, dy, coef (or coef_window); writes dx.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> x: array<elem>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<elem>>;
-@group(0) @binding(2) var<storage, read> dy: array<elem>;
-@group(0) @binding(2) var<storage, read> dy4: array<vec4<elem>>;
-@group(0) @binding(3) var<storage, read_write> dx: array<elem>;
-@group(0) @binding(3) var<storage, read_write> dx4: array<vec4<elem>>;
+@group(0) @binding(1) var<storage, read> x: array<elem1>;
+@group(0) @binding(1) var<storage, read> x4: array<elem4>;
+@group(0) @binding(2) var<storage, read> dy: array<elem1>;
+@group(0) @binding(2) var<storage, read> dy4: array<elem4>;
+@group(0) @binding(3) var<storage, read_write> dx4: array<elem4>;
 @group(0) @binding(4) var<storage, read> coef: array<f32>;
 @group(0) @binding(4) var<storage, read> coef4: array<vec4<f32>>;
 @group(0) @binding(5) var<uniform> coef_window: array<vec4<f32>, COEF_WINDOW>;
@@ -166,14 +165,14 @@ fn loop_quad(first: Walk, k: Coef) {
         let i = quad_indices(p, w);
         var xv = k.hi;
         if WITH_X {
-            xv = vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w]));
+            xv = vec4<f32>(ld1(x[word(i.x)], i.x), ld1(x[word(i.y)], i.y), ld1(x[word(i.z)], i.z), ld1(x[word(i.w)], i.w));
         }
         let r = dx_of(k, grad_quad(i), xv);
         // Past the run, indices repeat the last element and write its same value.
-        dx[i.x] = st1(r.x);
-        dx[i.y] = st1(r.y);
-        dx[i.z] = st1(r.z);
-        dx[i.w] = st1(r.w);
+        put1(i.x, r.x);
+        put1(i.y, r.y);
+        put1(i.z, r.z);
+        put1(i.w, r.w);
     }
 }
 
@@ -234,9 +233,9 @@ fn scalar(@builtin(local_invocation_index) t: u32,
     for (var j = first.j; j < first.end; j += p.block) {
         var xv = k.hi.x;
         if WITH_X {
-            xv = ld1(x[i]);
+            xv = ld1(x[word(i)], i);
         }
-        dx[i] = st1(dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(xv)).x);
+        put1(i, dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(xv)).x);
         i += step;
     }
 }

@@ -16,10 +16,10 @@
 // Reads x, dy, saved = [mean | invstd | hi | lo]; writes partials[channel * splits + split].
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> x: array<elem>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<elem>>;
-@group(0) @binding(2) var<storage, read> dy: array<elem>;
-@group(0) @binding(2) var<storage, read> dy4: array<vec4<elem>>;
+@group(0) @binding(1) var<storage, read> x: array<elem1>;
+@group(0) @binding(1) var<storage, read> x4: array<elem4>;
+@group(0) @binding(2) var<storage, read> dy: array<elem1>;
+@group(0) @binding(2) var<storage, read> dy4: array<elem4>;
 @group(0) @binding(3) var<storage, read> saved: array<f32>;
 @group(0) @binding(3) var<storage, read> saved4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
@@ -193,7 +193,7 @@ fn loop_quad(first: Walk, hi: vec4<f32>) -> Sums {
         let valid = quad_valid(p, w);
         var xv = hi;
         if WITH_X {
-            xv = select(hi, vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w])), valid);
+            xv = select(hi, vec4<f32>(ld1(x[word(i.x)], i.x), ld1(x[word(i.y)], i.y), ld1(x[word(i.z)], i.z), ld1(x[word(i.w)], i.w)), valid);
         }
         let gq = grad_quad(i);
         store_dz_quad(i, gq);
@@ -294,7 +294,7 @@ fn loop_scalar(first: Walk, hi: vec4<f32>) -> Sums {
     for (var j = first.j; j < first.end; j += p.block) {
         var xv = hi;
         if WITH_X {
-            xv = vec4<f32>(ld1(x[i]), hi.yzw);
+            xv = vec4<f32>(ld1(x[word(i)], i), hi.yzw);
         }
         let g = grad1(i);
         store_dz1(i, g);
@@ -316,8 +316,7 @@ fn loop_scalar(first: Walk, hi: vec4<f32>) -> Sums {
 // Binds dx at binding 4 (the others' partials), then dgamma, dbeta, affine and the
 // backward_finalize parameters.
 
-@group(0) @binding(4) var<storage, read_write> dx: array<elem>;
-@group(0) @binding(4) var<storage, read_write> dx4: array<vec4<elem>>;
+@group(0) @binding(4) var<storage, read_write> dx4: array<elem4>;
 @group(0) @binding(5) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(7) var<storage, read> affine: array<f32>;
@@ -413,12 +412,12 @@ fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
     let k = fused_coef(t, first, loop_quad(first, hi_channel(walk_group(p, first))), 1u);
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = dx_of(k, grad_quad(i), vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w])));
+        let v = dx_of(k, grad_quad(i), vec4<f32>(ld1(x[word(i.x)], i.x), ld1(x[word(i.y)], i.y), ld1(x[word(i.z)], i.z), ld1(x[word(i.w)], i.w)));
         // Past the run, indices repeat the last element and write its same value.
-        dx[i.x] = st1(v.x);
-        dx[i.y] = st1(v.y);
-        dx[i.z] = st1(v.z);
-        dx[i.w] = st1(v.w);
+        put1(i.x, v.x);
+        put1(i.y, v.y);
+        put1(i.z, v.z);
+        put1(i.w, v.w);
     }
 }
 
@@ -444,7 +443,7 @@ fn fused_scalar(@builtin(local_invocation_index) t: u32,
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
-        dx[i] = st1(dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(ld1(x[i]))).x);
+        put1(i, dx_of(k, vec4<f32>(grad1(i)), vec4<f32>(ld1(x[word(i)], i))).x);
         i += step;
     }
 }

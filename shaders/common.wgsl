@@ -245,25 +245,6 @@ fn invocation_linear(lid: u32, wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return workgroup_linear(wid, nwg) * WG + lid;
 }
 
-// Tensors (x, y, dy, dx, z, dz) hold `elem`, the module's element type (a host
-// alias: f32, or f16 where the device has SHADER_F16); everything is computed in
-// f32: ld* widen a loaded element, st* round a result to the element type.
-fn ld4(v: vec4<elem>) -> vec4<f32> {
-    return vec4<f32>(v);
-}
-
-fn ld1(v: elem) -> f32 {
-    return f32(v);
-}
-
-fn st4(v: vec4<f32>) -> vec4<elem> {
-    return vec4<elem>(v);
-}
-
-fn st1(v: f32) -> elem {
-    return elem(v);
-}
-
 // The normalize coefficients of four lanes (one channel each, or one channel
 // splatted): y = (x - hi) * scale + shift.
 struct Norm {

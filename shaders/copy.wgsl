@@ -4,8 +4,8 @@
 // Reads src; writes dst.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> src: array<vec4<elem>>;
-@group(0) @binding(2) var<storage, read_write> dst: array<vec4<elem>>;
+@group(0) @binding(1) var<storage, read> src: array<elem4>;
+@group(0) @binding(2) var<storage, read_write> dst: array<elem4>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) t: u32,

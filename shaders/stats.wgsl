@@ -45,14 +45,13 @@
 // walk (`finalized_channels_last_vec16`), which the fused forward does not take.
 
 @group(0) @binding(0) var<uniform> p: WalkParams;
-@group(0) @binding(1) var<storage, read> x: array<elem>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<elem>>;
+@group(0) @binding(1) var<storage, read> x: array<elem1>;
+@group(0) @binding(1) var<storage, read> x4: array<elem4>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> running: array<u32>;
 // The fused forward's own bindings (binding 2 is y instead of partials; for the
 // finalized statistics, coef_out).
-@group(0) @binding(2) var<storage, read_write> y: array<elem>;
-@group(0) @binding(2) var<storage, read_write> y4: array<vec4<elem>>;
+@group(0) @binding(2) var<storage, read_write> y4: array<elem4>;
 @group(0) @binding(2) var<storage, read_write> coef_out: array<f32>;
 @group(0) @binding(4) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(5) var<storage, read> affine: array<f32>;
@@ -157,7 +156,7 @@ fn loop_quad(first: Walk, pivot: f32) -> Welford {
     var acc = welford_empty();
     for (var w = first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w]));
+        let v = vec4<f32>(ld1(x[word(i.x)], i.x), ld1(x[word(i.y)], i.y), ld1(x[word(i.z)], i.z), ld1(x[word(i.w)], i.w));
         acc = welford_push_where(acc, v - pivot, quad_valid(p, w));
     }
     return acc;
@@ -171,7 +170,7 @@ fn loop_scalar(first: Walk, pivot: f32) -> Welford {
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
         n += 1.0;
-        s = moments_push(s, vec4<f32>(ld1(x[i]) - pivot, 0.0, 0.0, 0.0), 1.0 / n);
+        s = moments_push(s, vec4<f32>(ld1(x[word(i)], i) - pivot, 0.0, 0.0, 0.0), 1.0 / n);
         i += step;
     }
     return Welford(vec4<f32>(n, 0.0, 0.0, 0.0), s.mean, s.m2);
@@ -194,7 +193,7 @@ fn start_channels_first_vec4(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
 
 fn start_channels_first_quad(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
     let first = begin(t, wid, nwg);
-    let pivot = ld1(x[walk_group(p, first) * p.run]);
+    let pivot = ld1(x[word(walk_group(p, first) * p.run)], walk_group(p, first) * p.run);
     return Start(first, welford_collapse(loop_quad(first, pivot)), vec4<f32>(pivot));
 }
 
@@ -206,7 +205,7 @@ fn start_channels_last_vec4(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
 
 fn start_scalar(t: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Start {
     let first = begin(t, wid, nwg);
-    let pivot = ld1(x[walk_group(p, first) * p.len]);
+    let pivot = ld1(x[word(walk_group(p, first) * p.len)], walk_group(p, first) * p.len);
     return Start(first, loop_scalar(first, pivot), vec4<f32>(pivot));
 }
 
@@ -498,12 +497,12 @@ fn fused_channels_first_quad(@builtin(local_invocation_index) t: u32,
     let k = fused_norm(t, s.first, s.w, s.pivot, 1u);
     for (var w = s.first; w.j < w.end; w = walk_next(p, w)) {
         let i = quad_indices(p, w);
-        let v = epilogue_quad(normalize(k, vec4<f32>(ld1(x[i.x]), ld1(x[i.y]), ld1(x[i.z]), ld1(x[i.w]))), i);
+        let v = epilogue_quad(normalize(k, vec4<f32>(ld1(x[word(i.x)], i.x), ld1(x[word(i.y)], i.y), ld1(x[word(i.z)], i.z), ld1(x[word(i.w)], i.w))), i);
         // Past the run, indices repeat the last element and write its same value.
-        y[i.x] = st1(v.x);
-        y[i.y] = st1(v.y);
-        y[i.z] = st1(v.z);
-        y[i.w] = st1(v.w);
+        put1(i.x, v.x);
+        put1(i.y, v.y);
+        put1(i.z, v.z);
+        put1(i.w, v.w);
     }
 }
 
@@ -523,7 +522,7 @@ fn fused_scalar(@builtin(local_invocation_index) t: u32,
     let k = fused_norm(t, s.first, s.w, s.pivot, 1u);
     for (var w = s.first; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
-        y[i] = st1(epilogue1(normalize(k, vec4<f32>(ld1(x[i]))).x, i));
+        put1(i, epilogue1(normalize(k, vec4<f32>(ld1(x[word(i)], i))).x, i));
     }
 }
 

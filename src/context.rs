@@ -267,7 +267,7 @@ impl GpuContext {
         }
         let plan = crate::kernels::common::plan_flat(vec4s, self.tuning.elementwise);
         let flavor = crate::kernels::Flavor {
-            dtype,
+            elem: self.elem(dtype),
             ..crate::kernels::Flavor::NONE
         };
         let kernels = self.kernels().fused(self.device(), flavor)?;
@@ -330,7 +330,7 @@ impl GpuContext {
             });
         }
         let flavor = crate::kernels::Flavor {
-            dtype,
+            elem: self.elem(dtype),
             act,
             ..crate::kernels::Flavor::NONE
         };
@@ -355,6 +355,17 @@ impl GpuContext {
             plan.workgroups(),
         );
         Ok(())
+    }
+
+    /// How the kernels store `dtype` tensors here: f16 as WGSL's f16 where the
+    /// device has SHADER_F16 and the tuning allows it, else two per u32.
+    pub(crate) fn elem(&self, dtype: crate::DType) -> crate::kernels::Elem {
+        let native = self.tuning.native_f16
+            && self
+                .device()
+                .features()
+                .contains(wgpu::Features::SHADER_F16);
+        crate::kernels::Elem::of(dtype, native)
     }
 
     /// Checks that the first `bytes` of `buffer` can be bound as a storage buffer on

@@ -227,12 +227,6 @@ pub enum Error {
          pass it with GradBuffers::output"
     )]
     MissingOutput(&'static str),
-    /// The device cannot run kernels on tensors of this element type.
-    #[error("{dtype} tensors need a device with {needs}, which this one lacks")]
-    UnsupportedDType {
-        dtype: &'static str,
-        needs: &'static str,
-    },
 }
 
 /// Shorthand for this crate's results.

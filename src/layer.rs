@@ -499,7 +499,7 @@ impl BatchNorm {
     /// batch norm's for neither).
     fn fused_kernels(&self, shape: &Shape, residual: bool) -> Result<&Kernels> {
         let flavor = Flavor {
-            dtype: shape.dtype(),
+            elem: self.ctx.elem(shape.dtype()),
             act: self.config.activation,
             residual,
             subgroups: self.subgroups(),
@@ -523,7 +523,7 @@ impl BatchNorm {
     /// the dx pass after a residual's sums).
     fn plain_kernels(&self, shape: &Shape) -> Result<&Kernels> {
         let flavor = Flavor {
-            dtype: shape.dtype(),
+            elem: self.ctx.elem(shape.dtype()),
             subgroups: self.subgroups(),
             ..Flavor::NONE
         };

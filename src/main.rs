@@ -37,8 +37,10 @@ enum LayoutArg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DTypeArg {
     F32,
-    /// Half precision (adapters with SHADER_F16).
+    /// Half precision (WGSL's f16 where the adapter has SHADER_F16, else two per u32).
     F16,
+    /// bfloat16, two per u32.
+    Bf16,
 }
 
 impl From<DTypeArg> for DType {
@@ -46,6 +48,7 @@ impl From<DTypeArg> for DType {
         match d {
             DTypeArg::F32 => DType::F32,
             DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::Bf16,
         }
     }
 }
@@ -100,11 +103,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values = ["none"])]
     fuse: Vec<Fuse>,
 
-    /// Element types of the tensors (x, y, dy, dx, z): `f32`, `f16` (statistics,
-    /// parameters and arithmetic stay f32; needs SHADER_F16). Floor bytes, the copy
-    /// kernel and the unfused sequence are in the same type; f16 rows are checked
-    /// against the CPU's f32 result rounded to f16 (tolerance 2e-3: one f16 ulp),
-    /// the CPU running in f32 on the same (rounded) values.
+    /// Element types of the tensors (x, y, dy, dx, z): `f32`, `f16`, `bf16`
+    /// (statistics, parameters and arithmetic stay f32). Floor bytes, the copy
+    /// kernel and the unfused sequence are in the same type; f16 and bf16 rows are
+    /// checked against the CPU's f32 result rounded to the type (tolerance 2e-3 and
+    /// 1.6e-2: one ulp), the CPU running in f32 on the same (rounded) values.
     #[arg(long, value_delimiter = ',', default_values = ["f32"])]
     dtype: Vec<DTypeArg>,
 

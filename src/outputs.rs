@@ -52,8 +52,7 @@ pub struct Gradients<T = f32> {
     pub dz: Option<Vec<T>>,
 }
 
-/// An element type of host tensors: `f32`, or `half::f16` (the GPU needs
-/// `SHADER_F16` for it). The host calls take slices of it and return vectors of it;
+/// An element type of host tensors: `f32`, `half::f16` or `half::bf16`. The host calls take slices of it and return vectors of it;
 /// statistics and dgamma/dbeta stay f32.
 pub trait Element: bytemuck::Pod + PartialEq + std::fmt::Debug + Send + Sync + 'static {
     /// Its [`crate::DType`].
@@ -71,6 +70,16 @@ impl Element for f32 {
     }
     fn from_f32(v: f32) -> Self {
         v
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: crate::DType = crate::DType::Bf16;
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
     }
 }
 

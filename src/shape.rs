@@ -22,8 +22,11 @@ pub enum DType {
     /// IEEE single precision.
     #[default]
     F32,
-    /// IEEE half precision (`half::f16`), on devices with `wgpu::Features::SHADER_F16`.
+    /// IEEE half precision (`half::f16`): WGSL's f16 on devices with
+    /// `wgpu::Features::SHADER_F16`, else two per u32 (`pack2x16float`).
     F16,
+    /// bfloat16 (`half::bf16`, the high half of an f32), two per u32.
+    Bf16,
 }
 
 impl DType {
@@ -31,15 +34,16 @@ impl DType {
     pub fn size(self) -> u64 {
         match self {
             DType::F32 => 4,
-            DType::F16 => 2,
+            DType::F16 | DType::Bf16 => 2,
         }
     }
 
-    /// Lower-case name (`f32`, `f16`).
+    /// Lower-case name (`f32`, `f16`, `bf16`).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
+            DType::Bf16 => "bf16",
         }
     }
 }

@@ -93,6 +93,10 @@ pub struct Tuning {
     /// Both orders are fixed (the same bits on every run), not the same as each
     /// other.
     pub subgroups: bool,
+    /// f16 tensors as WGSL's f16 where the device has `wgpu::Features::SHADER_F16`;
+    /// `false` (or a device without it): two per u32, packed and unpacked by the
+    /// kernels, as bf16 always is. Both round the same way.
+    pub native_f16: bool,
 }
 
 impl Tuning {
@@ -131,6 +135,7 @@ impl Tuning {
             // instead of waiting for a dispatch that does.
             fused_eval_max_elements: u64::MAX,
             subgroups: true,
+            native_f16: true,
         }
     }
 
@@ -194,6 +199,7 @@ impl Tuning {
             fused_forward_max_elements: 1 << 16,
             fused_eval_max_elements: 1 << 19,
             subgroups: true,
+            native_f16: true,
         }
     }
 

@@ -1,30 +1,31 @@
-//! The fast CPU path's f16 entry points: against the f64 reference of the widened
-//! inputs, rounded to f16, with the tolerances of tests/gpu_f16.rs (y, dx, dz within
-//! one f16 ulp of the rounded reference, with a floor of `4e-5 * (1 + s)` near 0;
-//! statistics, dgamma and dbeta as for f32); exactly the f32 computation on the
-//! widened inputs, rounded once; and f32 through the generic entry points bit for
-//! bit what the f32 `*_into` calls give.
+//! The fast CPU path's f16 and bf16 entry points: against the f64 reference of the
+//! widened inputs, rounded to the type, with the tolerances of tests/gpu_f16.rs (y,
+//! dx, dz within one ulp of the type of the rounded reference, with a floor of
+//! `4e-5 * (1 + s)` near 0; statistics, dgamma and dbeta as for f32); exactly the
+//! f32 computation on the widened inputs, rounded once; and f32 through the generic
+//! entry points bit for bit what the f32 `*_into` calls give.
 
 mod common;
 
 use common::{
-    assert_close, assert_f16_close, assert_sums_close, bits, dbeta_scale, dgamma_scale, dx_scale,
-    masked, normal, random_signed_state, reference_stats, rng, to_f16, ACROSS_KINKS, LAYOUTS,
+    assert_16_close, assert_close, assert_sums_close, bits, dbeta_scale, dgamma_scale, dx_scale,
+    masked, narrow, normal, random_signed_state, reference_stats, rng, Float16, ACROSS_KINKS,
+    LAYOUTS,
 };
 use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::fast::CpuBatchNorm;
 use wgpu_batchnorm::cpu::reference::{widen, ReferenceBatchNorm, ReferenceGradients};
-use wgpu_batchnorm::half::f16;
+use wgpu_batchnorm::half::{bf16, f16};
 use wgpu_batchnorm::{
-    Activation, BatchNormConfig, GradMask, Gradients, SavedStatsHost, Shape, StatsSource,
+    Activation, BatchNormConfig, DType, GradMask, Gradients, SavedStatsHost, Shape, StatsSource,
 };
 
 /// Statistics, dgamma and dbeta (as for f32).
 const TOL: f64 = 1e-5;
 
 /// Every rank and both traversals of the fast path (planes of 64 or more, rows),
-/// odd element counts (f16 tensors of odd length), C = 1, 3, 17.
+/// odd element counts (16-bit tensors of odd length), C = 1, 3, 17.
 const SHAPES: &[&[usize]] = &[
     &[33, 17],
     &[2, 1],
@@ -43,20 +44,26 @@ fn assert_same<T: std::fmt::Debug>(a: &T, b: &T, what: &str) {
     assert!(a == b, "{what}:\n  {a}\n  {b}");
 }
 
-/// Inputs of one case, as f16.
-struct Data {
-    x: Vec<f16>,
-    z: Option<Vec<f16>>,
-    dy: Vec<f16>,
+/// Inputs of one case, of type `T`.
+struct Data<T> {
+    x: Vec<T>,
+    z: Option<Vec<T>>,
+    dy: Vec<T>,
 }
 
-/// The data classes: well-conditioned, a large mean with a small spread as f16
-/// holds it (100 + 0.1 * N(0, 1): 1000 times the spread, a few f16 spacings each
-/// side), channel 0 constant, and a NaN in channel 0.
-fn data(rng: &mut StdRng, shape: &Shape, class: usize, with_z: bool) -> Data {
+/// The data classes: well-conditioned, a large mean with a small spread as `T`
+/// holds it (100 + std * N(0, 1), std a little over one and a half spacings of `T`
+/// near 100: 0.1 for f16, 11 significant bits, a mean 1000 times the spread; 0.8
+/// for bf16, 8 significant bits, a mean 125 times the spread), channel 0
+/// constant, and a NaN in channel 0.
+fn data<T: Float16>(rng: &mut StdRng, shape: &Shape, class: usize, with_z: bool) -> Data<T> {
     let mean = rng.random_range(-3.0..3.0);
+    let spread = match T::DTYPE {
+        DType::Bf16 => 0.8,
+        _ => 0.1,
+    };
     let mut x = match class {
-        1 => normal(rng, shape, 100.0, 0.1),
+        1 => normal(rng, shape, 100.0, spread),
         _ => normal(rng, shape, mean, 2.0),
     };
     match class {
@@ -67,15 +74,15 @@ fn data(rng: &mut StdRng, shape: &Shape, class: usize, with_z: bool) -> Data {
         _ => {}
     }
     Data {
-        x: to_f16(&x),
-        z: with_z.then(|| to_f16(&normal(rng, shape, 0.5, 3.0))),
-        dy: to_f16(&normal(rng, shape, 0.1, 1.0)),
+        x: narrow(&x),
+        z: with_z.then(|| narrow(&normal(rng, shape, 0.5, 3.0))),
+        dy: narrow(&normal(rng, shape, 0.1, 1.0)),
     }
 }
 
-/// `g` is `dy` masked by the activation at `y` (the reference's dz, exact in f16).
-fn compare_gradients(
-    g: &Gradients<f16>,
+/// `g` is `dy` masked by the activation at `y` (the reference's dz, exact in `T`).
+fn compare_gradients<T: Float16>(
+    g: &Gradients<T>,
     r: &ReferenceGradients,
     cpu: &ReferenceBatchNorm,
     shape: &Shape,
@@ -88,14 +95,14 @@ fn compare_gradients(
     assert_eq!(g.dz.is_some(), r.dz.is_some(), "{what}: dz presence");
     if let (Some(dz), Some(rdz)) = (&g.dz, &r.dz) {
         assert_eq!(widen(dz), gm, "{what}: dz is dy masked by the activation");
-        let e = assert_f16_close(&format!("{what} dz"), dz, rdz, |i| rdz[i].abs());
+        let e = assert_16_close(&format!("{what} dz"), dz, rdz, |i| rdz[i].abs());
         worst = worst.max(e);
     }
     let (dx, rdx) = (g.dx.as_ref().expect("dx"), r.dx.as_ref().expect("dx"));
     let batch = source == StatsSource::Batch;
     let gamma = cpu.state.gamma.as_slice();
     let scale = dx_scale(shape, x, gm, gamma, &stats.mean, &stats.invstd, batch);
-    worst = worst.max(assert_f16_close(&format!("{what} dx"), dx, rdx, |i| {
+    worst = worst.max(assert_16_close(&format!("{what} dx"), dx, rdx, |i| {
         scale[i]
     }));
     if let (Some(dg), Some(rdg)) = (&g.dgamma, &r.dgamma) {
@@ -121,18 +128,18 @@ fn compare_gradients(
     worst
 }
 
-/// The f16 fused backward of `y` (of the batch statistics `saved`, else of the
+/// The 16-bit fused backward of `y` (of the batch statistics `saved`, else of the
 /// running ones, with the residual when the case has one): the f32 backward of
 /// the widened inputs rounded, and against the reference. Returns the gradients
 /// and the largest error.
-fn check_backward(
+fn check_backward<T: Float16>(
     (fast, fast32, cpu): (&CpuBatchNorm, &CpuBatchNorm, &ReferenceBatchNorm),
     shape: &Shape,
-    d: &Data,
-    y16: &[f16],
+    d: &Data<T>,
+    y16: &[T],
     saved: Option<&SavedStatsHost>,
     what: &str,
-) -> (Gradients<f16>, f64) {
+) -> (Gradients<T>, f64) {
     let source = match saved {
         Some(_) => StatsSource::Batch,
         None => StatsSource::Running,
@@ -154,14 +161,14 @@ fn check_backward(
     (g, e)
 }
 
-/// Every f16 entry point on one case, against the reference of the widened
+/// Every 16-bit entry point on one case, against the reference of the widened
 /// inputs and, bit for bit, against the f32 entry points on those inputs
-/// rounded to f16 once. Returns the largest error.
-fn check_case(
+/// rounded to `T` once. Returns the largest error.
+fn check_case<T: Float16>(
     rng: &mut StdRng,
     shape: &Shape,
     config: &BatchNormConfig,
-    d: &Data,
+    d: &Data<T>,
     what: &str,
 ) -> f64 {
     let state = random_signed_state(rng, config, &ACROSS_KINKS);
@@ -188,7 +195,7 @@ fn check_case(
     };
     assert_eq!(
         bits(&out.y),
-        bits(&to_f16(&out32.y)),
+        bits(&narrow::<T>(&out32.y)),
         "{what}: y is the f32 y rounded"
     );
     assert_same(
@@ -201,7 +208,7 @@ fn check_case(
         &fast32.state,
         &format!("{what}: state as in f32"),
     );
-    worst = worst.max(assert_f16_close(&format!("{what} y"), &out.y, &r.y, |i| {
+    worst = worst.max(assert_16_close(&format!("{what} y"), &out.y, &r.y, |i| {
         r.y[i].abs()
     }));
     worst = worst.max(assert_close(
@@ -259,7 +266,7 @@ fn check_case(
     };
     assert_eq!(
         bits(&ev.y),
-        bits(&to_f16(&ev32.y)),
+        bits(&narrow::<T>(&ev32.y)),
         "{what}: eval y is the f32 y rounded"
     );
     assert_same(
@@ -267,7 +274,7 @@ fn check_case(
         &ev32.saved,
         &format!("{what}: eval statistics as in f32"),
     );
-    worst = worst.max(assert_f16_close(
+    worst = worst.max(assert_16_close(
         &format!("{what} eval y"),
         &ev.y,
         &r.y,
@@ -281,9 +288,9 @@ fn check_case(
     worst
 }
 
-/// f16 gradients are the f32 ones rounded (dx, dz), the same (dgamma, dbeta).
-fn assert_rounded(g: &Gradients<f16>, g32: &Gradients, what: &str) {
-    let round = |v: &Option<Vec<f32>>| v.as_deref().map(|v| bits(&to_f16(v)));
+/// 16-bit gradients are the f32 ones rounded (dx, dz), the same (dgamma, dbeta).
+fn assert_rounded<T: Float16>(g: &Gradients<T>, g32: &Gradients, what: &str) {
+    let round = |v: &Option<Vec<f32>>| v.as_deref().map(|v| bits(&narrow::<T>(v)));
     assert_eq!(
         g.dx.as_deref().map(bits),
         round(&g32.dx),
@@ -298,9 +305,10 @@ fn assert_rounded(g: &Gradients<f16>, g32: &Gradients, what: &str) {
     assert_same(&g.dbeta, &g32.dbeta, &format!("{what}: dbeta as in f32"));
 }
 
-#[test]
-fn f16_matches_reference_every_shape_layout_activation_and_data_class() {
-    let mut rng = rng("f16_matches_reference_every_shape_layout_activation_and_data_class");
+/// [`check_case`] over every shape, layout, activation, residual, option set and
+/// data class, in `T`.
+fn matches_reference<T: Float16>(test: &str) {
+    let mut rng = rng(test);
     let mut worst = 0f64;
     let mut k = 0usize;
     for dims in SHAPES {
@@ -318,44 +326,76 @@ fn f16_matches_reference_every_shape_layout_activation_and_data_class() {
                     .activation(act);
                     let class = k % 4;
                     k += 1;
-                    let d = data(&mut rng, &shape, class, with_z);
+                    let d: Data<T> = data(&mut rng, &shape, class, with_z);
                     let what = format!(
-                        "{dims:?} {layout:?} {act:?} residual {with_z} class {class} k {k}"
+                        "{} {dims:?} {layout:?} {act:?} residual {with_z} class {class} k {k}",
+                        T::NAME
                     );
                     worst = worst.max(check_case(&mut rng, &shape, &config, &d, &what));
                 }
             }
         }
     }
-    println!("largest error (f16 outputs: fraction of the allowance): {worst:.3}");
+    println!(
+        "largest error ({} outputs: fraction of the allowance): {worst:.3}",
+        T::NAME
+    );
 }
 
 #[test]
-fn outputs_past_the_f16_range_are_inf() {
-    // y = 65300 + 100 * xhat on channel 0 (and its negative on channel 1) passes
-    // 65504 and rounds to ±inf as a plain f32 to f16 cast does; dx of dy with a
-    // spread of 1000 too; dgamma and dbeta (f32) stay finite.
-    let mut rng = rng("f16 outputs_past_the_f16_range_are_inf");
+fn f16_matches_reference_every_shape_layout_activation_and_data_class() {
+    matches_reference::<f16>("f16_matches_reference_every_shape_layout_activation_and_data_class");
+}
+
+#[test]
+fn bf16_matches_reference_every_shape_layout_activation_and_data_class() {
+    matches_reference::<bf16>(
+        "bf16_matches_reference_every_shape_layout_activation_and_data_class",
+    );
+}
+
+/// Channel 0 gets `y = beta + gamma * xhat` from `x = N(1, 0.5^2)`, channel 1 the
+/// same negative, `dy` the spread `dy_std`: y (and dx when `dx_overflows`) past
+/// the range of `T` is ±inf, as a plain f32 cast gives it, and within the bound
+/// of tests/gpu_f16.rs of the reference; `overflows` says whether y has both
+/// ±inf or is finite. dgamma and dbeta (f32) stay finite.
+fn past_the_range<T: Float16>(
+    test: &str,
+    (gamma, beta, dy_std): (f32, f32, f32),
+    (overflows, dx_overflows): (bool, bool),
+) {
+    let mut rng = rng(test);
     for layout in LAYOUTS {
         let shape = Shape::new(&[64, 3, 5, 5], layout).unwrap();
         let config = BatchNormConfig::new(3);
         let mut state = random_signed_state(&mut rng, &config, &ACROSS_KINKS);
-        state.gamma[..2].copy_from_slice(&[100.0, 100.0]);
-        state.beta[..2].copy_from_slice(&[65300.0, -65300.0]);
+        state.gamma[..2].copy_from_slice(&[gamma, gamma]);
+        state.beta[..2].copy_from_slice(&[beta, -beta]);
         let mut fast = CpuBatchNorm::with_state(config.clone(), state.clone()).unwrap();
         let mut cpu = ReferenceBatchNorm::with_state(config, state).unwrap();
-        let x16 = to_f16(&normal(&mut rng, &shape, 1.0, 0.5));
-        let dy16 = to_f16(&normal(&mut rng, &shape, 0.0, 1000.0));
+        let x16: Vec<T> = narrow(&normal(&mut rng, &shape, 1.0, 0.5));
+        let dy16: Vec<T> = narrow(&normal(&mut rng, &shape, 0.0, dy_std));
         let (x, dy) = (widen(&x16), widen(&dy16));
+        let what = format!("{} {layout:?}", T::NAME);
         let out = fast.forward_train(&shape, &x16).unwrap();
         let r = cpu.forward_train(&shape, &x).unwrap();
-        assert_f16_close(&format!("{layout:?} y"), &out.y, &r.y, |i| r.y[i].abs());
+        assert_16_close(&format!("{what} y"), &out.y, &r.y, |i| r.y[i].abs());
+        assert!(
+            r.y.iter().any(|v| v.abs() > 65520.0),
+            "{what}: no output past the f16 range"
+        );
         for sign in [1.0, -1.0] {
-            assert!(
+            assert_eq!(
                 out.y.iter().any(|v| v.to_f32() == sign * f32::INFINITY),
-                "{layout:?}: no {sign} inf"
+                overflows,
+                "{what}: {sign} inf"
             );
         }
+        assert_eq!(
+            out.y.iter().all(|v| v.to_f32().is_finite()),
+            !overflows,
+            "{what}: finite y"
+        );
         let all = GradMask::default();
         let g = fast
             .backward(&shape, &x16, &dy16, Some(&out.saved), all)
@@ -364,9 +404,10 @@ fn outputs_past_the_f16_range_are_inf() {
             .backward(&shape, &x, &dy, StatsSource::Batch, all)
             .unwrap();
         let dx = g.dx.as_ref().unwrap();
-        assert!(
-            dx.iter().any(|v| v.is_infinite()),
-            "{layout:?}: no dx overflowed"
+        assert_eq!(
+            dx.iter().any(|v| v.to_f32().is_infinite()),
+            dx_overflows,
+            "{what}: dx overflowed"
         );
         let stats = cpu.clone().forward_train(&shape, &x).unwrap();
         let scale = dx_scale(
@@ -378,18 +419,30 @@ fn outputs_past_the_f16_range_are_inf() {
             &stats.invstd,
             true,
         );
-        assert_f16_close(
-            &format!("{layout:?} dx"),
-            dx,
-            rg.dx.as_ref().unwrap(),
-            |i| scale[i],
-        );
+        assert_16_close(&format!("{what} dx"), dx, rg.dx.as_ref().unwrap(), |i| {
+            scale[i]
+        });
         let (dg, db) = (g.dgamma.unwrap(), g.dbeta.unwrap());
         assert!(
             dg.iter().chain(&db).all(|v| v.is_finite()),
-            "{layout:?}: {dg:?} {db:?}"
+            "{what}: {dg:?} {db:?}"
         );
     }
+}
+
+#[test]
+fn outputs_past_the_range_are_inf() {
+    // y = 65300 + 100 * xhat passes 65504 and rounds to ±inf in f16, and dx of
+    // dy with a spread of 1000 (gamma * invstd = 200) too; in bf16, with f32's
+    // range, both stay finite. y = 3.3935e38 + 1.5e35 * xhat passes bf16's
+    // threshold (about 3.39617e38) from xhat ~ 1.8 and stays below f32::MAX
+    // (3.40282e38) up to xhat ~ 6; dx (gamma * invstd ~ 3e35) stays finite.
+    let past_f16 = (100.0, 65300.0, 1000.0);
+    past_the_range::<f16>("f16 outputs_past_the_range_are_inf", past_f16, (true, true));
+    let name = "bf16 outputs_past_the_range_are_inf";
+    past_the_range::<bf16>(name, past_f16, (false, false));
+    let near_max = (1.5e35, 3.3935e38, 1.0);
+    past_the_range::<bf16>(&format!("{name} near f32::MAX"), near_max, (true, false));
 }
 
 #[test]

@@ -9,8 +9,11 @@ fn validate(name: &str, source: &str) -> naga::Module {
     naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         // f16 for the modules of f16 tensors (`enable f16`, SHADER_F16 devices),
-        // subgroups for those merging within subgroups (SUBGROUP devices).
-        naga::valid::Capabilities::SHADER_FLOAT16 | naga::valid::Capabilities::SUBGROUP,
+        // pack2x16float for f16 two per u32, subgroups for those merging within
+        // subgroups (SUBGROUP devices).
+        naga::valid::Capabilities::SHADER_FLOAT16
+            | naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32
+            | naga::valid::Capabilities::SUBGROUP,
     )
     .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
     .subgroup_operations(naga::valid::SubgroupOperationSet::all())

@@ -2,8 +2,8 @@
 // backward's sums where the forward had a residual (prepended to
 // backward_reduce.wgsl; the dx pass then reads dz as its dy). Writes dz.
 
-@group(0) @binding(RESIDUAL_GRAD_BINDING) var<storage, read_write> dz: array<elem>;
-@group(0) @binding(RESIDUAL_GRAD_BINDING) var<storage, read_write> dz4: array<vec4<elem>>;
+@group(0) @binding(RESIDUAL_GRAD_BINDING) var<storage, read_write> dz: array<elem1>;
+@group(0) @binding(RESIDUAL_GRAD_BINDING) var<storage, read_write> dz4: array<elem4>;
 
 fn store_dz4(i: u32, g: vec4<f32>) {
     dz4[i] = st4(g);

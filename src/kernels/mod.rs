@@ -144,6 +144,30 @@ pub mod sources {
             "flavor/dz_none.wgsl",
             include_str!("../../shaders/flavor/dz_none.wgsl"),
         ),
+        (
+            "flavor/dz_packed.wgsl",
+            include_str!("../../shaders/flavor/dz_packed.wgsl"),
+        ),
+        (
+            "flavor/elem.wgsl",
+            include_str!("../../shaders/flavor/elem.wgsl"),
+        ),
+        (
+            "flavor/elem_f16_packed.wgsl",
+            include_str!("../../shaders/flavor/elem_f16_packed.wgsl"),
+        ),
+        (
+            "flavor/elem_bf16.wgsl",
+            include_str!("../../shaders/flavor/elem_bf16.wgsl"),
+        ),
+        (
+            "flavor/store.wgsl",
+            include_str!("../../shaders/flavor/store.wgsl"),
+        ),
+        (
+            "flavor/store_packed.wgsl",
+            include_str!("../../shaders/flavor/store_packed.wgsl"),
+        ),
     ];
 
     /// Full source of a kernel file (plain batch norm): the flag and size
@@ -159,7 +183,7 @@ pub mod sources {
             .map(|f| {
                 let name = format!(
                     "{} {} residual={} subgroups={}",
-                    f.dtype.name(),
+                    f.elem.name(),
                     f.act.name(),
                     f.residual,
                     f.subgroups
@@ -202,16 +226,32 @@ pub mod sources {
                 _ => (name, value),
             })
             .chain([("ACT", flavor.act as u32)])
+            .chain(scalar_out_binding(file).map(|b| ("SCALAR_OUT_BINDING", b)))
             .map(|(name, value)| format!("const {name}: u32 = {value}u;\n"))
             .collect();
-        // The tensors' element type (`enable` opens the module). The subgroup
-        // functions need no `enable` in naga (which does not take `enable
-        // subgroups` yet): the device's SUBGROUP feature admits them.
-        let elem = match flavor.dtype {
-            crate::DType::F32 => "alias elem = f32;\n",
-            crate::DType::F16 => "enable f16;\nalias elem = f16;\n",
+        // The tensors' storage (`enable` opens the module): one element per f32 or
+        // f16, or two per u32. The subgroup functions need no `enable` in naga
+        // (which does not take `enable subgroups` yet): the device's SUBGROUP
+        // feature admits them.
+        let elem = match flavor.elem {
+            super::Elem::F32 => "alias elem1 = f32;\nalias elem4 = vec4<f32>;\n",
+            super::Elem::F16 => "enable f16;\nalias elem1 = f16;\nalias elem4 = vec4<f16>;\n",
+            super::Elem::F16Packed | super::Elem::Bf16 => {
+                "alias elem1 = u32;\nalias elem4 = vec2<u32>;\n"
+            }
         };
         format!("{elem}{consts}\n{COMMON}\n{pieces}\n{}", kernel(file))
+    }
+
+    /// The binding of a kernel file's output tensor (y; dx in the backward's), which
+    /// the flavor's `store` piece binds as single elements.
+    fn scalar_out_binding(file: &str) -> Option<u32> {
+        match file {
+            "stats.wgsl" | "apply.wgsl" => Some(2),
+            "backward_dx.wgsl" => Some(3),
+            "backward_reduce.wgsl" => Some(4),
+            _ => None,
+        }
     }
 }
 
@@ -223,25 +263,64 @@ const OUTPUT_BINDING: u32 = 11;
 /// Binding of dz in backward_reduce.wgsl's kernels of a module with a residual.
 const RESIDUAL_GRAD_BINDING: u32 = 12;
 
-/// What a set of kernels is built for: the tensors' element type, the activation
-/// fused after batch norm, whether the forward adds a residual (and the backward
-/// writes its gradient), and whether the reductions merge within subgroups.
+/// How the kernels store a tensor's elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Elem {
+    /// f32, one per element.
+    F32,
+    /// f16 as WGSL's f16 (devices with SHADER_F16).
+    F16,
+    /// f16, two per u32 (devices without SHADER_F16, or asked for).
+    F16Packed,
+    /// bf16, two per u32.
+    Bf16,
+}
+
+impl Elem {
+    const ALL: [Elem; 4] = [Elem::F32, Elem::F16, Elem::F16Packed, Elem::Bf16];
+
+    /// The storage of `dtype` tensors: f16 native where `native_f16`.
+    pub fn of(dtype: DType, native_f16: bool) -> Elem {
+        match dtype {
+            DType::F32 => Elem::F32,
+            DType::F16 if native_f16 => Elem::F16,
+            DType::F16 => Elem::F16Packed,
+            DType::Bf16 => Elem::Bf16,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::F16 => "f16",
+            Elem::F16Packed => "f16x2",
+            Elem::Bf16 => "bf16x2",
+        }
+    }
+
+    fn packed(self) -> bool {
+        matches!(self, Elem::F16Packed | Elem::Bf16)
+    }
+}
+
+/// What a set of kernels is built for: the tensors' storage, the activation fused
+/// after batch norm, whether the forward adds a residual (and the backward writes
+/// its gradient), and whether the reductions merge within subgroups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Flavor {
-    pub dtype: DType,
+    pub elem: Elem,
     pub act: Activation,
     pub residual: bool,
     pub subgroups: bool,
 }
 
-/// Number of flavors (element types x activations x residual or not x subgroups
-/// or not).
-const FLAVORS: usize = 2 * 3 * 2 * 2;
+/// Number of flavors (storages x activations x residual or not x subgroups or not).
+const FLAVORS: usize = 4 * 3 * 2 * 2;
 
 impl Flavor {
     /// Plain batch norm on f32 tensors, without subgroups.
     pub const NONE: Flavor = Flavor {
-        dtype: DType::F32,
+        elem: Elem::F32,
         act: Activation::Identity,
         residual: false,
         subgroups: false,
@@ -250,7 +329,7 @@ impl Flavor {
     /// Every flavor, plain f32 first.
     pub fn all() -> impl Iterator<Item = Flavor> {
         (0..FLAVORS).map(|i| Flavor {
-            dtype: [DType::F32, DType::F16][i / 12],
+            elem: Elem::ALL[i / 12],
             act: Activation::ALL[i / 4 % 3],
             residual: i / 2 % 2 == 1,
             subgroups: i % 2 == 1,
@@ -258,7 +337,7 @@ impl Flavor {
     }
 
     fn index(self) -> usize {
-        12 * self.dtype as usize
+        12 * self.elem as usize
             + 4 * self.act as usize
             + 2 * usize::from(self.residual)
             + usize::from(self.subgroups)
@@ -285,10 +364,12 @@ impl Flavor {
             ("flavor/mask_none.wgsl", None)
         };
         let dz = if self.residual {
-            (
-                "flavor/dz.wgsl",
-                Some((RESIDUAL_GRAD_BINDING, Access::ReadWrite)),
-            )
+            let file = if self.elem.packed() {
+                "flavor/dz_packed.wgsl"
+            } else {
+                "flavor/dz.wgsl"
+            };
+            (file, Some((RESIDUAL_GRAD_BINDING, Access::ReadWrite)))
         } else {
             ("flavor/dz_none.wgsl", None)
         };
@@ -297,13 +378,24 @@ impl Flavor {
         } else {
             ("flavor/subgroups_none.wgsl", None)
         };
+        let (elem, store) = if self.elem.packed() {
+            let elem = if self.elem == Elem::Bf16 {
+                "flavor/elem_bf16.wgsl"
+            } else {
+                "flavor/elem_f16_packed.wgsl"
+            };
+            ((elem, None), ("flavor/store_packed.wgsl", None))
+        } else {
+            (("flavor/elem.wgsl", None), ("flavor/store.wgsl", None))
+        };
         match file {
-            "stats.wgsl" => vec![residual, subgroups],
-            "apply.wgsl" => vec![residual],
-            "backward_reduce.wgsl" => vec![mask, dz, subgroups],
+            "stats.wgsl" => vec![elem, store, residual, subgroups],
+            "apply.wgsl" => vec![elem, store, residual],
+            "backward_reduce.wgsl" => vec![elem, store, mask, dz, subgroups],
             // The dx pass after a residual's sums reads dz, already masked.
-            "backward_dx.wgsl" if !self.residual => vec![mask],
-            "backward_dx.wgsl" => vec![("flavor/mask_none.wgsl", None)],
+            "backward_dx.wgsl" if !self.residual => vec![elem, store, mask],
+            "backward_dx.wgsl" => vec![elem, store, ("flavor/mask_none.wgsl", None)],
+            "activation.wgsl" | "copy.wgsl" => vec![elem],
             _ => vec![],
         }
     }
@@ -746,15 +838,17 @@ impl Kernels {
     }
 
     /// The pipelines of `flavor` (made on first use; plain batch norm's on f32 are
-    /// `self`). f16 needs a device with `SHADER_F16`.
+    /// `self`). WGSL's f16 needs a device with `SHADER_F16`, subgroups one with
+    /// `SUBGROUP` (`GpuContext` picks flavors the device has).
     pub(crate) fn fused(&self, device: &wgpu::Device, flavor: Flavor) -> Result<&Kernels> {
         if flavor == self.flavor {
             return Ok(self);
         }
-        if flavor.dtype == DType::F16 && !device.features().contains(wgpu::Features::SHADER_F16) {
-            return Err(Error::UnsupportedDType {
-                dtype: "f16",
-                needs: "wgpu::Features::SHADER_F16",
+        if flavor.elem == Elem::F16 && !device.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(Error::DeviceLimit {
+                name: "wgpu::Features::SHADER_F16",
+                actual: 0,
+                required: 1,
             });
         }
         if flavor.subgroups && !device.features().contains(wgpu::Features::SUBGROUP) {
@@ -816,7 +910,7 @@ impl Kernels {
                 let subgroups = if flavor.subgroups { ".subgroups" } else { "" };
                 format!(
                     "{name}.{}.{}{residual}{subgroups}",
-                    flavor.dtype.name(),
+                    flavor.elem.name(),
                     flavor.act.name()
                 )
             };
@@ -853,7 +947,7 @@ impl Kernels {
             uniforms: Mutex::new(HashMap::new()),
             coef_window,
             flavor,
-            fused: Default::default(),
+            fused: std::array::from_fn(|_| OnceLock::new()),
         };
         Ok(kernels)
     }

@@ -3,10 +3,10 @@
 
 use serde::Serialize;
 use wgpu_batchnorm::cpu::fast::CpuBatchNorm;
-use wgpu_batchnorm::half::f16;
+use wgpu_batchnorm::half::{bf16, f16};
 use wgpu_batchnorm::{
-    Activation, BatchNorm, BatchNormConfig, DType, Elementwise, GpuContext, GradBuffers, GradMask,
-    Layout, Plan, SavedStats, SavedStatsHost, Shape,
+    Activation, BatchNorm, BatchNormConfig, DType, Element, Elementwise, GpuContext, GradBuffers,
+    GradMask, Layout, Plan, SavedStats, SavedStatsHost, Shape,
 };
 
 use super::data::{layout_name, random_state, ShapeSpec, XorShift};
@@ -20,11 +20,15 @@ pub const TOLERANCE: f64 = 1e-4;
 /// one f16 ulp is at most 2^-10 of the value (and of 1 + |value| below 1).
 pub const TOLERANCE_F16: f64 = 2e-3;
 
+/// The same for bf16 (one ulp at most 2^-7).
+pub const TOLERANCE_BF16: f64 = 1.6e-2;
+
 /// The tolerance of a dtype's tensor outputs.
 fn tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F32 => TOLERANCE,
         DType::F16 => TOLERANCE_F16,
+        DType::Bf16 => TOLERANCE_BF16,
     }
 }
 
@@ -315,11 +319,12 @@ fn grad_scales(
 
 /// `values` rounded to the dtype (kept as f32).
 fn round_to(dtype: DType, mut values: Vec<f32>) -> Vec<f32> {
-    if dtype == DType::F16 {
-        values
-            .iter_mut()
-            .for_each(|v| *v = f16::from_f32(*v).to_f32());
-    }
+    let round: fn(f32) -> f32 = match dtype {
+        DType::F32 => return values,
+        DType::F16 => |v| f16::from_f32(v).to_f32(),
+        DType::Bf16 => |v| bf16::from_f32(v).to_f32(),
+    };
+    values.iter_mut().for_each(|v| *v = round(*v));
     values
 }
 
@@ -330,12 +335,13 @@ fn upload(
     dtype: DType,
     values: &[f32],
 ) -> wgpu_batchnorm::Result<wgpu::Buffer> {
+    fn narrowed<T: Element>(values: &[f32]) -> Vec<T> {
+        values.iter().map(|&v| T::from_f32(v)).collect()
+    }
     match dtype {
         DType::F32 => ctx.upload(label, values),
-        DType::F16 => {
-            let half: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
-            ctx.upload(label, &half)
-        }
+        DType::F16 => ctx.upload(label, &narrowed::<f16>(values)),
+        DType::Bf16 => ctx.upload(label, &narrowed::<bf16>(values)),
     }
 }
 
@@ -346,14 +352,14 @@ fn read_tensor(
     numel: usize,
     dtype: DType,
 ) -> wgpu_batchnorm::Result<Vec<f32>> {
-    match dtype {
-        DType::F32 => ctx.read_buffer(buffer, numel),
-        DType::F16 => Ok(ctx
-            .read_buffer::<f16>(buffer, numel)?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect()),
+    fn widened<T: Element>(values: Vec<T>) -> Vec<f32> {
+        values.into_iter().map(T::to_f32).collect()
     }
+    Ok(match dtype {
+        DType::F32 => ctx.read_buffer(buffer, numel)?,
+        DType::F16 => widened(ctx.read_buffer::<f16>(buffer, numel)?),
+        DType::Bf16 => widened(ctx.read_buffer::<bf16>(buffer, numel)?),
+    })
 }
 
 /// Bytes of a tensor's whole vec4s (what the copy and elementwise kernels cover).

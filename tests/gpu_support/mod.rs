@@ -126,6 +126,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 fused_forward_max_elements: u64::MAX,
                 fused_eval_max_elements: u64::MAX,
                 subgroups: true,
+                native_f16: true,
             }),
         ),
         (
@@ -144,6 +145,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 fused_forward_max_elements: 0,
                 fused_eval_max_elements: 0,
                 subgroups: true,
+                native_f16: true,
             }),
         ),
         (
