@@ -41,7 +41,8 @@ struct Inner {
 /// Optional device features the crate knows how to use or report.
 pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
     .union(wgpu::Features::SUBGROUP)
-    .union(wgpu::Features::SHADER_F16);
+    .union(wgpu::Features::SHADER_F16)
+    .union(wgpu::Features::PIPELINE_CACHE);
 
 impl GpuContext {
     /// Opens the adapter the environment asks for and creates a device on it.
@@ -58,6 +59,32 @@ impl GpuContext {
 
     /// Async form of [`Self::from_env`].
     pub async fn from_env_async() -> Result<Self> {
+        // SAFETY: no cache data is given.
+        unsafe { Self::from_env_with_pipeline_cache_async(None) }.await
+    }
+
+    /// [`Self::from_env`] with its pipelines built through a pipeline cache that
+    /// starts from `data`: the contents of [`Self::pipeline_cache_data`] saved by an
+    /// earlier run, so that pipelines that run built need not be compiled again
+    /// (Vulkan; other backends ignore it). Data of another adapter, driver or wgpu
+    /// version is not used (the cache starts empty).
+    ///
+    /// # Safety
+    ///
+    /// `data` must be what [`Self::pipeline_cache_data`] returned (wgpu's
+    /// `Device::create_pipeline_cache` requirement: the driver reads it as it is).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub unsafe fn from_env_with_pipeline_cache(data: Option<&[u8]>) -> Result<Self> {
+        // SAFETY: the caller's.
+        pollster::block_on(unsafe { Self::from_env_with_pipeline_cache_async(data) })
+    }
+
+    /// Async form of [`Self::from_env_with_pipeline_cache`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::from_env_with_pipeline_cache`].
+    pub async unsafe fn from_env_with_pipeline_cache_async(data: Option<&[u8]>) -> Result<Self> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = select_adapter(&instance).await?;
@@ -70,7 +97,8 @@ impl GpuContext {
                 ..Default::default()
             })
             .await?;
-        Self::from_device(device, queue)
+        // SAFETY: the caller's.
+        unsafe { Self::from_device_with_pipeline_cache(device, queue, data) }
     }
 
     /// A context on a device the caller already has (its pipelines are built as
@@ -92,6 +120,36 @@ impl GpuContext {
     /// ([`Self::max_binding_size`]); request the adapter's limits
     /// (`adapter.limits()`) for tensors past WebGPU's default of 128 MiB.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        // SAFETY: no cache data is given.
+        unsafe { Self::from_device_with_pipeline_cache(device, queue, None) }
+    }
+
+    /// [`Self::from_device`] building pipelines through a pipeline cache where the
+    /// device has `wgpu::Features::PIPELINE_CACHE`, starting from `data` (see
+    /// [`Self::from_env_with_pipeline_cache`]).
+    ///
+    /// # Safety
+    ///
+    /// `data` must be what [`Self::pipeline_cache_data`] returned.
+    pub unsafe fn from_device_with_pipeline_cache(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        data: Option<&[u8]>,
+    ) -> Result<Self> {
+        let cache = device
+            .features()
+            .contains(wgpu::Features::PIPELINE_CACHE)
+            .then(|| {
+                // SAFETY: `data` is the caller's (from `pipeline_cache_data`), or none;
+                // with `fallback` a cache that cannot use it starts empty.
+                unsafe {
+                    device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                        label: Some("bn.pipeline_cache"),
+                        data,
+                        fallback: true,
+                    })
+                }
+            });
         let lost = Arc::new(Mutex::new(None));
         let flag = lost.clone();
         device.set_device_lost_callback(move |reason, message| {
@@ -99,7 +157,7 @@ impl GpuContext {
             *lost = Some(format!("{reason:?}: {message}"));
         });
         let info = device.adapter_info();
-        let kernels = Kernels::new(&device)?;
+        let kernels = Kernels::new(&device, cache)?;
         Ok(Self {
             tuning: Tuning::for_adapter(&info),
             inner: Arc::new(Inner {
@@ -355,6 +413,13 @@ impl GpuContext {
             plan.workgroups(),
         );
         Ok(())
+    }
+
+    /// The contents of the context's pipeline cache (the pipelines built so far),
+    /// to save and give [`Self::from_env_with_pipeline_cache`] in a later run; `None`
+    /// where the device has no pipeline cache (every backend but Vulkan).
+    pub fn pipeline_cache_data(&self) -> Option<Vec<u8>> {
+        self.kernels().cache_data()
     }
 
     /// How the kernels store `dtype` tensors here: f16 as WGSL's f16 where the

@@ -153,6 +153,13 @@ struct Args {
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     rotate_mib: u64,
 
+    /// A file holding the pipeline cache (Vulkan): read, when it exists, into the
+    /// context's cache, and written with its contents at the end, so that a second
+    /// run finds its pipelines compiled. The report prints the time spent planning
+    /// each op for the first time (building its pipelines) over the run.
+    #[arg(long, value_name = "FILE")]
+    pipeline_cache: Option<PathBuf>,
+
     /// Also time each dispatch of every operation alone (its own compute pass with
     /// timestamp writes; adapters with timestamp queries), listed after the table
     /// and in results.json.
@@ -307,8 +314,14 @@ fn main() -> BoxResult<()> {
         .map(|s| layouts_for(s, &args.layouts).len() * ops.len())
         .sum();
 
+    let cache_in = match &args.pipeline_cache {
+        Some(path) if path.exists() => Some(std::fs::read(path)?),
+        _ => None,
+    };
     let created = Instant::now();
-    let ctx = GpuContext::from_env()?;
+    // SAFETY: the file is one this report wrote from `pipeline_cache_data` (a run
+    // with another adapter, driver or wgpu finds it unusable and starts empty).
+    let ctx = unsafe { GpuContext::from_env_with_pipeline_cache(cache_in.as_deref())? };
     let context_ms = created.elapsed().as_secs_f64() * 1e3;
     let ctx = match args.tuning {
         TuningArg::Adapter => ctx,
@@ -394,6 +407,27 @@ fn main() -> BoxResult<()> {
     let bad = rows.iter().filter(|r| r.status != "ok").count();
     if bad > 0 {
         println!("{bad} row(s) FAILED or in ERROR (see status)");
+    }
+    let planning: f64 = rows.iter().filter_map(|r| r.first_plan_ms).sum();
+    let cache = match (&args.pipeline_cache, &cache_in) {
+        (None, _) => "no pipeline cache file".to_string(),
+        (Some(p), None) => format!("pipeline cache {} absent: started empty", p.display()),
+        (Some(p), Some(d)) => format!("pipeline cache {} read: {} bytes", p.display(), d.len()),
+    };
+    println!(
+        "first plan of each row (pipelines built on first use): {planning:.1} ms in all ({cache})"
+    );
+    if let Some(path) = &args.pipeline_cache {
+        match ctx.pipeline_cache_data() {
+            Some(data) => {
+                std::fs::write(path, &data)?;
+                println!("wrote {} ({} bytes)", path.display(), data.len());
+            }
+            None => println!(
+                "this device has no pipeline cache: {} not written",
+                path.display()
+            ),
+        }
     }
     output::write_all(&args.out, &header, &rows)?;
     println!(

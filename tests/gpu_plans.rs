@@ -152,3 +152,37 @@ fn the_adapter_line_names_api_type_and_driver() {
     );
     assert!(line.contains(", driver "), "{line}");
 }
+
+/// A context started from another's pipeline cache (Vulkan; none elsewhere) builds
+/// the same pipelines and gives the same bits.
+#[test]
+fn pipeline_cache_data_starts_another_context() {
+    let mut rng = rng("pipeline_cache_data_starts_another_context");
+    let shape = Shape::new(&[6, 5, 7, 3], Layout::ChannelsLast).unwrap();
+    let config = BatchNormConfig::new(5);
+    let state = random_state(&mut rng, &config);
+    let x = normal(&mut rng, &shape, 1.0, 2.0);
+    let dy = normal(&mut rng, &shape, 0.0, 1.0);
+    let first = gpu_support::ctx().clone();
+    let mut bn = BatchNorm::with_state(&first, config.clone(), &state).unwrap();
+    let record = |plan: &Plan<'_>, enc: &mut wgpu::CommandEncoder| plan.record_into(enc);
+    let want = run(&first, &mut bn, &shape, &x, &dy, record);
+    let has_cache = first
+        .device()
+        .features()
+        .contains(wgpu::Features::PIPELINE_CACHE);
+    let data = first.pipeline_cache_data();
+    assert_eq!(data.is_some(), has_cache, "{}", first.describe());
+    println!(
+        "pipeline cache: {}",
+        data.as_ref()
+            .map_or("none on this device".into(), |d| format!(
+                "{} bytes",
+                d.len()
+            ))
+    );
+    // SAFETY: the data is what pipeline_cache_data returned.
+    let second = unsafe { GpuContext::from_env_with_pipeline_cache(data.as_deref()) }.unwrap();
+    let mut again = BatchNorm::with_state(&second, config, &state).unwrap();
+    assert_eq!(run(&second, &mut again, &shape, &x, &dy, record), want);
+}

@@ -424,15 +424,23 @@ pub(crate) struct Module {
     source: String,
     /// Bindings of the fused tensors its pieces declare, after every kernel's own.
     extra: Vec<(u32, Access)>,
+    /// The context's pipeline cache, where the backend has one.
+    cache: Option<wgpu::PipelineCache>,
     built: Mutex<Option<wgpu::ShaderModule>>,
 }
 
 impl Module {
-    pub(crate) fn new(label: String, source: String, extra: Vec<(u32, Access)>) -> Arc<Self> {
+    pub(crate) fn new(
+        label: String,
+        source: String,
+        extra: Vec<(u32, Access)>,
+        cache: Option<wgpu::PipelineCache>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             label,
             source,
             extra,
+            cache,
             built: Mutex::new(None),
         })
     }
@@ -606,7 +614,7 @@ impl Kernel {
                 constants: &constants,
                 zero_initialize_workgroup_memory: false,
             },
-            cache: None,
+            cache: self.module.cache.as_ref(),
         });
         Built { pipeline, layout }
     }
@@ -827,14 +835,22 @@ pub(crate) struct Kernels {
     flavor: Flavor,
     /// The sets of the other flavors (of the plain set only), made on first use.
     fused: [OnceLock<Box<Kernels>>; FLAVORS],
+    /// The pipeline cache every set builds its pipelines with, where the backend has
+    /// one.
+    cache: Option<wgpu::PipelineCache>,
 }
 
 /// Beyond this many cached uniform buffers the cache starts over.
 const MAX_CACHED_UNIFORMS: usize = 4096;
 
 impl Kernels {
-    pub(crate) fn new(device: &wgpu::Device) -> Result<Self> {
-        Self::with_fusion(device, Flavor::NONE)
+    pub(crate) fn new(device: &wgpu::Device, cache: Option<wgpu::PipelineCache>) -> Result<Self> {
+        Self::with_flavor(device, Flavor::NONE, cache)
+    }
+
+    /// The pipeline cache's contents, to give [`Kernels::new`] in a later run.
+    pub(crate) fn cache_data(&self) -> Option<Vec<u8>> {
+        self.cache.as_ref().and_then(wgpu::PipelineCache::get_data)
     }
 
     /// The pipelines of `flavor` (made on first use; plain batch norm's on f32 are
@@ -862,11 +878,15 @@ impl Kernels {
         if let Some(k) = slot.get() {
             return Ok(k);
         }
-        let made = Box::new(Self::with_fusion(device, flavor)?);
+        let made = Box::new(Self::with_flavor(device, flavor, self.cache.clone())?);
         Ok(slot.get_or_init(|| made))
     }
 
-    fn with_fusion(device: &wgpu::Device, flavor: Flavor) -> Result<Self> {
+    fn with_flavor(
+        device: &wgpu::Device,
+        flavor: Flavor,
+        cache: Option<wgpu::PipelineCache>,
+    ) -> Result<Self> {
         let limits = device.limits();
         for (name, actual, required) in [
             (
@@ -915,7 +935,7 @@ impl Kernels {
                 )
             };
             let source = sources::module(file, flavor, coef_window);
-            Module::new(label, source, flavor.extra_bindings(file))
+            Module::new(label, source, flavor.extra_bindings(file), cache.clone())
         };
         let src = |file: &'static str| file;
         let apply_module = module("bn.apply", src("apply.wgsl"));
@@ -948,6 +968,7 @@ impl Kernels {
             coef_window,
             flavor,
             fused: std::array::from_fn(|_| OnceLock::new()),
+            cache,
         };
         Ok(kernels)
     }

@@ -192,6 +192,9 @@ pub struct Row {
     /// CPU time to check, plan and record the operation into a compute pass
     /// (median, microseconds; pipelines already built).
     pub record_us: Option<f64>,
+    /// Wall time of the row's first plan, which builds the pipelines it is the first
+    /// to need (ms).
+    pub first_plan_ms: Option<f64>,
     /// With `--detail`: each dispatch timed alone (its own compute pass with
     /// timestamp writes).
     pub detail: Vec<DispatchTime>,
@@ -252,6 +255,7 @@ impl Row {
             bytes_bound: None,
             bound_over_floor: None,
             record_us: None,
+            first_plan_ms: None,
             detail: Vec::new(),
             unfused_ms: None,
             unfused_bytes: case.unfused_bytes(numel),
@@ -932,6 +936,12 @@ impl LayoutBench<'_> {
     pub fn measure(&mut self, op: Case, timer: &GpuTimer, reps: usize, detail: bool) -> Row {
         let layout = self.layout_label();
         let mut row = Row::new(&self.bench.spec, &layout, op, reps, self.bench.copies());
+        if self.train_error.is_none() || op.op == Op::Eval {
+            let started = std::time::Instant::now();
+            if self.plan(op, 0).is_ok() {
+                row.first_plan_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
         let measured = self.measure_into(op, timer, reps, &mut row).and_then(|()| {
             if row.status != "ok" {
                 return Ok(());
