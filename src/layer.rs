@@ -1510,7 +1510,8 @@ impl BatchNorm {
 
     /// Training forward on host data: uploads `x`, runs, reads back `y` and the
     /// saved statistics. Running statistics are updated on the GPU. The tensors'
-    /// element type is the slices' (`f32` or `half::f16`), whatever `shape` says.
+    /// element type is the slices' (`f32`, `half::f16` or `half::bf16`), whatever
+    /// `shape` says.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_train_host<T: Element>(
         &mut self,

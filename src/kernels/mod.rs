@@ -829,7 +829,8 @@ pub(crate) struct Kernels {
     pub copy: Kernel,
     pub activation: activation::ActivationKernels,
     pub optimizer: optimizer::OptimizerKernels,
-    uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
+    /// Uniform buffers by content, one cache for every flavor's set.
+    uniforms: Arc<Mutex<HashMap<Vec<u8>, wgpu::Buffer>>>,
     coef_window: u32,
     /// What this set fuses around batch norm.
     flavor: Flavor,
@@ -845,7 +846,7 @@ const MAX_CACHED_UNIFORMS: usize = 4096;
 
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device, cache: Option<wgpu::PipelineCache>) -> Result<Self> {
-        Self::with_flavor(device, Flavor::NONE, cache)
+        Self::with_flavor(device, Flavor::NONE, cache, Arc::default())
     }
 
     /// The pipeline cache's contents, to give [`Kernels::new`] in a later run.
@@ -878,7 +879,12 @@ impl Kernels {
         if let Some(k) = slot.get() {
             return Ok(k);
         }
-        let made = Box::new(Self::with_flavor(device, flavor, self.cache.clone())?);
+        let made = Box::new(Self::with_flavor(
+            device,
+            flavor,
+            self.cache.clone(),
+            self.uniforms.clone(),
+        )?);
         Ok(slot.get_or_init(|| made))
     }
 
@@ -886,6 +892,7 @@ impl Kernels {
         device: &wgpu::Device,
         flavor: Flavor,
         cache: Option<wgpu::PipelineCache>,
+        uniforms: Arc<Mutex<HashMap<Vec<u8>, wgpu::Buffer>>>,
     ) -> Result<Self> {
         let limits = device.limits();
         for (name, actual, required) in [
@@ -964,7 +971,7 @@ impl Kernels {
                 "bn.optimizer",
                 src("optimizer.wgsl"),
             )),
-            uniforms: Mutex::new(HashMap::new()),
+            uniforms,
             coef_window,
             flavor,
             fused: std::array::from_fn(|_| OnceLock::new()),
