@@ -229,7 +229,11 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let k = coef_channel(walk_group(p, first));
+    loop_scalar(first, coef_channel(walk_group(p, first)));
+}
+
+// The loop over rows one element per invocation (channels-last, C % 4 != 0).
+fn loop_scalar(first: Walk, k: Norm) {
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
@@ -240,15 +244,18 @@ fn scalar(@builtin(local_invocation_index) t: u32,
 
 // ----- merged: the statistics' partials merged in the normalize -----------------
 //
-// A training forward in two dispatches where the statistics split (channels-first,
-// one channel per unit, GPUs): stats.wgsl's partials, then these kernels. The rows
-// of each channel unit merge the channel's partials (row r those at r, r + rows,
-// ..., then a fixed tree over the rows: the same bits on every run), row 0
-// finalizes them as finalize.wgsl's `train` does (saved and running statistics,
-// written by the workgroups of split 0 only, one per channel) and shares the
-// coefficients through workgroup memory; then the walk normalizes. Every workgroup
-// of a channel repeats its merge, a few KiB of reads against the chunk it
-// normalizes.
+// A training forward in two dispatches where the statistics split (GPUs): stats.wgsl's
+// partials, then these kernels. Each workgroup first merges the partials of its
+// tile's channels (`count` channels from `c0`, WG / count invocations per channel:
+// lane l those at s = l, l + lanes, ..., then a fixed tree over the lanes; the same
+// bits in every workgroup and on every run), one lane per channel finalizes it as
+// finalize.wgsl's `train` does (saved and running statistics, written by the
+// workgroups of split 0 only, one per channel) and puts its coefficients in
+// workgroup memory; then the walk normalizes. Channels-first a tile is `tile`
+// channels; channels-last (the host's merged rows walk, tiles of 16 channels) 4 *
+// tile channels in vec4 units, or `tile` in f32. Every workgroup of a channel
+// repeats its merge: the host bounds those reads (all workgroups together) to a
+// sixteenth of the tensor (common.rs, MERGED_REREAD).
 // Binds partials at binding 3 (the others' coef), affine, then FinalizeParams,
 // saved and running.
 
@@ -259,41 +266,37 @@ fn scalar(@builtin(local_invocation_index) t: u32,
 
 var<workgroup> sh_merge: array<vec4<f32>, WG>;
 
-fn merged_norm(t: u32, first: Walk) -> Norm {
-    let rows = WG / p.tile;
-    let c = first.group;
-    let live = c < p.groups;
+// Merges the partials of channels c0 .. c0 + count - 1 (count a power of two, at
+// most WG); afterwards sh_merge[i] holds channel c0 + i's (hi, scale, shift).
+fn merge_channels(t: u32, c0: u32, count: u32, split: u32) {
+    let lanes = WG / count;
+    let slot = t / lanes;
+    let lane = t % lanes;
+    let c = c0 + slot;
+    let live = c < fp.channels;
     var acc = welford_empty();
     var pivot = 0.0;
     if live {
         let at = c * fp.splits;
         pivot = partials[at].w;
-        for (var s = first.row; s < fp.splits; s += rows) {
-            acc = welford_merge(acc, Welford(vec4<f32>(partials[at + s].x, 0.0, 0.0, 0.0),
-                                             vec4<f32>(partials[at + s].y, 0.0, 0.0, 0.0),
-                                             vec4<f32>(partials[at + s].z, 0.0, 0.0, 0.0)));
+        for (var s = lane; s < fp.splits; s += lanes) {
+            acc = welford_merge(acc, scalar_state(partials[at + s]));
         }
     }
     sh_merge[t] = vec4<f32>(acc.n.x, acc.mean.x, acc.m2.x, 0.0);
     workgroupBarrier();
-    for (var half = rows / 2u; half > 0u; half /= 2u) {
-        if first.row < half {
-            let o = sh_merge[walk_partner(p, t, half)];
-            let a = sh_merge[t];
-            let r = welford_merge(Welford(vec4<f32>(a.x, 0.0, 0.0, 0.0), vec4<f32>(a.y, 0.0, 0.0, 0.0),
-                                          vec4<f32>(a.z, 0.0, 0.0, 0.0)),
-                                  Welford(vec4<f32>(o.x, 0.0, 0.0, 0.0), vec4<f32>(o.y, 0.0, 0.0, 0.0),
-                                          vec4<f32>(o.z, 0.0, 0.0, 0.0)));
+    for (var half = lanes / 2u; half > 0u; half /= 2u) {
+        if lane < half {
+            let r = welford_merge(scalar_state(sh_merge[t]), scalar_state(sh_merge[t + half]));
             sh_merge[t] = vec4<f32>(r.n.x, r.mean.x, r.m2.x, 0.0);
         }
         workgroupBarrier();
     }
     let merged = sh_merge[t];
     workgroupBarrier();
-    let slot = c % p.tile;
-    if first.row == 0u && live {
+    if lane == 0u && live {
         let b = batch_stats(fp, pivot, merged.y, merged.z);
-        if first.split == 0u {
+        if split == 0u {
             saved[c] = b.hi + b.lo;
             saved[fp.padded + c] = b.invstd;
             saved[2u * fp.padded + c] = b.hi;
@@ -311,26 +314,63 @@ fn merged_norm(t: u32, first: Walk) -> Norm {
             gamma = affine[c];
             beta = affine[fp.padded + c];
         }
-        let k = coefficients(b, gamma, beta);
-        sh_merge[slot] = vec4<f32>(k, 0.0);
+        sh_merge[slot] = vec4<f32>(coefficients(b, gamma, beta), 0.0);
     }
     workgroupBarrier();
-    let k = sh_merge[slot];
+}
+
+// Merged channel i of the tile in every lane.
+fn merged_channel(i: u32) -> Norm {
+    let k = sh_merge[i];
     return Norm(vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z));
+}
+
+// Merged channels 4u .. 4u + 3 of the tile, one per lane.
+fn merged_group(u: u32) -> Norm {
+    let a = sh_merge[4u * u];
+    let b = sh_merge[4u * u + 1u];
+    let c = sh_merge[4u * u + 2u];
+    let d = sh_merge[4u * u + 3u];
+    return Norm(vec4<f32>(a.x, b.x, c.x, d.x), vec4<f32>(a.y, b.y, c.y, d.y),
+                vec4<f32>(a.z, b.z, c.z, d.z));
 }
 
 @compute @workgroup_size(WG)
 fn merged_channels_first_vec4(@builtin(local_invocation_index) t: u32,
                               @builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    loop_vec4(first, merged_norm(t, first));
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    loop_vec4(first, merged_channel(first.group % p.tile));
 }
 
 @compute @workgroup_size(WG)
 fn merged_channels_first_quad(@builtin(local_invocation_index) t: u32,
                               @builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    loop_quad(first, merged_norm(t, first));
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    loop_quad(first, merged_channel(first.group % p.tile));
+}
+
+@compute @workgroup_size(WG)
+fn merged_channels_last_vec4(@builtin(local_invocation_index) t: u32,
+                             @builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, 4u * tile_start(p, g), 4u * p.tile, first.split);
+    loop_vec4_rows(first, merged_group(first.group % p.tile));
+}
+
+@compute @workgroup_size(WG)
+fn merged_scalar(@builtin(local_invocation_index) t: u32,
+                 @builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    loop_scalar(first, merged_channel(first.group % p.tile));
 }

@@ -227,7 +227,11 @@ fn scalar(@builtin(local_invocation_index) t: u32,
           @builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    let k = coef_channel(walk_group(p, first));
+    loop_scalar(first, coef_channel(walk_group(p, first)));
+}
+
+// The loop over rows one element per invocation (channels-last, C % 4 != 0).
+fn loop_scalar(first: Walk, k: Coef) {
     let step = row_step(p);
     var i = walk_index(p, first);
     for (var j = first.j; j < first.end; j += p.block) {
@@ -242,14 +246,15 @@ fn scalar(@builtin(local_invocation_index) t: u32,
 
 // ----- merged: the backward sums' partials merged in the dx pass ------------------
 //
-// A backward in two dispatches where the sums split (channels-first, one channel
-// per unit, GPUs; built with WITH_X): backward_reduce.wgsl's partials, then these
-// kernels. The rows of each channel unit add the channel's partials (row r those at
-// r, r + rows, ..., then a fixed tree), row 0 derives dgamma, dbeta and the dx
+// A backward in two dispatches where the sums split (GPUs; built with WITH_X):
+// backward_reduce.wgsl's partials, then these kernels. Each workgroup first adds
+// the partials of its tile's channels (`count` channels from `c0`, WG / count
+// invocations per channel: lane l those at s = l, l + lanes, ..., then a fixed
+// tree over the lanes), one lane per channel derives dgamma, dbeta and the dx
 // coefficients as backward_finalize.wgsl does (dgamma and dbeta written by the
-// workgroups of split 0 only, one per channel) and shares the coefficients through
-// workgroup memory; then the walk writes dx. Every workgroup of a channel repeats
-// its merge, a few KiB of reads against the chunk it walks.
+// workgroups of split 0 only, one per channel) and puts the coefficients in
+// workgroup memory; then the walk writes dx. Tiles as apply.wgsl's merged
+// normalize's; the host bounds the repeated reads of partials likewise.
 // Binds partials at binding 4 (the others' coef), the backward_finalize parameters,
 // saved, affine, dgamma and dbeta.
 
@@ -262,30 +267,33 @@ fn scalar(@builtin(local_invocation_index) t: u32,
 
 var<workgroup> sh_merge: array<vec4<f32>, WG>;
 
-fn merged_coef(t: u32, first: Walk) -> Coef {
-    let rows = WG / p.tile;
-    let c = first.group;
-    let live = c < p.groups;
+// Adds the partials of channels c0 .. c0 + count - 1 (count a power of two, at most
+// WG); afterwards sh_merge[i] holds channel c0 + i's (hi, k_dy, k_x, k_c).
+fn merge_channels(t: u32, c0: u32, count: u32, split: u32) {
+    let lanes = WG / count;
+    let slot = t / lanes;
+    let lane = t % lanes;
+    let c = c0 + slot;
+    let live = c < bp.channels;
     var sum = vec2<f32>(0.0);
     if live {
-        for (var s = first.row; s < bp.splits; s += rows) {
+        for (var s = lane; s < bp.splits; s += lanes) {
             sum += partials[c * bp.splits + s].xy;
         }
     }
     sh_merge[t] = vec4<f32>(sum, 0.0, 0.0);
     workgroupBarrier();
-    for (var half = rows / 2u; half > 0u; half /= 2u) {
-        if first.row < half {
-            sh_merge[t] += sh_merge[walk_partner(p, t, half)];
+    for (var half = lanes / 2u; half > 0u; half /= 2u) {
+        if lane < half {
+            sh_merge[t] += sh_merge[t + half];
         }
         workgroupBarrier();
     }
     let merged = sh_merge[t].xy;
     workgroupBarrier();
-    let slot = c % p.tile;
-    if first.row == 0u && live {
+    if lane == 0u && live {
         let b = backward_channel(bp, merged, saved[bp.padded + c], saved[3u * bp.padded + c], affine[c]);
-        if first.split == 0u {
+        if split == 0u {
             let acc = (bp.flags & BACKWARD_ACCUMULATE) != 0u;
             if (bp.flags & BACKWARD_WANT_DGAMMA) != 0u {
                 dgamma[c] = select(b.dgamma, dgamma[c] + b.dgamma, acc);
@@ -297,22 +305,60 @@ fn merged_coef(t: u32, first: Walk) -> Coef {
         sh_merge[slot] = vec4<f32>(saved[2u * bp.padded + c], b.k);
     }
     workgroupBarrier();
-    let k = sh_merge[slot];
+}
+
+// Merged channel i of the tile in every lane.
+fn merged_channel(i: u32) -> Coef {
+    let k = sh_merge[i];
     return Coef(vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w));
+}
+
+// Merged channels 4u .. 4u + 3 of the tile, one per lane.
+fn merged_group(u: u32) -> Coef {
+    let a = sh_merge[4u * u];
+    let b = sh_merge[4u * u + 1u];
+    let c = sh_merge[4u * u + 2u];
+    let d = sh_merge[4u * u + 3u];
+    return Coef(vec4<f32>(a.x, b.x, c.x, d.x), vec4<f32>(a.y, b.y, c.y, d.y),
+                vec4<f32>(a.z, b.z, c.z, d.z), vec4<f32>(a.w, b.w, c.w, d.w));
 }
 
 @compute @workgroup_size(WG)
 fn merged_channels_first_vec4(@builtin(local_invocation_index) t: u32,
                               @builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    loop_vec4(first, merged_coef(t, first));
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    loop_vec4(first, merged_channel(first.group % p.tile));
 }
 
 @compute @workgroup_size(WG)
 fn merged_channels_first_quad(@builtin(local_invocation_index) t: u32,
                               @builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = walk_begin(p, t, workgroup_linear(wid, nwg));
-    loop_quad(first, merged_coef(t, first));
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    loop_quad(first, merged_channel(first.group % p.tile));
+}
+
+@compute @workgroup_size(WG)
+fn merged_channels_last_vec4(@builtin(local_invocation_index) t: u32,
+                             @builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, 4u * tile_start(p, g), 4u * p.tile, first.split);
+    loop_vec4_rows(first, merged_group(first.group % p.tile));
+}
+
+@compute @workgroup_size(WG)
+fn merged_scalar(@builtin(local_invocation_index) t: u32,
+                 @builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    loop_scalar(first, merged_channel(first.group % p.tile));
 }

@@ -63,13 +63,18 @@ fn walk_begin(p: WalkParams, t: u32, g: u32) -> Walk {
     let rows = WG / p.tile;
     let in_tile = select(t % p.tile, t / rows, p.runs != 0u);
     let r = select(t / p.tile, t % rows, p.runs != 0u);
-    let group = g / p.splits * p.tile + in_tile;
+    let group = tile_start(p, g) + in_tile;
     let split = g % p.splits;
     let chunk_end = min((split + 1u) * p.chunk, p.per_channel);
     let start = min(split * p.chunk + r / p.block * p.block_len, chunk_end);
     let end = select(start, min(start + p.block_len, chunk_end), group < p.groups);
     let j = start + r % p.block;
     return Walk(group, r, split, j, end, j / p.len, j % p.len);
+}
+
+// The first channel unit of workgroup g's tile.
+fn tile_start(p: WalkParams, g: u32) -> u32 {
+    return g / p.splits * p.tile;
 }
 
 // The invocation `half` rows below invocation t, on the same channel unit.
@@ -223,6 +228,11 @@ fn welford_merge(a: Welford, b: Welford) -> Welford {
     let delta = b.mean - a.mean;
     let wb = select(vec4<f32>(0.0), b.n / n, n > vec4<f32>(0.0));
     return Welford(n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb);
+}
+
+// A partial (count, mean, M2, pivot) as a state in lane 0.
+fn scalar_state(v: vec4<f32>) -> Welford {
+    return Welford(vec4<f32>(v.x, 0.0, 0.0, 0.0), vec4<f32>(v.y, 0.0, 0.0, 0.0), vec4<f32>(v.z, 0.0, 0.0, 0.0));
 }
 
 // Merges the four lanes into lane 0 (lanes that hold the same channel).

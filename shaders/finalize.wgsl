@@ -40,10 +40,6 @@ fn write_coef(c: u32, b: BatchStats) {
     coef[2u * p.padded + c] = k.z;
 }
 
-fn scalar_state(v: vec4<f32>) -> Welford {
-    return Welford(vec4<f32>(v.x, 0.0, 0.0, 0.0), vec4<f32>(v.y, 0.0, 0.0, 0.0), vec4<f32>(v.z, 0.0, 0.0, 0.0));
-}
-
 // A channel's batch statistics from its merged state: saved statistics,
 // coefficients and, when asked, running statistics.
 fn finish_train(c: u32, pivot: f32, mean: f32, m2: f32) {

@@ -340,6 +340,7 @@ impl GpuContext {
                 crate::kernels::binding(dst, bytes),
             ],
             plan.workgroups(),
+            None,
         );
         Ok(())
     }
@@ -411,6 +412,7 @@ impl GpuContext {
                 crate::kernels::binding(out, bytes),
             ],
             plan.workgroups(),
+            None,
         );
         Ok(())
     }

@@ -2,8 +2,8 @@
 
 use crate::context::GpuContext;
 use crate::kernels::{
-    apply, backward_dx, backward_finalize, binding, common, finalize, stats, whole, DispatchInfo,
-    Flavor, Kernel, Kernels, Recipe, WORKGROUP_SIZE,
+    apply, backward_dx, backward_finalize, binding, common, finalize, stats, whole, BindGroups,
+    DispatchInfo, Flavor, Kernel, Kernels, Recipe, WORKGROUP_SIZE,
 };
 // The host types serve the blocking host calls, which the web does not have.
 #[cfg_attr(target_arch = "wasm32", allow(unused_imports))]
@@ -253,6 +253,7 @@ pub struct BatchNorm {
     scratch_saved: SavedStats,
     scratch_grads: [wgpu::Buffer; 2],
     partials: wgpu::Buffer,
+    bind_groups: BindGroups,
 }
 
 impl BatchNorm {
@@ -287,11 +288,26 @@ impl BatchNorm {
                 ctx.storage_buffer("bn.scratch_dbeta", p * 4)?,
             ],
             partials: ctx.storage_buffer("bn.partials", 16 * p)?,
+            bind_groups: BindGroups::default(),
             ctx: ctx.clone(),
             config,
         };
         layer.write_state(state)?;
         Ok(layer)
+    }
+
+    /// Bind groups the layer keeps. Recording an operation makes a bind group per
+    /// dispatch only where the layer has none for the same pipeline and buffer
+    /// ranges (a training loop's later steps on the same tensors make none); it
+    /// keeps up to 64, starting over past that. Each holds its buffers alive.
+    pub fn cached_bind_groups(&self) -> usize {
+        self.bind_groups.len()
+    }
+
+    /// Drops the layer's cached bind groups, and with them its hold on the
+    /// buffers they bind (e.g. after dropping tensors it was used on).
+    pub fn clear_bind_groups(&self) {
+        self.bind_groups.clear();
     }
 
     /// The layer's options.
@@ -398,10 +414,14 @@ impl BatchNorm {
             .check_size("partial results", self.partial_bytes(shape, pass))
     }
 
+    /// Bytes of the partials a reduction `pass` over `shape` writes, in whichever
+    /// walk it takes (its own, or the merged one's).
     fn partial_bytes(&self, shape: &Shape, pass: common::Pass) -> u64 {
+        let c = self.config.num_features;
         let count = self
             .reduce_walk(shape, pass)
-            .partial_count(self.config.num_features);
+            .partial_count(c)
+            .max(self.merged_walks(shape, pass).0.partial_count(c));
         count.max(1) * 16
     }
 
@@ -411,6 +431,8 @@ impl BatchNorm {
         let bytes = self.partial_bytes(shape, pass);
         if self.partials.size() < bytes {
             self.partials = self.ctx.storage_buffer("bn.partials", bytes)?;
+            // No cached bind group keeps the old buffer alive.
+            self.bind_groups.clear();
         }
         Ok(())
     }
@@ -724,6 +746,7 @@ impl BatchNorm {
         Ok(Plan {
             recipe,
             device: self.ctx.device(),
+            bind_groups: &self.bind_groups,
             label,
             fills,
         })
@@ -812,14 +835,13 @@ impl BatchNorm {
                 update_running,
                 z.as_slice(),
             );
-        } else if let Some((plan, merged)) = self.merged_forward(out, shape, update_running) {
+        } else if let Some((plan, ep, merged)) = self.merged_forward(out, shape, update_running) {
             let partials = self.record_stats_partials(pass, shape, x, &plan)?;
             let fp = self.finalize_params(
                 plan.partials_per_channel(),
                 shape.per_channel(),
                 update_running,
             );
-            let ep = self.elementwise_walk(shape);
             let kernels = self.ctx.kernels();
             let (params, fparams) = (
                 kernels.uniform(device, &ep.params),
@@ -835,10 +857,11 @@ impl BatchNorm {
                 whole(saved),
                 whole(&self.running),
             ];
-            merged.dispatch(
+            merged.dispatch_merging(
                 pass,
                 &[&resources[..], z.as_slice()].concat(),
                 ep.workgroups(),
+                self.rereads(&plan, &ep),
             );
         } else {
             self.record_batch_stats(pass, shape, x, saved, update_running)?;
@@ -848,43 +871,67 @@ impl BatchNorm {
     }
 
     /// Where a forward with batch statistics takes two dispatches on a GPU cut
-    /// although its statistics split: the statistics' walk and its partials (neither
-    /// finalized in place nor in 16-element units), and the merged normalize for
-    /// the elementwise walk (channels-first, one channel per unit) that the device
-    /// can bind.
+    /// although its statistics split: the statistics' walk and its partials (the
+    /// statistics not finalized in place, nor in 16-element units), the
+    /// elementwise walk, and the merged normalize for it (channels-first with one
+    /// channel per unit, or [`Self::merged_walks`]' channels-last walks) that the
+    /// device can bind.
     fn merged_forward<'k>(
         &self,
         out: &'k Kernels,
         shape: &Shape,
         update_running: bool,
-    ) -> Option<(common::WalkPlan, &'k Kernel)> {
+    ) -> Option<(common::WalkPlan, common::WalkPlan, &'k Kernel)> {
         let tuning = self.ctx.tuning();
         if tuning.elementwise.lane_block != 0 {
             return None;
         }
         let kernels = self.ctx.kernels();
-        let plan = self.stats_walk(shape, update_running, common::Pass::Statistics);
+        let own = self.stats_walk(shape, update_running, common::Pass::Statistics);
         let in_place =
-            self.finalizes_in_place(update_running) && kernels.stats.finalized(&plan).is_some();
+            self.finalizes_in_place(update_running) && kernels.stats.finalized(&own).is_some();
+        let (plan, ep) = self.merged_walks(shape, common::Pass::Statistics);
+        let plan = self.counting(plan, update_running);
         if in_place || plan.unit_pairs() != 0 {
             return None;
         }
-        let merged = out.apply_merged.get(self.elementwise_walk(shape).variant)?;
-        merged.fits(self.ctx.device()).then_some((plan, merged))
+        let merged = out.apply_merged.get(ep.variant)?;
+        merged.fits(self.ctx.device()).then_some((plan, ep, merged))
     }
 
-    /// The merged dx pass where a backward of batch statistics that wants dx takes
-    /// two dispatches on a GPU cut (the sums, then dx merging their partials): the
-    /// elementwise walk is channels-first with one channel per unit, and the
-    /// device can bind the kernel.
-    fn merged_dx<'k>(&self, kernels: &'k Kernels, shape: &Shape) -> Option<&'k Kernel> {
+    /// The merged dx pass for the elementwise walk `variant` where a backward of
+    /// batch statistics that wants dx takes two dispatches on a GPU cut (the sums,
+    /// then dx merging their partials), if the device can bind it.
+    fn merged_dx<'k>(&self, kernels: &'k Kernels, variant: common::Variant) -> Option<&'k Kernel> {
         if self.ctx.tuning().elementwise.lane_block != 0 {
             return None;
         }
-        let merged = kernels
-            .backward_dx_merged
-            .get(self.elementwise_walk(shape).variant)?;
+        let merged = kernels.backward_dx_merged.get(variant)?;
         merged.fits(self.ctx.device()).then_some(merged)
+    }
+
+    /// The walks of an operation whose elementwise pass merges the partials of its
+    /// reduction (`pass`): channels-last on a GPU cut, common.rs'
+    /// `plan_merged_rows` (tiles of 16 channels in both, splits that bound the
+    /// partials re-read); else the reduction's and the elementwise pass's own.
+    fn merged_walks(
+        &self,
+        shape: &Shape,
+        pass: common::Pass,
+    ) -> (common::WalkPlan, common::WalkPlan) {
+        let t = self.ctx.tuning();
+        common::plan_merged_rows(shape, self.stride() as u32, t.reduce, t.elementwise)
+            .unwrap_or_else(|| (self.reduce_walk(shape, pass), self.elementwise_walk(shape)))
+    }
+
+    /// Bytes of partials that the workgroups of a merged elementwise walk `ep` read
+    /// again (beyond one read of each): every workgroup of a tile reads its
+    /// channels' partials from the reduction `plan`.
+    fn rereads(&self, plan: &common::WalkPlan, ep: &common::WalkPlan) -> u64 {
+        u64::from(ep.params.splits - 1)
+            * self.config.num_features as u64
+            * u64::from(plan.partials_per_channel())
+            * 16
     }
 
     fn finalize_params(
@@ -953,7 +1000,12 @@ impl BatchNorm {
         update_running: bool,
         pass: common::Pass,
     ) -> common::WalkPlan {
-        let mut plan = self.reduce_walk(shape, pass);
+        self.counting(self.reduce_walk(shape, pass), update_running)
+    }
+
+    /// The statistics walk `plan`, counting the batch when the running statistics
+    /// are updated.
+    fn counting(&self, mut plan: common::WalkPlan, update_running: bool) -> common::WalkPlan {
         if update_running {
             plan.params.flags = stats::COUNT_BATCH;
         }
@@ -1360,7 +1412,26 @@ impl BatchNorm {
             None => (fused, dy, output.iter().cloned().collect::<Vec<_>>()),
         };
         let stride = self.stride() as u32;
-        let plan = self.reduce_walk(shape, common::Pass::Sums);
+        let device = self.ctx.device();
+        // With batch statistics and dx wanted, one dispatch where the walk gives
+        // every workgroup whole channels and the tensor is small enough (the same
+        // bound as the fused forward's); else on GPUs two, dx merging the sums'
+        // partials (in the merged walks); else three.
+        let own = self.reduce_walk(shape, common::Pass::Sums);
+        let fusable = batch && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
+        let one_pass = grads
+            .dx
+            .filter(|_| fusable)
+            .and_then(|dx| Some((dx, fused.backward_reduce.fused(&own)?)))
+            .filter(|(_, kernel)| kernel.fits(device));
+        let merged = grads
+            .dx
+            .filter(|_| batch && one_pass.is_none())
+            .and_then(|dx| {
+                let (plan, ep) = self.merged_walks(shape, common::Pass::Sums);
+                Some((dx, self.merged_dx(dx_kernels, ep.variant)?, plan, ep))
+            });
+        let plan = merged.as_ref().map_or(own, |m| m.2);
         let with_x = batch || want_dgamma;
         let partial_bytes = plan.partial_count(self.config.num_features).max(1) * 16;
         let partials = self.partials(plan.partial_count(self.config.num_features));
@@ -1389,19 +1460,9 @@ impl BatchNorm {
             _pad: [0; 3],
         };
         let kernels = self.ctx.kernels();
-        let device = self.ctx.device();
         let c_bytes = self.config.num_features as u64 * 4;
         let dgamma = grads.dgamma.unwrap_or((&self.scratch_grads[0]).into());
         let dbeta = grads.dbeta.unwrap_or((&self.scratch_grads[1]).into());
-        // With batch statistics and dx wanted, one dispatch where the walk gives
-        // every workgroup whole channels and the tensor is small enough (the same
-        // bound as the fused forward's).
-        let fusable = batch && shape.numel() as u64 <= self.ctx.tuning().fused_forward_max_elements;
-        let one_pass = grads
-            .dx
-            .filter(|_| fusable)
-            .and_then(|dx| Some((dx, fused.backward_reduce.fused(&plan)?)))
-            .filter(|(_, kernel)| kernel.fits(device));
         if let Some((dx, kernel)) = one_pass {
             let params = kernels.uniform(device, &plan.params);
             let fparams = kernels.uniform(device, &fp);
@@ -1440,13 +1501,7 @@ impl BatchNorm {
             );
         }
         let fparams = kernels.uniform(device, &fp);
-        // On GPUs, channels-first: dx merges the sums' partials itself (two dispatches).
-        let merged = grads
-            .dx
-            .filter(|_| batch)
-            .and_then(|dx| Some((dx, self.merged_dx(dx_kernels, shape)?)));
-        if let Some((dx, kernel)) = merged {
-            let ep = self.elementwise_walk(shape);
+        if let Some((dx, kernel, plan, ep)) = merged {
             let params = kernels.uniform(device, &ep.params);
             let resources = [
                 whole(&params),
@@ -1460,7 +1515,12 @@ impl BatchNorm {
                 dgamma.binding(c_bytes),
                 dbeta.binding(c_bytes),
             ];
-            kernel.dispatch(pass, &[&resources[..], &dx_extra].concat(), ep.workgroups());
+            kernel.dispatch_merging(
+                pass,
+                &[&resources[..], &dx_extra].concat(),
+                ep.workgroups(),
+                self.rereads(&plan, &ep),
+            );
             return Ok(());
         }
         let merge = if self.merge_lanes() == 1 {
@@ -1617,6 +1677,7 @@ impl BatchNorm {
 pub struct Plan<'a> {
     recipe: Recipe<'a>,
     device: &'a wgpu::Device,
+    bind_groups: &'a BindGroups,
     label: &'static str,
     /// Saved statistics the plan writes: marked filled when it is recorded.
     fills: Option<&'a SavedStats>,
@@ -1640,7 +1701,7 @@ impl Plan<'_> {
 
     /// Records every dispatch into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        self.recipe.record(self.device, pass);
+        self.recipe.record(self.device, pass, self.bind_groups);
         self.filled();
     }
 
@@ -1655,7 +1716,8 @@ impl Plan<'_> {
     /// (or of encoders submitted in order).
     pub fn record_dispatch(&self, i: usize, pass: &mut wgpu::ComputePass<'_>) {
         if i < self.recipe.len() {
-            self.recipe.record_step(i, self.device, pass);
+            self.recipe
+                .record_step(i, self.device, pass, self.bind_groups);
             self.filled();
         }
     }

@@ -560,6 +560,7 @@ impl AffineOptimizer {
                 whole(&self.state),
             ],
             (self.channels as u32).div_ceil(WORKGROUP_SIZE),
+            None,
         );
         self.steps = t;
     }

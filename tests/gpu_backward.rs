@@ -8,7 +8,7 @@ use common::{
     assert_close, assert_presence, assert_sums_close, dbeta_scale, dgamma_scale, dx_scale, normal,
     rng,
 };
-use gpu_support::{ctx, describe, layer_pair, layer_pair_on, tunings, SPLIT_SHAPES};
+use gpu_support::{ctx, describe, layer_pair, layer_pair_on, merged_shapes, tunings, SPLIT_SHAPES};
 use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
@@ -446,15 +446,16 @@ fn the_fused_backward_under_the_gpu_cut() {
     println!("32x2048x7x7 fused backward: largest error {e:.3e}");
 }
 
-/// Under the GPU cut, a channels-first backward of batch statistics whose sums split
-/// takes two dispatches: the sums' partials, then dx merging them (and writing
-/// dgamma/dbeta); it matches the reference for every output mask.
+/// Under the GPU cut, a backward of batch statistics whose sums split takes two
+/// dispatches: the sums' partials, then dx merging them (and writing
+/// dgamma/dbeta), channels-first and in the channels-last merged rows walks; it
+/// matches the reference for every output mask.
 #[test]
 fn the_gpu_cut_merges_partials_in_the_dx_pass() {
     let mut rng = rng("the_gpu_cut_merges_partials_in_the_dx_pass");
     let gpu = ctx().with_tuning(wgpu_batchnorm::Tuning::gpu());
-    for dims in [&[8usize, 16, 64, 64][..], &[6, 5, 33, 17], &[3, 7, 40, 40]] {
-        let shape = Shape::channels_first(dims).unwrap();
+    for shape in merged_shapes() {
+        let dims = shape.dims().to_vec();
         let config = BatchNormConfig::new(shape.c());
         let x = normal(&mut rng, &shape, 2.0, 1.5);
         let dy = normal(&mut rng, &shape, 0.0, 1.0);
@@ -469,7 +470,10 @@ fn the_gpu_cut_merges_partials_in_the_dx_pass() {
         let plan = bn
             .plan_backward(&shape, &xb, &dyb, Some(&saved), GradBuffers::new().dx(&dx))
             .unwrap();
-        let labels: Vec<String> = plan.dispatches().into_iter().map(|d| d.label).collect();
+        let info = plan.dispatches();
+        // Several workgroups of a tile each merge its channels' partials.
+        assert!(info.last().unwrap().bytes_reread > 0, "{dims:?}: {info:?}");
+        let labels: Vec<String> = info.into_iter().map(|d| d.label).collect();
         assert_eq!(labels.len(), 2, "{dims:?}: {labels:?}");
         assert!(
             labels[1].starts_with("bn.backward_dx.merged_"),

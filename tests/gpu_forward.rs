@@ -5,7 +5,9 @@ mod common;
 mod gpu_support;
 
 use common::{assert_close, normal, rng};
-use gpu_support::{configs, ctx, describe, f64s, layer_pair, layer_pair_on, tunings, SPLIT_SHAPES};
+use gpu_support::{
+    configs, ctx, describe, f64s, layer_pair, layer_pair_on, merged_shapes, tunings, SPLIT_SHAPES,
+};
 use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
@@ -514,16 +516,18 @@ fn the_gpu_cut_keeps_small_channels_whole() {
     }
 }
 
-/// Under the GPU cut, a channels-first training forward whose statistics split
-/// takes two dispatches: the statistics' partials, then the normalize that merges
-/// them (and writes the saved and running statistics); it matches the reference,
-/// running statistics included, over two steps.
+/// Under the GPU cut, a training forward whose statistics split takes two
+/// dispatches: the statistics' partials, then the normalize that merges them (and
+/// writes the saved and running statistics); channels-first, and channels-last in
+/// the merged rows walks (vec4 and f32 units, channels past a tile's end, several
+/// splits in both passes); it matches the reference, running statistics included,
+/// over two steps.
 #[test]
 fn the_gpu_cut_merges_partials_in_the_normalize() {
     let mut rng = rng("the_gpu_cut_merges_partials_in_the_normalize");
     let gpu = ctx().with_tuning(Tuning::gpu());
-    for dims in [&[8usize, 16, 64, 64][..], &[6, 5, 33, 17], &[3, 7, 40, 40]] {
-        let shape = Shape::channels_first(dims).unwrap();
+    for shape in merged_shapes() {
+        let dims = shape.dims().to_vec();
         for config in [
             BatchNormConfig::new(shape.c()),
             BatchNormConfig::new(shape.c()).momentum(None),
@@ -538,7 +542,10 @@ fn the_gpu_cut_merges_partials_in_the_normalize() {
             let y = gpu.storage_buffer("y", shape.bytes()).unwrap();
             let saved = SavedStats::new(&gpu, shape.c()).unwrap();
             let plan = bn.plan_forward_train(&shape, &xb, &y, &saved).unwrap();
-            let labels: Vec<String> = plan.dispatches().into_iter().map(|d| d.label).collect();
+            let info = plan.dispatches();
+            // Several workgroups of a tile each merge its channels' partials.
+            assert!(info.last().unwrap().bytes_reread > 0, "{dims:?}: {info:?}");
+            let labels: Vec<String> = info.into_iter().map(|d| d.label).collect();
             assert_eq!(labels.len(), 2, "{dims:?}: {labels:?}");
             assert!(
                 labels[1].starts_with("bn.apply.merged_"),

@@ -186,3 +186,63 @@ fn pipeline_cache_data_starts_another_context() {
     let mut again = BatchNorm::with_state(&second, config, &state).unwrap();
     assert_eq!(run(&second, &mut again, &shape, &x, &dy, record), want);
 }
+
+/// A layer records later steps on the same buffers with the bind groups of the
+/// first (none made), with the same bits; new buffers get their own, the cache
+/// stays bounded, and clearing it changes no result.
+#[test]
+fn a_layer_reuses_bind_groups_on_the_same_buffers() {
+    let mut rng = rng("a_layer_reuses_bind_groups_on_the_same_buffers");
+    for (tuning, ctx) in tunings() {
+        let shape = Shape::channels_last(&[6, 20, 9, 7]).unwrap();
+        let (n, c) = (shape.numel(), shape.c());
+        let config = BatchNormConfig::new(c);
+        let mut bn =
+            BatchNorm::with_state(&ctx, config.clone(), &random_state(&mut rng, &config)).unwrap();
+        let xb = ctx
+            .upload("x", &normal(&mut rng, &shape, 1.0, 2.0))
+            .unwrap();
+        let dyb = ctx
+            .upload("dy", &normal(&mut rng, &shape, 0.0, 1.0))
+            .unwrap();
+        let buffer = |len: usize| ctx.storage_buffer("out", 4 * len as u64).unwrap();
+        let (y, dx, dg, db) = (buffer(n), buffer(n), buffer(c), buffer(c));
+        let saved = SavedStats::new(&ctx, c).unwrap();
+        let step = |bn: &mut BatchNorm| {
+            let mut enc = ctx.device().create_command_encoder(&Default::default());
+            bn.forward_train(&mut enc, &shape, &xb, &y, &saved).unwrap();
+            let grads = GradBuffers::new().dx(&dx).dgamma(&dg).dbeta(&db);
+            bn.backward(&mut enc, &shape, &xb, &dyb, Some(&saved), grads)
+                .unwrap();
+            ctx.submit_and_wait(enc).unwrap();
+            [(&y, n), (&dx, n), (&dg, c), (&db, c)]
+                .map(|(b, len)| ctx.read_buffer::<f32>(b, len).unwrap())
+                .map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+        };
+        let first = step(&mut bn);
+        let made = bn.cached_bind_groups();
+        assert!(made >= 2, "{tuning}: {made} bind groups");
+        assert_eq!(step(&mut bn), first, "{tuning}: second step");
+        assert_eq!(
+            bn.cached_bind_groups(),
+            made,
+            "{tuning}: second step made some"
+        );
+        bn.clear_bind_groups();
+        assert_eq!(bn.cached_bind_groups(), 0);
+        assert_eq!(step(&mut bn), first, "{tuning}: after clearing");
+        assert_eq!(bn.cached_bind_groups(), made, "{tuning}: after clearing");
+        // Each new output buffer, a bind group more, up to the bound.
+        let mut most = made;
+        for _ in 0..40 {
+            let other = buffer(n);
+            let mut enc = ctx.device().create_command_encoder(&Default::default());
+            bn.forward_eval(&mut enc, &shape, &xb, &other, None)
+                .unwrap();
+            ctx.submit_and_wait(enc).unwrap();
+            most = most.max(bn.cached_bind_groups());
+            assert!(bn.cached_bind_groups() <= 64, "{tuning}");
+        }
+        assert!(most > made, "{tuning}: {most} bind groups");
+    }
+}

@@ -59,7 +59,7 @@ const MERGED_BINDINGS: &[Access] = &[
 ];
 
 /// apply.wgsl's `merged_*` entry points: the statistics' partials merged in the
-/// normalize (channels-first walks with one channel per unit).
+/// normalize.
 pub(crate) fn merged(module: &Arc<Module>) -> VariantKernels {
     VariantKernels::new(
         module,
@@ -70,8 +70,12 @@ pub(crate) fn merged(module: &Arc<Module>) -> VariantKernels {
     )
 }
 
-/// The walks that have a merged normalize (and merged dx, backward_dx.wgsl).
+/// The walks that have a merged normalize (and merged dx, backward_dx.wgsl):
+/// channels-first with one channel per unit, and the channels-last walks of
+/// common.rs' `plan_merged_rows`.
 pub(crate) const MERGED: &[(Variant, &str)] = &[
     (Variant::ChannelsFirstVec4, "merged_channels_first_vec4"),
     (Variant::ChannelsFirstQuad, "merged_channels_first_quad"),
+    (Variant::ChannelsLastVec4, "merged_channels_last_vec4"),
+    (Variant::Scalar, "merged_scalar"),
 ];

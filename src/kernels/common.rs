@@ -304,6 +304,105 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     }
 }
 
+/// Channels per workgroup of a merged channels-last walk ([`plan_merged_rows`]): 64
+/// bytes of an f32 row (two 32-byte memory sectors, read whole), few enough that
+/// the channels alone give a launch many workgroups, so that the splits, whose
+/// product the re-read partials grow with, stay few.
+pub(crate) const MERGED_ROW_CHANNELS: u32 = 16;
+
+/// The partials that every workgroup of a merged pass re-reads (those of its
+/// channels, from each split of the reduction), all workgroups together, are at
+/// most 1 / MERGED_REREAD of the tensor's bytes: under 2% of a training forward's
+/// floor bytes (3 streams), 1.25% of a backward's (5), and reads of a few hundred
+/// KiB that a GPU's L2 holds.
+pub(crate) const MERGED_REREAD: u64 = 16;
+
+/// The two walks of a channels-last operation (`(N, C)` too) in two dispatches on a
+/// GPU cut (no `lane_block` in either cut): the reduction's (`Statistics` or
+/// `Sums`, writing partials) and the elementwise pass's that merges them in its
+/// prologue (apply.wgsl's and backward_dx.wgsl's `merged_*`). Both take tiles of
+/// [`MERGED_ROW_CHANNELS`] channels (vec4 units where `C % 4 == 0`, else f32), so
+/// that a workgroup of the elementwise pass merges only its tile's partials, and
+/// splits chosen together: their product bounds the partials re-read (every
+/// workgroup of the elementwise pass reads its channels' partials of every split
+/// of the reduction) to [`MERGED_REREAD`]; within that, as even as each pass's own
+/// bounds allow (at most [`MAX_PARTIALS`] reduction splits, and `min_units` per
+/// invocation). `None` for channels-first tensors with spatial dims, and on CPU
+/// cuts.
+pub(crate) fn plan_merged_rows(
+    shape: &Shape,
+    padded: u32,
+    reduce: Cut,
+    elementwise: Cut,
+) -> Option<(WalkPlan, WalkPlan)> {
+    let (n, c, s) = (
+        shape.n() as u32,
+        shape.c() as u32,
+        shape.spatial_size() as u32,
+    );
+    let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
+    if !channels_last || reduce.lane_block != 0 || elementwise.lane_block != 0 {
+        return None;
+    }
+    let (variant, elements) = if c % 4 == 0 {
+        (Variant::ChannelsLastVec4, 4)
+    } else {
+        (Variant::Scalar, 1)
+    };
+    let groups = c / elements;
+    let units = Units::rows(groups, n * s, elements);
+    let tile = (MERGED_ROW_CHANNELS / elements).min(groups.next_power_of_two());
+    let rows = n * s;
+    let rows_per_step = WORKGROUP_SIZE / tile;
+    let tiles = groups.div_ceil(tile);
+    // Splits of a pass: at most one per `min_units` units per invocation, and no
+    // more than its target of workgroups asks for.
+    let most = |cut: Cut| {
+        let per_invocation = (4 * cut.min_units.max(1)).div_ceil(elements);
+        rows.div_ceil(rows_per_step * per_invocation)
+            .min(cut.target_workgroups.div_ceil(tiles))
+            .max(1)
+    };
+    let reread_unit = u64::from(tiles * tile * elements) * 16 * MERGED_REREAD;
+    let budget = (shape.bytes() / reread_unit).clamp(1, u64::from(u32::MAX)) as u32;
+    let reduce_splits = most(reduce).min(MAX_PARTIALS).min(budget.isqrt().max(1));
+    let elementwise_splits = most(elementwise).min(budget / reduce_splits).max(1);
+    let walk = |splits: u32| WalkPlan {
+        params: rows_walk(units, padded, tile, splits),
+        variant,
+    };
+    Some((walk(reduce_splits), walk(elementwise_splits)))
+}
+
+/// The walk of channels-last `units` on a GPU in tiles of `tile` channel units and
+/// `splits` chunks of rows (as [`plan_units`] gives without a lane block).
+fn rows_walk(units: Units, padded: u32, tile: u32, splits: u32) -> WalkParams {
+    let rows = units.per_channel;
+    let chunk = rows.div_ceil(splits.max(1)).max(1);
+    let block = WORKGROUP_SIZE / tile;
+    WalkParams {
+        groups: units.groups,
+        splits: rows.div_ceil(chunk).max(1),
+        per_channel: rows,
+        chunk,
+        len: 1,
+        stride: units.stride,
+        tile,
+        block,
+        block_len: chunk,
+        step_n: block,
+        step_s: 0,
+        padded,
+        flags: 0,
+        count_index: 0,
+        runs: 0,
+        run: 0,
+        rep: 1,
+        eps: 0.0,
+        channels: 0,
+    }
+}
+
 /// Fewer, longer splits where a walk has more than `max` (at least 1).
 fn cap_splits(params: &mut WalkParams, max: u32) {
     let max = max.max(1);
@@ -791,5 +890,60 @@ mod tests {
         // The merges run with more partials than lanes somewhere (each lane then
         // merges several), so the GPU tests' tunings reach that path.
         assert!(most > MERGE_LANES, "{most}");
+    }
+
+    /// The merged channels-last walks re-read at most 1 / MERGED_REREAD of the
+    /// tensor in partials, keep the reduction's splits under the cap, and give the
+    /// large tensors of the default table hundreds of workgroups in both passes.
+    #[test]
+    fn merged_rows_walks_bound_their_rereads() {
+        let t = Tuning::gpu();
+        for dims in [
+            &[256usize, 1024][..],
+            &[4096, 256],
+            &[1000, 255],
+            &[32, 64, 112, 112],
+            &[32, 256, 56, 56],
+            &[32, 512, 28, 28],
+            &[32, 1024, 14, 14],
+            &[32, 2048, 7, 7],
+            &[2, 32, 16, 32, 32],
+            &[3, 7, 5, 5],
+            &[1, 1, 1, 1],
+        ] {
+            let shape = Shape::channels_last(dims).unwrap();
+            let c = shape.c() as u32;
+            let padded = c.next_multiple_of(4);
+            let (r, e) = plan_merged_rows(&shape, padded, t.reduce, t.elementwise).unwrap();
+            assert_eq!((r.variant, r.params.tile), (e.variant, e.params.tile));
+            assert!(r.params.splits <= MAX_PARTIALS, "{dims:?}");
+            let channels = u64::from(e.params.groups.div_ceil(e.params.tile) * e.params.tile)
+                * if e.variant == Variant::Scalar { 1 } else { 4 };
+            let reread = channels * u64::from(e.params.splits) * u64::from(r.params.splits) * 16;
+            assert!(
+                reread <= (shape.bytes() / MERGED_REREAD).max(channels * 16),
+                "{dims:?}: {reread} bytes re-read"
+            );
+            if shape.bytes() >= 64 << 20 {
+                assert!(
+                    r.workgroups() >= 256 && e.workgroups() >= 256,
+                    "{dims:?}: {r:?} {e:?}"
+                );
+            }
+            println!(
+                "{dims:?}: tile {} reduce {} x {} wg, elementwise {} x {} wg, reread {:.4}",
+                r.params.tile,
+                r.params.splits,
+                r.workgroups(),
+                e.params.splits,
+                e.workgroups(),
+                reread as f64 / shape.bytes() as f64
+            );
+        }
+        let cf = Shape::channels_first(&[8, 16, 4, 4]).unwrap();
+        assert!(plan_merged_rows(&cf, 16, t.reduce, t.elementwise).is_none());
+        let cpu = Tuning::cpu(8);
+        let cl = Shape::channels_last(&[8, 16, 4, 4]).unwrap();
+        assert!(plan_merged_rows(&cl, 16, cpu.reduce, cpu.elementwise).is_none());
     }
 }

@@ -628,19 +628,34 @@ impl Kernel {
         resources: &[wgpu::BufferBinding<'_>],
         workgroups: u32,
     ) {
-        recipe.push(self, resources, workgroups);
+        recipe.push(self, resources, workgroups, 0);
+    }
+
+    /// [`Self::dispatch`] for a kernel whose workgroups read some of its bindings
+    /// more than once: `reread` bytes (the merged passes' partials) beyond one read
+    /// of each binding, counted in [`DispatchInfo::bytes_reread`].
+    pub(crate) fn dispatch_merging<'k>(
+        &'k self,
+        recipe: &mut Recipe<'k>,
+        resources: &[wgpu::BufferBinding<'_>],
+        workgroups: u32,
+        reread: u64,
+    ) {
+        recipe.push(self, resources, workgroups, reread);
     }
 
     /// Records one dispatch of `workgroups` workgroups (folded into two dimensions
     /// when needed; the kernels recover the linear index) over `resources`, bound
-    /// in order from binding 0. The pipeline must be built ([`Self::build`]); one
-    /// that could not be is not dispatched.
+    /// in order from binding 0; its bind group taken from `cache` where that has
+    /// one for the same ranges, else made (and kept there). The pipeline must be
+    /// built ([`Self::build`]); one that could not be is not dispatched.
     pub(crate) fn record(
         &self,
         device: &wgpu::Device,
         pass: &mut wgpu::ComputePass<'_>,
         resources: &[wgpu::BufferBinding<'_>],
         workgroups: u32,
+        cache: Option<&BindGroups>,
     ) {
         if self.built.get().is_none() && self.build(device).is_err() {
             return;
@@ -648,23 +663,87 @@ impl Kernel {
         let Some(built) = self.built.get() else {
             return;
         };
-        let entries: Vec<wgpu::BindGroupEntry> = resources
-            .iter()
-            .zip(self.slots())
-            .map(|(r, (i, _))| wgpu::BindGroupEntry {
-                binding: i,
-                resource: wgpu::BindingResource::Buffer(r.clone()),
+        let make = || {
+            let entries: Vec<wgpu::BindGroupEntry> = resources
+                .iter()
+                .zip(self.slots())
+                .map(|(r, (i, _))| wgpu::BindGroupEntry {
+                    binding: i,
+                    resource: wgpu::BindingResource::Buffer(r.clone()),
+                })
+                .collect();
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&self.label),
+                layout: &built.layout,
+                entries: &entries,
             })
-            .collect();
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&self.label),
-            layout: &built.layout,
-            entries: &entries,
-        });
+        };
+        let bind_group = match cache {
+            Some(cache) => cache.get_or_make(&built.layout, resources, make),
+            None => make(),
+        };
         let (x, y) = grid(workgroups);
         pass.set_pipeline(&built.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(x, y, 1);
+    }
+}
+
+/// Most bind groups a [`BindGroups`] keeps: past this it starts over (a layer's
+/// operations bind a few dispatches each, on the buffers of a few tensors).
+const BIND_GROUP_CACHE: usize = 64;
+
+/// The bind groups a layer has made, by pipeline layout and bound ranges: recording
+/// a dispatch again on the same buffer ranges (a training loop's next step) makes
+/// none. Each entry keeps its buffers alive until the cache starts over (past
+/// [`BIND_GROUP_CACHE`] entries), is cleared, or is dropped with its layer.
+#[derive(Default)]
+pub(crate) struct BindGroups {
+    map: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+}
+
+/// A bind group's layout and the ranges it binds, in binding order.
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    layout: wgpu::BindGroupLayout,
+    ranges: Vec<(wgpu::Buffer, u64, Option<NonZeroU64>)>,
+}
+
+impl BindGroups {
+    /// The bind group of `layout` over `resources`: the cached one, or `make`'s
+    /// (then cached).
+    fn get_or_make(
+        &self,
+        layout: &wgpu::BindGroupLayout,
+        resources: &[wgpu::BufferBinding<'_>],
+        make: impl FnOnce() -> wgpu::BindGroup,
+    ) -> wgpu::BindGroup {
+        let key = BindKey {
+            layout: layout.clone(),
+            ranges: resources
+                .iter()
+                .map(|r| (r.buffer.clone(), r.offset, r.size))
+                .collect(),
+        };
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(group) = map.get(&key) {
+            return group.clone();
+        }
+        if map.len() >= BIND_GROUP_CACHE {
+            map.clear();
+        }
+        map.entry(key).or_insert_with(make).clone()
+    }
+
+    /// Drops every cached bind group (and with them the cache's hold on their
+    /// buffers).
+    pub(crate) fn clear(&self) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Bind groups cached.
+    pub(crate) fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -689,12 +768,13 @@ struct Step<'k> {
     kernel: &'k Kernel,
     resources: Vec<Resource>,
     workgroups: u32,
+    reread: u64,
 }
 
-/// What one dispatch of an operation does: its pipeline, its launch and the bytes of
-/// the storage ranges it binds (an upper bound of what it moves: a kernel may read
-/// only part of a binding, e.g. a per-channel buffer padded or grown for larger
-/// tensors).
+/// What one dispatch of an operation does: its pipeline, its launch, the bytes of
+/// the storage ranges it binds (an upper bound of what it reads and writes once: a
+/// kernel may read only part of a binding, e.g. a per-channel buffer padded or
+/// grown for larger tensors) and the bytes its workgroups read again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DispatchInfo {
     /// The pipeline's label (`bn.{kernel}.{entry point}`).
@@ -705,6 +785,10 @@ pub struct DispatchInfo {
     pub bytes_read: u64,
     /// Bytes of the read-write storage ranges it binds.
     pub bytes_written: u64,
+    /// Bytes read more than once, beyond the bound ranges: in the merged normalize
+    /// and dx passes every workgroup reads its channels' partials, so a channel's
+    /// partials are read once per workgroup of its tile; 0 elsewhere.
+    pub bytes_reread: u64,
 }
 
 /// The dispatches of one operation, in order: built first (so that every pipeline
@@ -720,7 +804,13 @@ impl<'k> Recipe<'k> {
         Self { steps: Vec::new() }
     }
 
-    fn push(&mut self, kernel: &'k Kernel, resources: &[wgpu::BufferBinding<'_>], workgroups: u32) {
+    fn push(
+        &mut self,
+        kernel: &'k Kernel,
+        resources: &[wgpu::BufferBinding<'_>],
+        workgroups: u32,
+        reread: u64,
+    ) {
         let resources = resources
             .iter()
             .map(|r| Resource {
@@ -733,6 +823,7 @@ impl<'k> Recipe<'k> {
             kernel,
             resources,
             workgroups,
+            reread,
         });
     }
 
@@ -746,9 +837,14 @@ impl<'k> Recipe<'k> {
         self.steps.iter().try_for_each(|s| s.kernel.build(device))
     }
 
-    /// Records every dispatch into `pass`.
-    pub(crate) fn record(&self, device: &wgpu::Device, pass: &mut wgpu::ComputePass<'_>) {
-        (0..self.steps.len()).for_each(|i| self.record_step(i, device, pass));
+    /// Records every dispatch into `pass`, bind groups from `cache`.
+    pub(crate) fn record(
+        &self,
+        device: &wgpu::Device,
+        pass: &mut wgpu::ComputePass<'_>,
+        cache: &BindGroups,
+    ) {
+        (0..self.steps.len()).for_each(|i| self.record_step(i, device, pass, cache));
     }
 
     /// Records dispatch `i` into `pass`.
@@ -757,6 +853,7 @@ impl<'k> Recipe<'k> {
         i: usize,
         device: &wgpu::Device,
         pass: &mut wgpu::ComputePass<'_>,
+        cache: &BindGroups,
     ) {
         let step = &self.steps[i];
         let bindings: Vec<wgpu::BufferBinding<'_>> = step
@@ -768,7 +865,8 @@ impl<'k> Recipe<'k> {
                 size: r.size,
             })
             .collect();
-        step.kernel.record(device, pass, &bindings, step.workgroups);
+        step.kernel
+            .record(device, pass, &bindings, step.workgroups, Some(cache));
     }
 
     /// What each dispatch does.
@@ -789,6 +887,7 @@ impl<'k> Recipe<'k> {
                     workgroups: s.workgroups,
                     bytes_read: read,
                     bytes_written: written,
+                    bytes_reread: s.reread,
                 }
             })
             .collect()

@@ -185,8 +185,9 @@ pub struct Row {
     pub status: String,
     /// Dispatches the operation records.
     pub dispatches: Option<usize>,
-    /// Bytes of the storage ranges its dispatches bind (an upper bound of the bytes
-    /// it moves), and that over the floor bytes.
+    /// Bytes of the storage ranges its dispatches bind, plus the partials their
+    /// workgroups read again (an upper bound of the bytes it moves), and that over
+    /// the floor bytes.
     pub bytes_bound: Option<u64>,
     pub bound_over_floor: Option<f64>,
     /// CPU time to check, plan and record the operation into a compute pass
@@ -213,6 +214,7 @@ pub struct DispatchTime {
     pub workgroups: u32,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    pub bytes_reread: u64,
     /// Median GPU time (timestamps), ms.
     pub ms: f64,
 }
@@ -831,10 +833,14 @@ impl LayoutBench<'_> {
         }
     }
 
-    /// Dispatches and bound bytes of `op`, and the CPU time to record it.
+    /// Dispatches and bound bytes of `op` (with the bytes read again, see
+    /// `DispatchInfo::bytes_reread`), and the CPU time to record it.
     fn host_side(&mut self, op: Case, reps: usize, row: &mut Row) -> BoxResult<()> {
         let info = self.plan(op, 0)?.dispatches();
-        let bound: u64 = info.iter().map(|d| d.bytes_read + d.bytes_written).sum();
+        let bound: u64 = info
+            .iter()
+            .map(|d| d.bytes_read + d.bytes_written + d.bytes_reread)
+            .sum();
         row.dispatches = Some(info.len());
         row.bytes_bound = Some(bound);
         row.bound_over_floor = Some(bound as f64 / row.floor_bytes as f64);
@@ -865,6 +871,7 @@ impl LayoutBench<'_> {
                 workgroups: d.workgroups,
                 bytes_read: d.bytes_read,
                 bytes_written: d.bytes_written,
+                bytes_reread: d.bytes_reread,
                 ms,
             })
             .collect();

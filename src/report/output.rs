@@ -81,7 +81,7 @@ pub fn header_lines(h: &Header) -> String {
         s,
         "host    : context created in {:.1} ms (pipelines built on first use); \
          disp = dispatches per op, bound/floor = bytes of the storage ranges bound \
-         (an upper bound of the bytes moved) over the floor bytes, rec us = CPU time \
+         and of the partials read again (an upper bound of the bytes moved) over the floor bytes, rec us = CPU time \
          to check, plan and record one op; fused rows (+relu, +add+relu): vs unfused = \
          time of the unfused sequence (plain op, add, ReLU as elementwise kernels) over the \
          fused time, taking turns, B/unfused = floor bytes over the unfused sequence's",
@@ -98,12 +98,13 @@ pub fn detail(rows: &[Row]) -> String {
         for d in &r.detail {
             let _ = writeln!(
                 s,
-                "    {:<48} {:>8} wg  {:>10.4} ms  read {:>9.3} MB  written {:>9.3} MB",
+                "    {:<48} {:>8} wg  {:>10.4} ms  read {:>9.3} MB  written {:>9.3} MB  re-read {:>8.3} MB",
                 d.label,
                 d.workgroups,
                 d.ms,
                 d.bytes_read as f64 / 1e6,
-                d.bytes_written as f64 / 1e6
+                d.bytes_written as f64 / 1e6,
+                d.bytes_reread as f64 / 1e6
             );
         }
     }

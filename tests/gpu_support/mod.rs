@@ -251,3 +251,26 @@ pub const SPLIT_SHAPES: &[&[usize]] = &[
     &[5, 160, 29, 29],
     &[128, 16, 15],
 ];
+
+/// Shapes whose training forward and backward take two dispatches under
+/// `Tuning::gpu()`, the elementwise pass merging the reduction's partials:
+/// channels-first with split channels (vec4 and quad walks); channels-last in
+/// the merged rows walks with several splits in both passes, vec4 units with a
+/// tile past the last channel (C = 20: channels 20..31 of the second tile idle),
+/// f32 units (C = 7, 33), 4 tiles of 16 channels, more reduction splits (22)
+/// than the 16 invocations that merge each channel, and `(N, C)`.
+pub fn merged_shapes() -> Vec<wgpu_batchnorm::Shape> {
+    use wgpu_batchnorm::Shape;
+    let cf = |d: &[usize]| Shape::channels_first(d).unwrap();
+    let cl = |d: &[usize]| Shape::channels_last(d).unwrap();
+    vec![
+        cf(&[8, 16, 64, 64]),
+        cf(&[6, 5, 33, 17]),
+        cf(&[3, 7, 40, 40]),
+        cl(&[16, 20, 15, 17]),
+        cl(&[10, 7, 20, 20]),
+        cl(&[4, 64, 24, 24]),
+        cl(&[16, 32, 32, 64]),
+        cf(&[3000, 33]),
+    ]
+}
