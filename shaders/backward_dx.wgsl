@@ -307,6 +307,16 @@ fn merge_channels(t: u32, c0: u32, count: u32, split: u32) {
     workgroupBarrier();
 }
 
+// Start of invocation t's walk in a merged kernel, after its workgroup merged the
+// partials of its tile's channels (`width` per channel unit: 4 in the
+// channels-last vec4 walk, else 1).
+fn merged_begin(t: u32, wid: vec3<u32>, nwg: vec3<u32>, width: u32) -> Walk {
+    let g = workgroup_linear(wid, nwg);
+    let first = walk_begin(p, t, g);
+    merge_channels(t, width * tile_start(p, g), width * p.tile, first.split);
+    return first;
+}
+
 // Merged channel i of the tile in every lane.
 fn merged_channel(i: u32) -> Coef {
     let k = sh_merge[i];
@@ -327,9 +337,7 @@ fn merged_group(u: u32) -> Coef {
 fn merged_channels_first_vec4(@builtin(local_invocation_index) t: u32,
                               @builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    let first = merged_begin(t, wid, nwg, 1u);
     loop_vec4(first, merged_channel(first.group % p.tile));
 }
 
@@ -337,9 +345,7 @@ fn merged_channels_first_vec4(@builtin(local_invocation_index) t: u32,
 fn merged_channels_first_quad(@builtin(local_invocation_index) t: u32,
                               @builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    let first = merged_begin(t, wid, nwg, 1u);
     loop_quad(first, merged_channel(first.group % p.tile));
 }
 
@@ -347,9 +353,7 @@ fn merged_channels_first_quad(@builtin(local_invocation_index) t: u32,
 fn merged_channels_last_vec4(@builtin(local_invocation_index) t: u32,
                              @builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    merge_channels(t, 4u * tile_start(p, g), 4u * p.tile, first.split);
+    let first = merged_begin(t, wid, nwg, 4u);
     loop_vec4_rows(first, merged_group(first.group % p.tile));
 }
 
@@ -357,8 +361,6 @@ fn merged_channels_last_vec4(@builtin(local_invocation_index) t: u32,
 fn merged_scalar(@builtin(local_invocation_index) t: u32,
                  @builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = workgroup_linear(wid, nwg);
-    let first = walk_begin(p, t, g);
-    merge_channels(t, tile_start(p, g), p.tile, first.split);
+    let first = merged_begin(t, wid, nwg, 1u);
     loop_scalar(first, merged_channel(first.group % p.tile));
 }
