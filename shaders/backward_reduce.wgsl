@@ -123,10 +123,42 @@ fn x4_if_wanted(i: u32, hi: vec4<f32>) -> vec4<f32> {
     return hi;
 }
 
-// The vec4 loop (channels-first runs).
+// Units i0..i3 of a walk: their loads issued together (four in flight on a GPU,
+// not one), summed in walk order (the same bits as one unit a step).
+fn accumulate4(acc: Sums, i0: u32, i1: u32, i2: u32, i3: u32, hi: vec4<f32>) -> Sums {
+    let g0 = grad4(i0);
+    let g1 = grad4(i1);
+    let g2 = grad4(i2);
+    let g3 = grad4(i3);
+    let x0 = x4_if_wanted(i0, hi);
+    let x1 = x4_if_wanted(i1, hi);
+    let x2 = x4_if_wanted(i2, hi);
+    let x3 = x4_if_wanted(i3, hi);
+    store_dz4(i0, g0);
+    store_dz4(i1, g1);
+    store_dz4(i2, g2);
+    store_dz4(i3, g3);
+    return accumulate(accumulate(accumulate(accumulate(acc, g0, x0, hi), g1, x1, hi), g2, x2, hi),
+                      g3, x3, hi);
+}
+
+// The vec4 loop (channels-first runs), four units a step while the walk has them
+// (accumulate4).
 fn loop_vec4(first: Walk, hi: vec4<f32>) -> Sums {
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+    var w = first;
+    loop {
+        let w1 = walk_next(p, w);
+        let w2 = walk_next(p, w1);
+        let w3 = walk_next(p, w2);
+        if w3.j >= w.end {
+            break;
+        }
+        acc = accumulate4(acc, walk_index(p, w), walk_index(p, w1), walk_index(p, w2),
+                          walk_index(p, w3), hi);
+        w = walk_next(p, w3);
+    }
+    for (; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);
         let g = grad4(i);
         store_dz4(i, g);
@@ -136,12 +168,17 @@ fn loop_vec4(first: Walk, hi: vec4<f32>) -> Sums {
 }
 
 // The vec4 loop over rows (len == 1: channels-last), its index advanced by one
-// addition per step.
+// addition per step; four rows a step as loop_vec4's units.
 fn loop_vec4_rows(first: Walk, hi: vec4<f32>) -> Sums {
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     let step = row_step(p);
     var i = walk_index(p, first);
-    for (var j = first.j; j < first.end; j += p.block) {
+    var j = first.j;
+    for (; j + 3u * p.block < first.end; j += 4u * p.block) {
+        acc = accumulate4(acc, i, i + step, i + 2u * step, i + 3u * step, hi);
+        i += 4u * step;
+    }
+    for (; j < first.end; j += p.block) {
         let g = grad4(i);
         store_dz4(i, g);
         acc = accumulate(acc, g, x4_if_wanted(i, hi), hi);

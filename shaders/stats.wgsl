@@ -123,12 +123,39 @@ fn moments_push(s: Moments, d: vec4<f32>, inv: f32) -> Moments {
     return Moments(mean, s.m2 + delta * (d - mean));
 }
 
+// Four values pushed in order into a state of n values (counts exact in f32).
+fn moments_push4(s: Moments, n: f32, d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>,
+                 d3: vec4<f32>) -> Moments {
+    let s1 = moments_push(s, d0, 1.0 / (n + 1.0));
+    let s2 = moments_push(s1, d1, 1.0 / (n + 2.0));
+    let s3 = moments_push(s2, d2, 1.0 / (n + 3.0));
+    return moments_push(s3, d3, 1.0 / (n + 4.0));
+}
+
 // The vec4 loop (channels-first runs): Welford states of x - pivot, whose four lanes
-// see the same number of elements.
+// see the same number of elements. Four units a step while the walk has them: their
+// loads issued together (four in flight on a GPU, not one), pushed in walk order
+// (the same bits as one unit a step).
 fn loop_vec4(first: Walk, pivot: vec4<f32>) -> Welford {
     var s = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
     var n = 0.0;
-    for (var w = first; w.j < w.end; w = walk_next(p, w)) {
+    var w = first;
+    loop {
+        let w1 = walk_next(p, w);
+        let w2 = walk_next(p, w1);
+        let w3 = walk_next(p, w2);
+        if w3.j >= w.end {
+            break;
+        }
+        let v0 = ld4(x4[walk_index(p, w)]);
+        let v1 = ld4(x4[walk_index(p, w1)]);
+        let v2 = ld4(x4[walk_index(p, w2)]);
+        let v3 = ld4(x4[walk_index(p, w3)]);
+        s = moments_push4(s, n, v0 - pivot, v1 - pivot, v2 - pivot, v3 - pivot);
+        n += 4.0;
+        w = walk_next(p, w3);
+    }
+    for (; w.j < w.end; w = walk_next(p, w)) {
         n += 1.0;
         s = moments_push(s, ld4(x4[walk_index(p, w)]) - pivot, 1.0 / n);
     }
@@ -136,13 +163,23 @@ fn loop_vec4(first: Walk, pivot: vec4<f32>) -> Welford {
 }
 
 // loop_vec4 over rows (len == 1: channels-last, the rows view), its index advanced by
-// one addition per step.
+// one addition per step; four rows a step as loop_vec4's units.
 fn loop_vec4_rows(first: Walk, pivot: vec4<f32>) -> Welford {
     var s = Moments(vec4<f32>(0.0), vec4<f32>(0.0));
     var n = 0.0;
     let step = row_step(p);
     var i = walk_index(p, first);
-    for (var j = first.j; j < first.end; j += p.block) {
+    var j = first.j;
+    for (; j + 3u * p.block < first.end; j += 4u * p.block) {
+        let v0 = ld4(x4[i]);
+        let v1 = ld4(x4[i + step]);
+        let v2 = ld4(x4[i + 2u * step]);
+        let v3 = ld4(x4[i + 3u * step]);
+        s = moments_push4(s, n, v0 - pivot, v1 - pivot, v2 - pivot, v3 - pivot);
+        n += 4.0;
+        i += 4u * step;
+    }
+    for (; j < first.end; j += p.block) {
         n += 1.0;
         s = moments_push(s, ld4(x4[i]) - pivot, 1.0 / n);
         i += step;

@@ -896,18 +896,20 @@ impl BatchNorm {
             return None;
         }
         let merged = out.apply_merged.get(ep.variant)?;
-        merged.fits(self.ctx.device()).then_some((plan, ep, merged))
+        let fits = merged.fits(self.ctx.device()) && common::merged_channels(&ep) <= WORKGROUP_SIZE;
+        fits.then_some((plan, ep, merged))
     }
 
-    /// The merged dx pass for the elementwise walk `variant` where a backward of
-    /// batch statistics that wants dx takes two dispatches on a GPU cut (the sums,
-    /// then dx merging their partials), if the device can bind it.
-    fn merged_dx<'k>(&self, kernels: &'k Kernels, variant: common::Variant) -> Option<&'k Kernel> {
+    /// The merged dx pass for the elementwise walk `ep` where a backward of batch
+    /// statistics that wants dx takes two dispatches on a GPU cut (the sums, then
+    /// dx merging their partials), if the device can bind it.
+    fn merged_dx<'k>(&self, kernels: &'k Kernels, ep: &common::WalkPlan) -> Option<&'k Kernel> {
         if self.ctx.tuning().elementwise.lane_block != 0 {
             return None;
         }
-        let merged = kernels.backward_dx_merged.get(variant)?;
-        merged.fits(self.ctx.device()).then_some(merged)
+        let merged = kernels.backward_dx_merged.get(ep.variant)?;
+        let fits = merged.fits(self.ctx.device()) && common::merged_channels(ep) <= WORKGROUP_SIZE;
+        fits.then_some(merged)
     }
 
     /// The walks of an operation whose elementwise pass merges the partials of its
@@ -1429,7 +1431,7 @@ impl BatchNorm {
             .filter(|_| batch && one_pass.is_none())
             .and_then(|dx| {
                 let (plan, ep) = self.merged_walks(shape, common::Pass::Sums);
-                Some((dx, self.merged_dx(dx_kernels, ep.variant)?, plan, ep))
+                Some((dx, self.merged_dx(dx_kernels, &ep)?, plan, ep))
             });
         let plan = merged.as_ref().map_or(own, |m| m.2);
         let with_x = batch || want_dgamma;

@@ -8,7 +8,7 @@ use common::{
     assert_close, assert_presence, assert_sums_close, dbeta_scale, dgamma_scale, dx_scale, normal,
     rng,
 };
-use gpu_support::{ctx, describe, layer_pair, layer_pair_on, merged_shapes, tunings, SPLIT_SHAPES};
+use gpu_support::{ctx, describe, layer_pair, layer_pair_on, merged_cuts, tunings, SPLIT_SHAPES};
 use rand::rngs::StdRng;
 use rand::Rng;
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
@@ -453,9 +453,11 @@ fn the_fused_backward_under_the_gpu_cut() {
 #[test]
 fn the_gpu_cut_merges_partials_in_the_dx_pass() {
     let mut rng = rng("the_gpu_cut_merges_partials_in_the_dx_pass");
-    let gpu = ctx().with_tuning(wgpu_batchnorm::Tuning::gpu());
-    for shape in merged_shapes() {
-        let dims = shape.dims().to_vec();
+    for (tuning, gpu, shape) in merged_cuts()
+        .into_iter()
+        .flat_map(|(t, g, shapes)| shapes.into_iter().map(move |s| (t, g.clone(), s)))
+    {
+        let dims = (tuning, shape.dims().to_vec());
         let config = BatchNormConfig::new(shape.c());
         let x = normal(&mut rng, &shape, 2.0, 1.5);
         let dy = normal(&mut rng, &shape, 0.0, 1.0);

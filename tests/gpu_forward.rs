@@ -6,7 +6,7 @@ mod gpu_support;
 
 use common::{assert_close, normal, rng};
 use gpu_support::{
-    configs, ctx, describe, f64s, layer_pair, layer_pair_on, merged_shapes, tunings, SPLIT_SHAPES,
+    configs, ctx, describe, f64s, layer_pair, layer_pair_on, merged_cuts, tunings, SPLIT_SHAPES,
 };
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -525,9 +525,11 @@ fn the_gpu_cut_keeps_small_channels_whole() {
 #[test]
 fn the_gpu_cut_merges_partials_in_the_normalize() {
     let mut rng = rng("the_gpu_cut_merges_partials_in_the_normalize");
-    let gpu = ctx().with_tuning(Tuning::gpu());
-    for shape in merged_shapes() {
-        let dims = shape.dims().to_vec();
+    for (tuning, gpu, shape) in merged_cuts()
+        .into_iter()
+        .flat_map(|(t, g, shapes)| shapes.into_iter().map(move |s| (t, g.clone(), s)))
+    {
+        let dims = (tuning, shape.dims().to_vec());
         for config in [
             BatchNormConfig::new(shape.c()),
             BatchNormConfig::new(shape.c()).momentum(None),

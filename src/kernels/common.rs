@@ -304,6 +304,15 @@ pub(crate) fn plan(shape: &Shape, padded: u32, tuning: Cut, pass: Pass) -> WalkP
     }
 }
 
+/// Channels a merged elementwise walk's workgroup merges (its tile's): at most one
+/// per invocation.
+pub(crate) fn merged_channels(plan: &WalkPlan) -> u32 {
+    match plan.variant {
+        Variant::ChannelsLastVec4 => 4 * plan.params.tile,
+        _ => plan.params.tile,
+    }
+}
+
 /// Channels per workgroup of a merged channels-last walk ([`plan_merged_rows`]): 64
 /// bytes of an f32 row (two 32-byte memory sectors, read whole), few enough that
 /// the channels alone give a launch many workgroups, so that the splits, whose
@@ -317,8 +326,8 @@ pub(crate) const MERGED_ROW_CHANNELS: u32 = 16;
 /// KiB that a GPU's L2 holds.
 pub(crate) const MERGED_REREAD: u64 = 16;
 
-/// The two walks of a channels-last operation (`(N, C)` too) in two dispatches on a
-/// GPU cut (no `lane_block` in either cut): the reduction's (`Statistics` or
+/// The two walks of a channels-last operation (`(N, C)` too) in two dispatches where
+/// the elementwise cut is a GPU's (no `lane_block`): the reduction's (`Statistics` or
 /// `Sums`, writing partials) and the elementwise pass's that merges them in its
 /// prologue (apply.wgsl's and backward_dx.wgsl's `merged_*`). Both take tiles of
 /// [`MERGED_ROW_CHANNELS`] channels (vec4 units where `C % 4 == 0`, else f32), so
@@ -327,8 +336,8 @@ pub(crate) const MERGED_REREAD: u64 = 16;
 /// workgroup of the elementwise pass reads its channels' partials of every split
 /// of the reduction) to [`MERGED_REREAD`]; within that, as even as each pass's own
 /// bounds allow (at most [`MAX_PARTIALS`] reduction splits, and `min_units` per
-/// invocation). `None` for channels-first tensors with spatial dims, and on CPU
-/// cuts.
+/// invocation). `None` for channels-first tensors with spatial dims, and for an
+/// elementwise cut with a `lane_block` (a CPU adapter's).
 pub(crate) fn plan_merged_rows(
     shape: &Shape,
     padded: u32,
@@ -341,7 +350,7 @@ pub(crate) fn plan_merged_rows(
         shape.spatial_size() as u32,
     );
     let channels_last = shape.layout() == Layout::ChannelsLast || s == 1;
-    if !channels_last || reduce.lane_block != 0 || elementwise.lane_block != 0 {
+    if !channels_last || elementwise.lane_block != 0 {
         return None;
     }
     let (variant, elements) = if c % 4 == 0 {

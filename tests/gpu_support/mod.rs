@@ -274,3 +274,24 @@ pub fn merged_shapes() -> Vec<wgpu_batchnorm::Shape> {
         cf(&[3000, 33]),
     ]
 }
+
+/// The cuts the merged tests run: the GPU cut on every merged shape, and a GPU
+/// elementwise cut after a CPU adapter's reduction cut (a tuning of one's own) on
+/// the channels-last ones, whose merged walks do not depend on the reduction cut.
+pub fn merged_cuts() -> Vec<(&'static str, GpuContext, Vec<wgpu_batchnorm::Shape>)> {
+    let channels_last = merged_shapes()
+        .into_iter()
+        .filter(|s| s.layout() == wgpu_batchnorm::Layout::ChannelsLast || s.spatial_size() == 1)
+        .collect();
+    vec![
+        ("gpu", ctx().with_tuning(Tuning::gpu()), merged_shapes()),
+        (
+            "cpu reductions, gpu elementwise",
+            ctx().with_tuning(Tuning {
+                reduce: Tuning::cpu(8).reduce,
+                ..Tuning::gpu()
+            }),
+            channels_last,
+        ),
+    ]
+}
