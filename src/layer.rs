@@ -883,7 +883,7 @@ impl BatchNorm {
         update_running: bool,
     ) -> Option<(common::WalkPlan, common::WalkPlan, &'k Kernel)> {
         let tuning = self.ctx.tuning();
-        if tuning.elementwise.lane_block != 0 {
+        if tuning.elementwise.lane_block != 0 || !tuning.merge_partials {
             return None;
         }
         let kernels = self.ctx.kernels();
@@ -904,7 +904,8 @@ impl BatchNorm {
     /// statistics that wants dx takes two dispatches on a GPU cut (the sums, then
     /// dx merging their partials), if the device can bind it.
     fn merged_dx<'k>(&self, kernels: &'k Kernels, ep: &common::WalkPlan) -> Option<&'k Kernel> {
-        if self.ctx.tuning().elementwise.lane_block != 0 {
+        let tuning = self.ctx.tuning();
+        if tuning.elementwise.lane_block != 0 || !tuning.merge_partials {
             return None;
         }
         let merged = kernels.backward_dx_merged.get(ep.variant)?;

@@ -139,11 +139,12 @@ struct Args {
     #[arg(long, value_enum, default_value_t = TuningArg::Adapter)]
     tuning: TuningArg,
 
-    /// Forward passes as separate dispatches even for small tensors: with batch
-    /// statistics three (statistics, finalize, normalize), or two where the
-    /// statistics finalize in place; with the running statistics two (finalize,
-    /// normalize) (Tuning::fused_forward_max_elements and fused_eval_max_elements
-    /// = 0).
+    /// Operations as separate dispatches: a forward with batch statistics as three
+    /// (statistics, finalize, normalize), or two where the statistics finalize in
+    /// place; with the running statistics two (finalize, normalize); a backward as
+    /// three (sums, finalize, dx) (Tuning::fused_forward_max_elements and
+    /// fused_eval_max_elements = 0, merge_partials = false). To time the fused and
+    /// merged dispatches against what they replace.
     #[arg(long)]
     unfused: bool,
 
@@ -336,6 +337,7 @@ fn main() -> BoxResult<()> {
         ctx.with_tuning(Tuning {
             fused_forward_max_elements: 0,
             fused_eval_max_elements: 0,
+            merge_partials: false,
             ..tuning
         })
     } else {

@@ -97,6 +97,13 @@ pub struct Tuning {
     /// `false` (or a device without it): two per u32, packed and unpacked by the
     /// kernels, as bf16 always is. Both round the same way.
     pub native_f16: bool,
+    /// Where the reduction of a training forward or of a backward writes partials
+    /// and the elementwise cut is a GPU's (no `lane_block`), the normalize or dx
+    /// pass merges them itself: two dispatches instead of three (statistics or
+    /// sums, finalize, then the elementwise pass); channels-last in tiles of 16
+    /// channels whose re-read of partials is bounded. `false`: the three, e.g. to
+    /// time one against the other (the report's `--unfused`).
+    pub merge_partials: bool,
 }
 
 impl Tuning {
@@ -136,6 +143,7 @@ impl Tuning {
             fused_eval_max_elements: u64::MAX,
             subgroups: true,
             native_f16: true,
+            merge_partials: true,
         }
     }
 
@@ -200,6 +208,7 @@ impl Tuning {
             fused_eval_max_elements: 1 << 19,
             subgroups: true,
             native_f16: true,
+            merge_partials: true,
         }
     }
 

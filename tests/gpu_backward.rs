@@ -402,48 +402,51 @@ fn backward_is_deterministic() {
 }
 
 /// Under the GPU cut, ResNet-50's last stages (small channels, many of them) keep
-/// whole channels per workgroup, and the backward of batch statistics is one fused
-/// dispatch (sums, dgamma/dbeta, dx), which matches the reference; with dx not
-/// asked for it is the usual sums and finalize.
+/// whole channels per workgroup (channels-last in tiles of 8 channels), and the
+/// backward of batch statistics is one fused dispatch (sums, dgamma/dbeta, dx),
+/// which matches the reference; with dx not asked for it is the usual sums and
+/// finalize.
 #[test]
 fn the_fused_backward_under_the_gpu_cut() {
     let mut rng = rng("the_fused_backward_under_the_gpu_cut");
     let gpu = ctx().with_tuning(wgpu_batchnorm::Tuning::gpu());
-    let shape = Shape::channels_first(&[32, 2048, 7, 7]).unwrap();
-    let config = BatchNormConfig::new(shape.c());
-    let (mut bn, cpu) = layer_pair_on(&gpu, &mut rng, &config);
-    let x = normal(&mut rng, &shape, 1.0, 2.0);
-    let dy = normal(&mut rng, &shape, 0.0, 1.0);
-    let (xb, dyb) = (gpu.upload("x", &x).unwrap(), gpu.upload("dy", &dy).unwrap());
-    let out = |len: usize| gpu.storage_buffer("out", 4 * len as u64).unwrap();
-    let (y, dx, dg, db) = (out(shape.numel()), out(shape.numel()), out(2048), out(2048));
-    let saved = wgpu_batchnorm::SavedStats::new(&gpu, shape.c()).unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
-    bn.forward_train(&mut enc, &shape, &xb, &y, &saved).unwrap();
-    gpu.submit_and_wait(enc).unwrap();
-    let all = GradBuffers::new().dx(&dx).dgamma(&dg).dbeta(&db);
-    let plan = bn
-        .plan_backward(&shape, &xb, &dyb, Some(&saved), all)
-        .unwrap();
-    assert_eq!(plan.len(), 1, "{:?}", plan.dispatches());
-    drop(plan);
-    let sums_only = GradBuffers::new().dgamma(&dg).dbeta(&db);
-    let plan = bn
-        .plan_backward(&shape, &xb, &dyb, Some(&saved), sums_only)
-        .unwrap();
-    assert_eq!(plan.len(), 2, "{:?}", plan.dispatches());
-    drop(plan);
-    let e = check_backward(
-        &mut bn,
-        &cpu,
-        &shape,
-        &x,
-        &dy,
-        StatsSource::Batch,
-        GradMask::default(),
-        "gpu cut, fused",
-    );
-    println!("32x2048x7x7 fused backward: largest error {e:.3e}");
+    for layout in LAYOUTS {
+        let shape = Shape::new(&[32, 2048, 7, 7], layout).unwrap();
+        let config = BatchNormConfig::new(shape.c());
+        let (mut bn, cpu) = layer_pair_on(&gpu, &mut rng, &config);
+        let x = normal(&mut rng, &shape, 1.0, 2.0);
+        let dy = normal(&mut rng, &shape, 0.0, 1.0);
+        let (xb, dyb) = (gpu.upload("x", &x).unwrap(), gpu.upload("dy", &dy).unwrap());
+        let out = |len: usize| gpu.storage_buffer("out", 4 * len as u64).unwrap();
+        let (y, dx, dg, db) = (out(shape.numel()), out(shape.numel()), out(2048), out(2048));
+        let saved = wgpu_batchnorm::SavedStats::new(&gpu, shape.c()).unwrap();
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        bn.forward_train(&mut enc, &shape, &xb, &y, &saved).unwrap();
+        gpu.submit_and_wait(enc).unwrap();
+        let all = GradBuffers::new().dx(&dx).dgamma(&dg).dbeta(&db);
+        let plan = bn
+            .plan_backward(&shape, &xb, &dyb, Some(&saved), all)
+            .unwrap();
+        assert_eq!(plan.len(), 1, "{:?}", plan.dispatches());
+        drop(plan);
+        let sums_only = GradBuffers::new().dgamma(&dg).dbeta(&db);
+        let plan = bn
+            .plan_backward(&shape, &xb, &dyb, Some(&saved), sums_only)
+            .unwrap();
+        assert_eq!(plan.len(), 2, "{:?}", plan.dispatches());
+        drop(plan);
+        let e = check_backward(
+            &mut bn,
+            &cpu,
+            &shape,
+            &x,
+            &dy,
+            StatsSource::Batch,
+            GradMask::default(),
+            &format!("gpu cut, fused, {layout:?}"),
+        );
+        println!("32x2048x7x7 {layout:?} fused backward: largest error {e:.3e}");
+    }
 }
 
 /// Under the GPU cut, a backward of batch statistics whose sums split takes two

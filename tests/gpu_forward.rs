@@ -497,11 +497,14 @@ fn the_gpu_cut_keeps_small_channels_whole() {
         fused_forward_max_elements: 0,
         ..Tuning::gpu()
     });
-    for (dims, tuning, dispatches) in [
+    for ((dims, tuning, dispatches), layout) in [
         (&[32usize, 2048, 7, 7][..], &gpu, 1),
         (&[32, 2048, 7, 7][..], &unfused, 2),
-    ] {
-        let shape = Shape::channels_first(dims).unwrap();
+    ]
+    .into_iter()
+    .flat_map(|case| LAYOUTS.into_iter().map(move |l| (case, l)))
+    {
+        let shape = Shape::new(dims, layout).unwrap();
         let config = BatchNormConfig::new(shape.c());
         let (mut bn, mut cpu) = layer_pair_on(tuning, &mut rng, &config);
         let x = normal(&mut rng, &shape, 2.0, 0.5);

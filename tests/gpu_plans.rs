@@ -246,3 +246,58 @@ fn a_layer_reuses_bind_groups_on_the_same_buffers() {
         assert!(most > made, "{tuning}: {most} bind groups");
     }
 }
+
+/// `Tuning::merge_partials` off: a training forward and a backward whose
+/// reductions split take three dispatches (a finalize between) instead of two, and
+/// give the same results within float rounding (the merges differ in order).
+#[test]
+fn merge_partials_off_takes_a_finalize_dispatch() {
+    let mut rng = rng("merge_partials_off_takes_a_finalize_dispatch");
+    let merged = gpu_support::ctx().with_tuning(wgpu_batchnorm::Tuning::gpu());
+    let separate = gpu_support::ctx().with_tuning(wgpu_batchnorm::Tuning {
+        merge_partials: false,
+        ..wgpu_batchnorm::Tuning::gpu()
+    });
+    for shape in gpu_support::merged_shapes() {
+        let c = shape.c();
+        let config = BatchNormConfig::new(c);
+        let state = random_state(&mut rng, &config);
+        let x = normal(&mut rng, &shape, 1.0, 2.0);
+        let dy = normal(&mut rng, &shape, 0.0, 1.0);
+        let mut outputs = Vec::new();
+        for (ctx, dispatches) in [(&merged, 2), (&separate, 3)] {
+            let mut bn = BatchNorm::with_state(ctx, config.clone(), &state).unwrap();
+            let (xb, y) = (
+                ctx.upload("x", &x).unwrap(),
+                ctx.storage_buffer("y", shape.bytes()).unwrap(),
+            );
+            let saved = SavedStats::new(ctx, c).unwrap();
+            let plan = bn.plan_forward_train(&shape, &xb, &y, &saved).unwrap();
+            assert_eq!(plan.len(), dispatches, "{shape:?}: {:?}", plan.dispatches());
+            drop(plan);
+            saved.mark_filled();
+            let plan = bn
+                .plan_backward(&shape, &xb, &xb, Some(&saved), GradBuffers::new().dx(&y))
+                .unwrap_or_else(|e| panic!("{shape:?}: {e}"));
+            assert_eq!(plan.len(), dispatches, "{shape:?}: {:?}", plan.dispatches());
+            drop(plan);
+            outputs.push(run(ctx, &mut bn, &shape, &x, &dy, |plan, enc| {
+                plan.record_into(enc)
+            }));
+        }
+        for (name, (a, b)) in ["y", "y eval", "dx", "dgamma", "dbeta"]
+            .iter()
+            .zip(outputs[0].iter().zip(&outputs[1]))
+        {
+            for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                let tol = 1e-5
+                    * (1.0 + p.abs().max(q.abs()))
+                    * if name.starts_with('d') { 10.0 } else { 1.0 };
+                assert!(
+                    (p - q).abs() <= tol,
+                    "{shape:?} {name}[{i}]: {p} against {q}"
+                );
+            }
+        }
+    }
+}

@@ -519,6 +519,42 @@ impl Units {
     }
 }
 
+/// Fewest bytes of a row a channels-last tile narrows to for whole channels (one
+/// 32-byte memory sector of f32: 8 channels).
+const WHOLE_ROW_MIN_BYTES: u32 = 32;
+
+/// A channels-last tile of a reduction: `wide` (the usual), or, where a channel of
+/// `per_channel` units of `elements` fits a workgroup (`whole_channel_elements`)
+/// and a narrower tile (down to [`WHOLE_ROW_MIN_BYTES`] of a row, and no narrower
+/// than `needed`) makes the tiles alone `min_workgroups`, the widest such tile:
+/// then every workgroup holds whole channels (no partials; the training forward
+/// and the backward fuse into one dispatch where they may), as channels-first
+/// small planes do.
+fn whole_row_tile(
+    wide: u32,
+    needed: u32,
+    groups: u32,
+    per_channel: u32,
+    elements: u32,
+    tuning: Cut,
+) -> u32 {
+    let fits =
+        u64::from(per_channel) * u64::from(elements) <= u64::from(tuning.whole_channel_elements);
+    if !fits || groups.div_ceil(wide) >= tuning.min_workgroups.max(1) {
+        return wide;
+    }
+    let narrowest = (WHOLE_ROW_MIN_BYTES / (4 * elements)).max(needed).max(1);
+    let mut tile = wide;
+    while tile / 2 >= narrowest && groups.div_ceil(tile) < tuning.min_workgroups.max(1) {
+        tile /= 2;
+    }
+    if groups.div_ceil(tile) >= tuning.min_workgroups.max(1) {
+        tile
+    } else {
+        wide
+    }
+}
+
 /// Cuts `units` into workgroups: `tile` channel units per workgroup, the fewest that
 /// still give each invocation `tuning.min_units` vec4s' worth of units (channels-last tiles are at
 /// least a row segment wide, for contiguous loads; channels-first ones at least
@@ -581,7 +617,8 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         0
     };
     let tile = if interleaved {
-        needed.max(groups.next_power_of_two().min(max_row_tile))
+        let wide = needed.max(groups.next_power_of_two().min(max_row_tile));
+        whole_row_tile(wide, needed, groups, per_channel, elements, tuning)
     } else {
         needed
             .max(spread)
@@ -899,6 +936,30 @@ mod tests {
         // The merges run with more partials than lanes somewhere (each lane then
         // merges several), so the GPU tests' tunings reach that path.
         assert!(most > MERGE_LANES, "{most}");
+    }
+
+    /// On the GPU cut, a channels-last reduction narrows its tiles (to 32 bytes of a
+    /// row at least) where that gives whole channels in 256 workgroups: ResNet-50's
+    /// 7x7 stage at batch 32 (2048 channels, 8 per tile); 14x14 (1024 channels would
+    /// need 16-byte tiles) keeps its wide tiles and splits.
+    #[test]
+    fn channels_last_reductions_take_whole_channels_where_they_fit() {
+        let cut = Tuning::gpu().reduce;
+        let shape = Shape::channels_last(&[32, 2048, 7, 7]).unwrap();
+        for pass in [Pass::Statistics, Pass::FusedForward, Pass::Sums] {
+            let plan = plan(&shape, 2048, cut, pass);
+            assert_eq!(plan.variant, Variant::ChannelsLastVec4);
+            assert_eq!((plan.params.tile, plan.params.splits), (2, 1), "{pass:?}");
+            assert_eq!(plan.workgroups(), 256);
+        }
+        let shape = Shape::channels_last(&[32, 1024, 14, 14]).unwrap();
+        let plan = plan(&shape, 1024, cut, Pass::Statistics);
+        assert_eq!(plan.params.tile, 64);
+        assert!(plan.params.splits > 1);
+        // The elementwise cut keeps wide tiles.
+        let shape = Shape::channels_last(&[32, 2048, 7, 7]).unwrap();
+        let plan = super::plan(&shape, 2048, Tuning::gpu().elementwise, Pass::Elementwise);
+        assert_eq!(plan.params.tile, 64);
     }
 
     /// The merged channels-last walks re-read at most 1 / MERGED_REREAD of the

@@ -127,6 +127,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 fused_eval_max_elements: u64::MAX,
                 subgroups: true,
                 native_f16: true,
+                merge_partials: true,
             }),
         ),
         (
@@ -146,6 +147,7 @@ pub fn tunings() -> Vec<(&'static str, GpuContext)> {
                 fused_eval_max_elements: 0,
                 subgroups: true,
                 native_f16: true,
+                merge_partials: true,
             }),
         ),
         (
