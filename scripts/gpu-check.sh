@@ -397,6 +397,26 @@ else:
                   f"{'-' if err is None else f'{err:.1e}'} | {r['status']} |")
     md += ["", median_line("GPU / copy", [r["gpu_over_copy"] for r in rust]), ""]
 
+unfused = read(os.path.join(out, "rust-unfused", "results.csv"))
+if unfused:
+    md += ["## Fewer dispatches against separate ones", "",
+           "The same table with `--unfused` (statistics or sums, finalize, then the elementwise pass): "
+           "**separate / fewer** = its GPU ms over the first table's (above 1: the fused or merged dispatches are faster).", "",
+           "| shape | layout | op | dispatches | GPU ms | separate: dispatches | GPU ms | separate / fewer |",
+           "|---|---|---|--:|--:|--:|--:|--:|"]
+    ratios = []
+    for u in unfused:
+        r = status.get((u["shape"], u["layout"], u["op"]))
+        if not r:
+            continue
+        a, b = num(r.get("gpu_ms")), num(u.get("gpu_ms"))
+        q = b / a if a and b else None
+        if q is not None and r.get("dispatches") != u.get("dispatches"):
+            ratios.append(q)
+        md.append(f"| {u['shape']} | {u['layout']} | {u['op']} | {r.get('dispatches') or '-'} | {ms(r.get('gpu_ms'))} | "
+                  f"{u.get('dispatches') or '-'} | {ms(u.get('gpu_ms'))} | {ratio(q, True)} |")
+    md += ["", median_line("separate / fewer, rows whose dispatch counts differ", ratios), ""]
+
 md += ["## Steps", "", "| step | seconds | status |", "|---|--:|---|"]
 for line in steps.split("\n"):
     if line:
@@ -405,6 +425,7 @@ for line in steps.split("\n"):
 if dispatches:
     md += ["", "## Dispatches (--detail)", "", "```"] + dispatches + ["```"]
 md += ["", "Files: rust/ (results.csv, results.json, bandwidth.svg, report.log), "
+       "rust-unfused/ and rust-dtype-fuse/ (the same files), "
        "torch/ (torch_results.csv, side_by_side.csv, torch.log) when PyTorch ran.", ""]
 with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(md))
@@ -536,14 +557,35 @@ if not torch.cuda.is_available():
         fi
     fi
 
+    # The fused and merged dispatches against the separate ones they replace
+    # (--unfused: statistics or sums, finalize, then the elementwise pass), training
+    # forwards and backwards of the same table, 5 repetitions.
+    say "report: separate dispatches (--unfused --ops train,backward)"
+    t=$(now)
+    mkdir -p "$out/rust-unfused"
+    local reps=(--reps 5)
+    if [[ " ${extra[*]} " == *" --reps "* ]]; then reps=(); fi
+    set +e
+    with_budget "$bin" --tuning gpu --unfused --ops train,backward "${reps[@]}" "${extra[@]}" \
+        --out "$out/rust-unfused" 2>&1 | tee "$out/rust-unfused/report.log" >/dev/null
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" -eq 0 ]; then
+        steps+="unfused report"$'\t'"$(since "$t")"$'\t'"done"$'\n'
+    else
+        warn "the unfused report failed (exit $rc): $out/rust-unfused/report.log"
+        steps+="unfused report"$'\t'"$(since "$t")"$'\t'"failed ($rc)"$'\n'
+    fi
+
     # 16-bit tensors and the fused activation and residual, against f32 and the
-    # unfused sequence in one run (5 repetitions: a second table, not the headline).
+    # unfused sequence in one run (5 repetitions: a second table, not the headline;
+    # the report arguments as above).
     say "report: 16-bit tensors and fusions (--dtype f32,f16,bf16 --fuse none,relu,add-relu)"
     t=$(now)
     mkdir -p "$out/rust-dtype-fuse"
     set +e
-    with_budget "$bin" --tuning gpu --dtype f32,f16,bf16 --fuse none,relu,add-relu --reps 5 \
-        --out "$out/rust-dtype-fuse" 2>&1 | tee "$out/rust-dtype-fuse/report.log" >/dev/null
+    with_budget "$bin" --tuning gpu --dtype f32,f16,bf16 --fuse none,relu,add-relu "${reps[@]}" \
+        "${extra[@]}" --out "$out/rust-dtype-fuse" 2>&1 | tee "$out/rust-dtype-fuse/report.log" >/dev/null
     rc=${PIPESTATUS[0]}
     set -e
     if [ "$rc" -eq 0 ]; then
