@@ -296,10 +296,21 @@ impl BatchNorm {
         Ok(layer)
     }
 
-    /// Bind groups the layer keeps. Recording an operation makes a bind group per
-    /// dispatch only where the layer has none for the same pipeline and buffer
-    /// ranges (a training loop's later steps on the same tensors make none); it
-    /// keeps up to 64, starting over past that. Each holds its buffers alive.
+    /// Lets the layer keep up to `capacity` of the bind groups its dispatches use
+    /// (0, the default: none, each recorded dispatch makes its own). Recording an
+    /// operation then makes a bind group only where the layer has none for the
+    /// same pipeline and buffer ranges, so a training loop's later steps on the
+    /// same tensors make none (a training step binds four or five dispatches:
+    /// forward, backward, eval); past `capacity` the layer starts over. Each kept
+    /// bind group holds its buffers alive: for tensors that live through the
+    /// loop, not for a loop that allocates new ones every step (its old tensors
+    /// would stay alive until the layer starts over or
+    /// [`Self::clear_bind_groups`]).
+    pub fn keep_bind_groups(&self, capacity: usize) {
+        self.bind_groups.set_capacity(capacity);
+    }
+
+    /// Bind groups the layer keeps ([`Self::keep_bind_groups`]).
     pub fn cached_bind_groups(&self) -> usize {
         self.bind_groups.len()
     }
@@ -415,13 +426,14 @@ impl BatchNorm {
     }
 
     /// Bytes of the partials a reduction `pass` over `shape` writes, in whichever
-    /// walk it takes (its own, or the merged one's).
+    /// walk it takes (its own, or where the tuning merges partials the merged one's).
     fn partial_bytes(&self, shape: &Shape, pass: common::Pass) -> u64 {
         let c = self.config.num_features;
-        let count = self
-            .reduce_walk(shape, pass)
-            .partial_count(c)
-            .max(self.merged_walks(shape, pass).0.partial_count(c));
+        let tuning = self.ctx.tuning();
+        let mut count = self.reduce_walk(shape, pass).partial_count(c);
+        if tuning.merge_partials && tuning.elementwise.lane_block == 0 {
+            count = count.max(self.merged_walks(shape, pass).0.partial_count(c));
+        }
         count.max(1) * 16
     }
 

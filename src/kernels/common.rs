@@ -367,8 +367,8 @@ pub(crate) fn plan_merged_rows(
     // Splits of a pass: at most one per `min_units` units per invocation, and no
     // more than its target of workgroups asks for.
     let most = |cut: Cut| {
-        let per_invocation = (4 * cut.min_units.max(1)).div_ceil(elements);
-        rows.div_ceil(rows_per_step * per_invocation)
+        let per_invocation = (4 * cut.min_units.clamp(1, 1 << 20)).div_ceil(elements);
+        rows.div_ceil(rows_per_step.saturating_mul(per_invocation))
             .min(cut.target_workgroups.div_ceil(tiles))
             .max(1)
     };

@@ -689,17 +689,21 @@ impl Kernel {
     }
 }
 
-/// Most bind groups a [`BindGroups`] keeps: past this it starts over (a layer's
-/// operations bind a few dispatches each, on the buffers of a few tensors).
-const BIND_GROUP_CACHE: usize = 64;
-
-/// The bind groups a layer has made, by pipeline layout and bound ranges: recording
-/// a dispatch again on the same buffer ranges (a training loop's next step) makes
-/// none. Each entry keeps its buffers alive until the cache starts over (past
-/// [`BIND_GROUP_CACHE`] entries), is cleared, or is dropped with its layer.
+/// The bind groups a layer has made, by pipeline layout and bound ranges, when it
+/// is asked to keep them ([`BindGroups::set_capacity`]; none by default):
+/// recording a dispatch again on the same buffer ranges (a training loop's next
+/// step on the same tensors) then makes none. Each entry keeps its buffers alive
+/// until the cache starts over (past its capacity), is cleared, or is dropped with
+/// its layer.
 #[derive(Default)]
 pub(crate) struct BindGroups {
-    map: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+    map: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    capacity: usize,
+    groups: HashMap<BindKey, wgpu::BindGroup>,
 }
 
 /// A bind group's layout and the ranges it binds, in binding order.
@@ -710,14 +714,22 @@ struct BindKey {
 }
 
 impl BindGroups {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The bind group of `layout` over `resources`: the cached one, or `make`'s
-    /// (then cached).
+    /// (then cached, if the cache keeps any).
     fn get_or_make(
         &self,
         layout: &wgpu::BindGroupLayout,
         resources: &[wgpu::BufferBinding<'_>],
         make: impl FnOnce() -> wgpu::BindGroup,
     ) -> wgpu::BindGroup {
+        let mut cache = self.lock();
+        if cache.capacity == 0 {
+            return make();
+        }
         let key = BindKey {
             layout: layout.clone(),
             ranges: resources
@@ -725,25 +737,33 @@ impl BindGroups {
                 .map(|r| (r.buffer.clone(), r.offset, r.size))
                 .collect(),
         };
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(group) = map.get(&key) {
+        if let Some(group) = cache.groups.get(&key) {
             return group.clone();
         }
-        if map.len() >= BIND_GROUP_CACHE {
-            map.clear();
+        if cache.groups.len() >= cache.capacity {
+            cache.groups.clear();
         }
-        map.entry(key).or_insert_with(make).clone()
+        cache.groups.entry(key).or_insert_with(make).clone()
+    }
+
+    /// Keeps up to `capacity` bind groups (0: none), dropping those past it.
+    pub(crate) fn set_capacity(&self, capacity: usize) {
+        let mut cache = self.lock();
+        cache.capacity = capacity;
+        if cache.groups.len() > capacity {
+            cache.groups.clear();
+        }
     }
 
     /// Drops every cached bind group (and with them the cache's hold on their
     /// buffers).
     pub(crate) fn clear(&self) {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.lock().groups.clear();
     }
 
     /// Bind groups cached.
     pub(crate) fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().groups.len()
     }
 }
 
