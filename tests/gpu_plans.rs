@@ -309,3 +309,61 @@ fn merge_partials_off_takes_a_finalize_dispatch() {
         }
     }
 }
+
+/// Under `Tuning::gpu()` every op of the report's default table (batch 32) plans
+/// at most two dispatches for a training forward or a backward (one where a
+/// workgroup holds whole channels) and one for eval, binding and re-reading at
+/// most 1.1 times its floor bytes (forward-train 3E, eval 2E, backward 5E).
+/// Planned only: nothing runs.
+#[test]
+fn the_gpu_cut_plans_the_default_table_within_its_floor() {
+    let gpu = gpu_support::ctx().with_tuning(wgpu_batchnorm::Tuning::gpu());
+    let mut table: Vec<Vec<usize>> = vec![vec![256, 1024], vec![4096, 256]];
+    for (c, hw) in [(64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7)] {
+        table.push(vec![32, c, hw, hw]);
+    }
+    table.push(vec![8, 16, 8, 8]);
+    table.push(vec![2, 32, 16, 32, 32]);
+    for dims in &table {
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let shape = Shape::new(dims, layout).unwrap();
+            let (c, e) = (shape.c(), shape.bytes());
+            let mut bn = BatchNorm::new(&gpu, BatchNormConfig::new(c)).unwrap();
+            let tensor = || gpu.storage_buffer("t", e).unwrap();
+            let (x, y, dy, dx) = (tensor(), tensor(), tensor(), tensor());
+            let per_channel = || gpu.storage_buffer("c", 4 * c as u64).unwrap();
+            let (dg, db) = (per_channel(), per_channel());
+            let saved = SavedStats::new(&gpu, c).unwrap();
+            saved.mark_filled();
+            let moved = |info: &[wgpu_batchnorm::DispatchInfo]| {
+                info.iter()
+                    .map(|d| d.bytes_read + d.bytes_written + d.bytes_reread)
+                    .sum::<u64>()
+            };
+            let mut check = |op: &str, info: Vec<wgpu_batchnorm::DispatchInfo>, most, floor| {
+                assert!(info.len() <= most, "{dims:?} {layout:?} {op}: {info:?}");
+                let over = moved(&info) as f64 / (floor * e) as f64;
+                assert!(
+                    over <= 1.1,
+                    "{dims:?} {layout:?} {op}: {over:.3} of the floor, {info:?}"
+                );
+            };
+            let info = bn
+                .plan_forward_train(&shape, &x, &y, &saved)
+                .unwrap()
+                .dispatches();
+            check("forward-train", info, 2, 3);
+            let info = bn
+                .plan_forward_eval(&shape, &x, &y, None)
+                .unwrap()
+                .dispatches();
+            check("eval", info, 1, 2);
+            let grads = GradBuffers::new().dx(&dx).dgamma(&dg).dbeta(&db);
+            let info = bn
+                .plan_backward(&shape, &x, &dy, Some(&saved), grads)
+                .unwrap()
+                .dispatches();
+            check("backward", info, 2, 5);
+        }
+    }
+}
