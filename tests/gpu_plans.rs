@@ -340,7 +340,7 @@ fn the_gpu_cut_plans_the_default_table_within_its_floor() {
                     .map(|d| d.bytes_read + d.bytes_written + d.bytes_reread)
                     .sum::<u64>()
             };
-            let mut check = |op: &str, info: Vec<wgpu_batchnorm::DispatchInfo>, most, floor| {
+            let check = |op: &str, info: Vec<wgpu_batchnorm::DispatchInfo>, most, floor| {
                 assert!(info.len() <= most, "{dims:?} {layout:?} {op}: {info:?}");
                 let over = moved(&info) as f64 / (floor * e) as f64;
                 assert!(
