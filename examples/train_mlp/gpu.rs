@@ -382,6 +382,9 @@ impl<'k> GpuNet<'k> {
                 }
                 Layer::BatchNorm { channels, .. } => {
                     let layer = BatchNorm::new(ctx, spec.bn_config(channels))?;
+                    // Every step binds the same buffers: forward, backward and
+                    // eval dispatches keep their bind groups.
+                    layer.keep_bind_groups(8);
                     let optimizer = AffineOptimizer::new(&layer, Optimizer::sgd(lr))?;
                     let bytes = (channels * 4) as u64;
                     bns.push(GpuBn {
