@@ -291,6 +291,26 @@ with_budget() { # runs "$@" under `timeout` for what is left of the budget (124:
     fi
 }
 
+second_report() { # STEP DIR ARGS... : the report with --tuning gpu ARGS into $out/DIR (cmd_run's
+    # out, bin, reps, extra, steps); a failure is a warning
+    local step="$1" sub="$2" t rc
+    shift 2
+    say "report: $* ($sub/)"
+    t=$(now)
+    mkdir -p "$out/$sub"
+    set +e
+    with_budget "$bin" --tuning gpu "$@" "${reps[@]}" "${extra[@]}" --out "$out/$sub" 2>&1 \
+        | tee "$out/$sub/report.log" >/dev/null
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" -eq 0 ]; then
+        steps+="$step"$'\t'"$(since "$t")"$'\t'"done"$'\n'
+    else
+        warn "the $step failed (exit $rc): $out/$sub/report.log"
+        steps+="$step"$'\t'"$(since "$t")"$'\t'"failed ($rc)"$'\n'
+    fi
+}
+
 write_summary() { # OUT ... : OUTDIR/summary.md (python3 if here, else a short one)
     local out="$1"
     if ! command -v python3 >/dev/null 2>&1; then
@@ -559,41 +579,13 @@ if not torch.cuda.is_available():
 
     # The fused and merged dispatches against the separate ones they replace
     # (--unfused: statistics or sums, finalize, then the elementwise pass), training
-    # forwards and backwards of the same table, 5 repetitions.
-    say "report: separate dispatches (--unfused --ops train,backward)"
-    t=$(now)
-    mkdir -p "$out/rust-unfused"
+    # forwards and backwards of the same table; then 16-bit tensors and the fused
+    # activation and residual, against f32 and the unfused sequence. 5 repetitions
+    # each (unless the report arguments set some): second tables, not the headline.
     local reps=(--reps 5)
     if [[ " ${extra[*]} " == *" --reps "* ]]; then reps=(); fi
-    set +e
-    with_budget "$bin" --tuning gpu --unfused --ops train,backward "${reps[@]}" "${extra[@]}" \
-        --out "$out/rust-unfused" 2>&1 | tee "$out/rust-unfused/report.log" >/dev/null
-    rc=${PIPESTATUS[0]}
-    set -e
-    if [ "$rc" -eq 0 ]; then
-        steps+="unfused report"$'\t'"$(since "$t")"$'\t'"done"$'\n'
-    else
-        warn "the unfused report failed (exit $rc): $out/rust-unfused/report.log"
-        steps+="unfused report"$'\t'"$(since "$t")"$'\t'"failed ($rc)"$'\n'
-    fi
-
-    # 16-bit tensors and the fused activation and residual, against f32 and the
-    # unfused sequence in one run (5 repetitions: a second table, not the headline;
-    # the report arguments as above).
-    say "report: 16-bit tensors and fusions (--dtype f32,f16,bf16 --fuse none,relu,add-relu)"
-    t=$(now)
-    mkdir -p "$out/rust-dtype-fuse"
-    set +e
-    with_budget "$bin" --tuning gpu --dtype f32,f16,bf16 --fuse none,relu,add-relu "${reps[@]}" \
-        "${extra[@]}" --out "$out/rust-dtype-fuse" 2>&1 | tee "$out/rust-dtype-fuse/report.log" >/dev/null
-    rc=${PIPESTATUS[0]}
-    set -e
-    if [ "$rc" -eq 0 ]; then
-        steps+="dtype/fuse report"$'\t'"$(since "$t")"$'\t'"done"$'\n'
-    else
-        warn "the dtype/fuse report failed (exit $rc): $out/rust-dtype-fuse/report.log"
-        steps+="dtype/fuse report"$'\t'"$(since "$t")"$'\t'"failed ($rc)"$'\n'
-    fi
+    second_report "unfused report" rust-unfused --unfused --ops train,backward
+    second_report "dtype/fuse report" rust-dtype-fuse --dtype f32,f16,bf16 --fuse none,relu,add-relu
 
     steps+="all"$'\t'"$(since "$run_t0")"$'\t'""$'\n'
     write_summary "$out" "$report_status" "$torch_note" "$steps" \

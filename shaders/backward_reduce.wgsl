@@ -148,15 +148,12 @@ fn loop_vec4(first: Walk, hi: vec4<f32>) -> Sums {
     var acc = Sums(vec4<f32>(0.0), vec4<f32>(0.0));
     var w = first;
     loop {
-        let w1 = walk_next(p, w);
-        let w2 = walk_next(p, w1);
-        let w3 = walk_next(p, w2);
-        if w3.j >= w.end {
+        let q = walk_four(p, w);
+        if !q.full {
             break;
         }
-        acc = accumulate4(acc, walk_index(p, w), walk_index(p, w1), walk_index(p, w2),
-                          walk_index(p, w3), hi);
-        w = walk_next(p, w3);
+        acc = accumulate4(acc, q.i.x, q.i.y, q.i.z, q.i.w, hi);
+        w = q.next;
     }
     for (; w.j < w.end; w = walk_next(p, w)) {
         let i = walk_index(p, w);

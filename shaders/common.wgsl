@@ -162,6 +162,22 @@ fn walk_next(p: WalkParams, w: Walk) -> Walk {
     return r;
 }
 
+// Four consecutive units of a walk from w (the reductions' four loads a step): their
+// indices, the walk after them, and whether all four are in the walk.
+struct Walk4 {
+    i: vec4<u32>,
+    next: Walk,
+    full: bool,
+}
+
+fn walk_four(p: WalkParams, w: Walk) -> Walk4 {
+    let w1 = walk_next(p, w);
+    let w2 = walk_next(p, w1);
+    let w3 = walk_next(p, w2);
+    let i = vec4<u32>(walk_index(p, w), walk_index(p, w1), walk_index(p, w2), walk_index(p, w3));
+    return Walk4(i, walk_next(p, w3), w3.j < w.end);
+}
+
 // Flat walks (the elementwise passes over channels-first tensors on CPU adapters):
 // the tensor as one channel unit of N * C runs of S / 4 vec4s (stride = len), so
 // that each SIMD batch streams through contiguous memory as the copy does. The

@@ -141,19 +141,17 @@ fn loop_vec4(first: Walk, pivot: vec4<f32>) -> Welford {
     var n = 0.0;
     var w = first;
     loop {
-        let w1 = walk_next(p, w);
-        let w2 = walk_next(p, w1);
-        let w3 = walk_next(p, w2);
-        if w3.j >= w.end {
+        let q = walk_four(p, w);
+        if !q.full {
             break;
         }
-        let v0 = ld4(x4[walk_index(p, w)]);
-        let v1 = ld4(x4[walk_index(p, w1)]);
-        let v2 = ld4(x4[walk_index(p, w2)]);
-        let v3 = ld4(x4[walk_index(p, w3)]);
+        let v0 = ld4(x4[q.i.x]);
+        let v1 = ld4(x4[q.i.y]);
+        let v2 = ld4(x4[q.i.z]);
+        let v3 = ld4(x4[q.i.w]);
         s = moments_push4(s, n, v0 - pivot, v1 - pivot, v2 - pivot, v3 - pivot);
         n += 4.0;
-        w = walk_next(p, w3);
+        w = q.next;
     }
     for (; w.j < w.end; w = walk_next(p, w)) {
         n += 1.0;
