@@ -429,9 +429,8 @@ impl BatchNorm {
     /// walk it takes (its own, or where the tuning merges partials the merged one's).
     fn partial_bytes(&self, shape: &Shape, pass: common::Pass) -> u64 {
         let c = self.config.num_features;
-        let tuning = self.ctx.tuning();
         let mut count = self.reduce_walk(shape, pass).partial_count(c);
-        if tuning.merge_partials && tuning.elementwise.lane_block == 0 {
+        if self.merges_partials() {
             count = count.max(self.merged_walks(shape, pass).0.partial_count(c));
         }
         count.max(1) * 16
@@ -894,10 +893,6 @@ impl BatchNorm {
         shape: &Shape,
         update_running: bool,
     ) -> Option<(common::WalkPlan, common::WalkPlan, &'k Kernel)> {
-        let tuning = self.ctx.tuning();
-        if tuning.elementwise.lane_block != 0 || !tuning.merge_partials {
-            return None;
-        }
         let kernels = self.ctx.kernels();
         let own = self.stats_walk(shape, update_running, common::Pass::Statistics);
         let in_place =
@@ -907,22 +902,32 @@ impl BatchNorm {
         if in_place || plan.unit_pairs() != 0 {
             return None;
         }
-        let merged = out.apply_merged.get(ep.variant)?;
-        let fits = merged.fits(self.ctx.device()) && common::merged_channels(&ep) <= WORKGROUP_SIZE;
-        fits.then_some((plan, ep, merged))
+        let merged = self.merged_kernel(&out.apply_merged, &ep)?;
+        Some((plan, ep, merged))
     }
 
-    /// The merged dx pass for the elementwise walk `ep` where a backward of batch
-    /// statistics that wants dx takes two dispatches on a GPU cut (the sums, then
-    /// dx merging their partials), if the device can bind it.
-    fn merged_dx<'k>(&self, kernels: &'k Kernels, ep: &common::WalkPlan) -> Option<&'k Kernel> {
-        let tuning = self.ctx.tuning();
-        if tuning.elementwise.lane_block != 0 || !tuning.merge_partials {
+    /// The merged kernel of `set` (apply's normalize or backward_dx's dx) for the
+    /// elementwise walk `ep`, where the tuning merges partials on a GPU cut, the
+    /// kernel has that walk, its tile's channels fit a workgroup and the device can
+    /// bind it.
+    fn merged_kernel<'k>(
+        &self,
+        set: &'k common::VariantKernels,
+        ep: &common::WalkPlan,
+    ) -> Option<&'k Kernel> {
+        if !self.merges_partials() {
             return None;
         }
-        let merged = kernels.backward_dx_merged.get(ep.variant)?;
+        let merged = set.get(ep.variant)?;
         let fits = merged.fits(self.ctx.device()) && common::merged_channels(ep) <= WORKGROUP_SIZE;
         fits.then_some(merged)
+    }
+
+    /// Whether elementwise passes may merge their reduction's partials: the tuning
+    /// asks for it, on a GPU's elementwise cut.
+    fn merges_partials(&self) -> bool {
+        let tuning = self.ctx.tuning();
+        tuning.merge_partials && tuning.elementwise.lane_block == 0
     }
 
     /// The walks of an operation whose elementwise pass merges the partials of its
@@ -1444,7 +1449,8 @@ impl BatchNorm {
             .filter(|_| batch && one_pass.is_none())
             .and_then(|dx| {
                 let (plan, ep) = self.merged_walks(shape, common::Pass::Sums);
-                Some((dx, self.merged_dx(dx_kernels, &ep)?, plan, ep))
+                let kernel = self.merged_kernel(&dx_kernels.backward_dx_merged, &ep)?;
+                Some((dx, kernel, plan, ep))
             });
         let plan = merged.as_ref().map_or(own, |m| m.2);
         let with_x = batch || want_dgamma;

@@ -384,31 +384,39 @@ pub(crate) fn plan_merged_rows(
 }
 
 /// The walk of channels-last `units` on a GPU in tiles of `tile` channel units and
-/// `splits` chunks of rows (as [`plan_units`] gives without a lane block).
+/// `splits` chunks of rows (a block spanning the workgroup's rows, as
+/// [`plan_units`] gives without a lane block).
 fn rows_walk(units: Units, padded: u32, tile: u32, splits: u32) -> WalkParams {
-    let rows = units.per_channel;
-    let chunk = rows.div_ceil(splits.max(1)).max(1);
-    let block = WORKGROUP_SIZE / tile;
+    walk_params(units, padded, tile, splits, WORKGROUP_SIZE / tile)
+}
+
+/// The parameters of a walk of `units` in tiles of `tile` channel units, each cut
+/// into about `splits` chunks (as many as equal chunks give), lane blocks of
+/// `block` rows.
+fn walk_params(units: Units, padded: u32, tile: u32, splits: u32, block: u32) -> WalkParams {
+    let per_channel = units.per_channel;
+    let rows_per_step = WORKGROUP_SIZE / tile;
+    let chunk = per_channel.div_ceil(splits.max(1)).max(1);
     WalkParams {
         groups: units.groups,
-        splits: rows.div_ceil(chunk).max(1),
-        per_channel: rows,
+        splits: per_channel.div_ceil(chunk).max(1),
+        per_channel,
         chunk,
-        len: 1,
+        len: units.len,
         stride: units.stride,
         tile,
         block,
-        block_len: chunk,
-        step_n: block,
-        step_s: 0,
+        block_len: chunk.div_ceil(rows_per_step / block),
+        step_n: block / units.len,
+        step_s: block % units.len,
         padded,
         flags: 0,
         count_index: 0,
-        runs: 0,
-        run: 0,
-        rep: 1,
+        runs: u32::from(!units.interleaved),
+        run: units.run,
+        rep: units.rep,
         eps: 0.0,
-        channels: 0,
+        channels: units.channels,
     }
 }
 
@@ -568,13 +576,10 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
     let Units {
         groups,
         per_channel,
-        len,
         stride,
-        run,
         elements,
-        rep,
         interleaved,
-        channels,
+        ..
     } = units;
     // Any Cut is accepted: the walk needs powers of two, which these round down to.
     let floor_pow2 = |v: u32| 1u32 << (31 - v.clamp(1, wg).leading_zeros());
@@ -666,8 +671,6 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
             .div_ceil(tiles)
             .clamp(1, max_splits)
     };
-    let chunk = per_channel.div_ceil(splits).max(1);
-    let splits = per_channel.div_ceil(chunk).max(1);
     // A SIMD batch of `lane_block` consecutive invocations spans that many rows of
     // one channel unit (runs), or lane_block / tile rows (interleaved).
     let block = match (lane_block, interleaved) {
@@ -675,27 +678,7 @@ pub(crate) fn plan_units(units: Units, padded: u32, tuning: Cut) -> WalkParams {
         (b, true) => (b / tile).clamp(1, rows_per_step),
         (b, false) => b.min(rows_per_step),
     };
-    WalkParams {
-        groups,
-        splits,
-        per_channel,
-        chunk,
-        len,
-        stride,
-        tile,
-        block,
-        block_len: chunk.div_ceil(rows_per_step / block),
-        step_n: block / len,
-        step_s: block % len,
-        padded,
-        flags: 0,
-        count_index: 0,
-        runs: u32::from(!interleaved),
-        run,
-        rep,
-        eps: 0.0,
-        channels,
-    }
+    walk_params(units, padded, tile, splits, block)
 }
 
 /// A kernel's [`WalkKernels`] built once for each listed setting of boolean
